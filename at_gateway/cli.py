@@ -1,0 +1,83 @@
+"""Command line: ``serve`` (default), ``check-config``, ``version``.
+
+Imports are lazy on purpose: ``version`` and ``check-config`` must not pay for
+the server, the upstream client or cryptography (start-up cost on small
+servers, and the .pyz's compiled-wheel extraction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from . import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="at-gateway", description="A self-hosted LLM API gateway.")
+    sub = p.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the gateway (the default command)")
+    for sp in (p, serve):
+        sp.add_argument("--config", help="config file (default: $AT_GATEWAY_CONFIG, ./config.yaml, "
+                                         "/etc/at-gateway/config.yaml)")
+        sp.add_argument("--host", help="listen address (overrides the config)")
+        sp.add_argument("--port", type=int, help="listen port (overrides the config)")
+    check = sub.add_parser("check-config", help="validate a config file; exit 0 when valid, 1 otherwise")
+    check.add_argument("--config", help="config file")
+    sub.add_parser("version", help="print the version and the commit it was built from")
+    return p
+
+
+def build_info() -> str:
+    try:
+        from ._build import COMMIT  # written by build_zipapp.py
+    except ImportError:
+        COMMIT = _git_commit()
+    return f"at-gateway {__version__} ({COMMIT or 'unknown commit'})"
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "serve"
+    if command == "version":
+        print(build_info())
+        return 0
+    from .config import find_config, load_config
+    from .errors import ConfigError
+
+    try:
+        path = find_config(getattr(args, "config", None))
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    if command == "check-config":
+        print(f"{path}: OK ({len(config.providers)} provider(s), {len(config.routes)} route(s))")
+        return 0
+    from dataclasses import replace
+
+    if args.host:
+        config = replace(config, host=args.host)
+    if args.port is not None:
+        config = replace(config, port=args.port)
+    from .service import run
+
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

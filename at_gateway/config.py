@@ -1,0 +1,487 @@
+"""Configuration: YAML with ${VAR} substitution, validated into frozen dataclasses.
+
+Validation collects *every* problem with its path (``routes[0].steps[1].timout``)
+and a hint, so one run of ``check-config`` shows all there is to fix. Values of
+secrets never appear in messages: problems name keys, not contents.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .providers import NO_BASE_URL_TYPES, PROVIDER_TYPES, allowed_keys
+
+DEFAULT_LOCATIONS = ("./config.yaml", "/etc/at-gateway/config.yaml")
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 10**6,
+               "mb": 10**6, "mi": 2**20, "mib": 2**20, "g": 10**9, "gb": 10**9,
+               "gi": 2**30, "gib": 2**30}
+
+TOP_KEYS = frozenset({
+    "api_key", "api_keys", "host", "port", "default_timeout", "stream_idle_timeout",
+    "stream_keepalive_interval", "max_body_size", "max_header_size", "header_timeout",
+    "keepalive_timeout", "max_connections", "shutdown_timeout", "tls", "log_level",
+    "log_bodies", "upstream", "workers", "loop", "state_dir", "providers", "routes",
+})
+STEP_KEYS = frozenset({"provider", "model", "timeout", "conflict_resolution"})
+ROUTE_KEYS = frozenset({"name", "steps"})
+TLS_KEYS = frozenset({"cert_file", "key_file"})
+UPSTREAM_KEYS = frozenset({"max_connections_per_origin", "idle_timeout", "connect_timeout"})
+LOG_LEVELS = ("debug", "info", "warning", "error")
+CONFLICT_MODES = ("tools", "format")
+LOOPS = ("auto", "asyncio", "uvloop")
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    type: str
+    api_key: str | None = None
+    base_url: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    proxy: str | None = None
+    # Type-specific keys (preset, api_version, credentials_file, ...).
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    provider: str
+    model: str
+    timeout: float
+    conflict_resolution: str | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    max_connections_per_origin: int = 256
+    idle_timeout: float = 60.0
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    api_keys: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8080
+    default_timeout: float = 300.0
+    stream_idle_timeout: float = 120.0
+    stream_keepalive_interval: float = 15.0
+    max_body_size: int = 10 * 2**20
+    max_header_size: int = 64 * 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 10000
+    shutdown_timeout: float = 30.0
+    tls: TLSConfig | None = None
+    log_level: str = "info"
+    log_bodies: bool = False
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    workers: int = 1
+    loop: str = "auto"
+    state_dir: str | None = None
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    routes: Mapping[str, Route] = field(default_factory=dict)
+
+    def secrets(self) -> list[str]:
+        """Every configured secret value, for redaction by value."""
+        out = list(self.api_keys)
+        for p in self.providers.values():
+            if p.api_key:
+                out.append(p.api_key)
+            for k, v in p.headers.items():
+                if k.lower() in ("authorization", "api-key", "x-api-key", "x-goog-api-key"):
+                    out.append(v)
+            if p.proxy and "@" in p.proxy:
+                out.append(p.proxy.split("://", 1)[-1].rsplit("@", 1)[0])
+        return [s for s in out if s and len(s) >= 4]
+
+
+def parse_duration(value: Any) -> float:
+    """``300s``, ``5m``, ``1.5s``, ``1m30s``, ``250ms``; a bare number is seconds."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("negative duration")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("not a duration")
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pos, seconds = 0, 0.0
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+            pos = m.end()
+        if pos != len(text) or not text:
+            raise ValueError("not a duration") from None
+    if seconds < 0:
+        raise ValueError("negative duration")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """``10MiB``, ``512k``, ``1048576``."""
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError("not a size")
+    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+
+
+def substitute_env(node: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string scalar."""
+    if isinstance(node, str):
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(f"{path}: environment variable {name} is not set (and has no default)")
+            return ""
+        return _ENV_RE.sub(repl, node) if "${" in node else node
+    if isinstance(node, dict):
+        return {k: substitute_env(v, env, _join(path, k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [substitute_env(v, env, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    return node
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _unknown_keys(d: dict[str, Any], allowed: frozenset[str], path: str, problems: list[str]) -> None:
+    for key in d:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(sorted(allowed))})"
+            problems.append(f"{_join(path, key)}: unknown key{hint}")
+
+
+class _Reader:
+    """Typed getters that record problems instead of raising."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+    def duration(self, d: dict[str, Any], key: str, path: str, default: float) -> float:
+        if d.get(key) is None:
+            return default
+        try:
+            return parse_duration(d[key])
+        except ValueError:
+            self.problems.append(
+                f"{_join(path, key)}: {d[key]!r} is not a duration (use e.g. 300s, 5m, 1.5s or a number of seconds)")
+            return default
+
+    def integer(self, d: dict[str, Any], key: str, path: str, default: int, lo: int = 0, hi: int | None = None) -> int:
+        if d.get(key) is None:
+            return default
+        v = d[key]
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            n = int(v)
+        except (TypeError, ValueError):
+            self.problems.append(f"{_join(path, key)}: {v!r} is not a whole number")
+            return default
+        if n < lo or (hi is not None and n > hi):
+            rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            self.problems.append(f"{_join(path, key)}: {n} is out of range ({rng})")
+            return default
+        return n
+
+    def string(self, d: dict[str, Any], key: str, path: str, default: str | None = None,
+               choices: tuple[str, ...] | None = None, secret: bool = False) -> str | None:
+        v = d.get(key)
+        if v is None:
+            return default
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not secret:
+            v = str(v)
+        if not isinstance(v, str):
+            self.problems.append(f"{_join(path, key)}: must be a string")
+            return default
+        if choices and v not in choices:
+            self.problems.append(f"{_join(path, key)}: must be one of {', '.join(choices)}" +
+                                 ("" if secret else f" (got {v!r})"))
+            return default
+        return v
+
+    def boolean(self, d: dict[str, Any], key: str, path: str, default: bool) -> bool:
+        v = d.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return v.lower() in ("true", "yes", "1", "on")
+        self.problems.append(f"{_join(path, key)}: must be true or false")
+        return default
+
+
+def _mapping(v: Any, path: str, problems: list[str]) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        problems.append(f"{path}: must be a mapping")
+        return {}
+    return v
+
+
+def _sequence(v: Any, path: str, problems: list[str]) -> list[Any]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        problems.append(f"{path}: must be a list")
+        return []
+    return v
+
+
+def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["the top level must be a mapping of keys (api_key, providers, routes, ...)"])
+    data = substitute_env(raw, env, "", problems)
+    r = _Reader(problems)
+    _unknown_keys(data, TOP_KEYS, "", problems)
+
+    keys: list[str] = []
+    if data.get("api_key") not in (None, ""):
+        k = r.string(data, "api_key", "", secret=True)
+        if k:
+            keys.append(k)
+    for i, k in enumerate(_sequence(data.get("api_keys"), "api_keys", problems)):
+        if not isinstance(k, str) or not k:
+            problems.append(f"api_keys[{i}]: must be a non-empty string")
+        else:
+            keys.append(k)
+    if not keys:
+        problems.append("api_key: no gateway key is configured (set api_key or api_keys; "
+                        "clients send it as X-Api-Key or Authorization: Bearer)")
+
+    default_port = 8080
+    if env.get("PORT", "").isdigit():
+        default_port = int(env["PORT"])
+    port = r.integer(data, "port", "", default_port, 0, 65535)
+    default_timeout = r.duration(data, "default_timeout", "", 300.0)
+
+    tls = None
+    tls_raw = _mapping(data.get("tls"), "tls", problems)
+    if tls_raw:
+        _unknown_keys(tls_raw, TLS_KEYS, "tls", problems)
+        cert, key = r.string(tls_raw, "cert_file", "tls"), r.string(tls_raw, "key_file", "tls")
+        if not cert or not key:
+            problems.append("tls: both cert_file and key_file are required")
+        else:
+            tls = TLSConfig(cert, key)
+
+    up_raw = _mapping(data.get("upstream"), "upstream", problems)
+    _unknown_keys(up_raw, UPSTREAM_KEYS, "upstream", problems)
+    upstream = UpstreamConfig(
+        max_connections_per_origin=r.integer(up_raw, "max_connections_per_origin", "upstream", 256, 1),
+        idle_timeout=r.duration(up_raw, "idle_timeout", "upstream", 60.0),
+        connect_timeout=r.duration(up_raw, "connect_timeout", "upstream", 10.0),
+    )
+
+    max_body = 10 * 2**20
+    if data.get("max_body_size") is not None:
+        try:
+            max_body = parse_size(data["max_body_size"])
+        except ValueError:
+            problems.append(f"max_body_size: {data['max_body_size']!r} is not a size (e.g. 10MiB)")
+
+    providers = _build_providers(data.get("providers"), r, problems)
+    routes = _build_routes(data.get("routes"), r, problems, providers, default_timeout)
+
+    cfg = Config(
+        source=source,
+        api_keys=tuple(keys),
+        host=r.string(data, "host", "", "127.0.0.1") or "127.0.0.1",
+        port=port,
+        default_timeout=default_timeout,
+        stream_idle_timeout=r.duration(data, "stream_idle_timeout", "", 120.0),
+        stream_keepalive_interval=r.duration(data, "stream_keepalive_interval", "", 15.0),
+        max_body_size=max_body,
+        max_header_size=r.integer(data, "max_header_size", "", 64 * 1024, 1024),
+        header_timeout=r.duration(data, "header_timeout", "", 10.0),
+        keepalive_timeout=r.duration(data, "keepalive_timeout", "", 75.0),
+        max_connections=r.integer(data, "max_connections", "", 10000, 1),
+        shutdown_timeout=r.duration(data, "shutdown_timeout", "", 30.0),
+        tls=tls,
+        log_level=r.string(data, "log_level", "", "info", LOG_LEVELS) or "info",
+        log_bodies=r.boolean(data, "log_bodies", "", False),
+        upstream=upstream,
+        workers=r.integer(data, "workers", "", 1, 1, 256),
+        loop=r.string(data, "loop", "", "auto", LOOPS) or "auto",
+        state_dir=r.string(data, "state_dir", ""),
+        providers=providers,
+        routes=routes,
+    )
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def _build_providers(raw: Any, r: _Reader, problems: list[str]) -> dict[str, ProviderConfig]:
+    out: dict[str, ProviderConfig] = {}
+    for i, p in enumerate(_sequence(raw, "providers", problems)):
+        path = f"providers[{i}]"
+        if not isinstance(p, dict):
+            problems.append(f"{path}: must be a mapping with name, type, base_url, api_key")
+            continue
+        name = r.string(p, "name", path)
+        if not name:
+            problems.append(f"{path}.name: required")
+        elif name in out:
+            problems.append(f"{path}.name: duplicate provider name {name!r}")
+        ptype = r.string(p, "type", path, "openai") or "openai"
+        if ptype not in PROVIDER_TYPES:
+            close = difflib.get_close_matches(ptype, list(PROVIDER_TYPES), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(PROVIDER_TYPES))})"
+            problems.append(f"{path}.type: unknown provider type {ptype!r}{hint}")
+        allowed = allowed_keys(ptype)
+        _unknown_keys(p, allowed, path, problems)
+        base_url = r.string(p, "base_url", path)
+        if base_url is not None:
+            if not re.match(r"^https?://[^/\s]+", base_url):
+                problems.append(f"{path}.base_url: must start with http:// or https:// and name a host")
+            base_url = base_url.rstrip("/")
+        elif ptype not in NO_BASE_URL_TYPES and not p.get("preset"):
+            problems.append(f"{path}.base_url: required for type {ptype}")
+        headers_raw = _mapping(p.get("headers"), f"{path}.headers", problems)
+        headers: dict[str, str] = {}
+        for hk, hv in headers_raw.items():
+            if not isinstance(hv, (str, int, float)) or isinstance(hv, bool):
+                problems.append(f"{path}.headers.{hk}: must be a string")
+            elif "\n" in str(hv) or "\r" in str(hv):
+                problems.append(f"{path}.headers.{hk}: must not contain line breaks")
+            else:
+                headers[str(hk)] = str(hv)
+        proxy = r.string(p, "proxy", path)
+        if proxy is not None and not re.match(r"^(https?|socks5h?)://[^/\s]+", proxy):
+            problems.append(f"{path}.proxy: must be http://, https://, socks5:// or socks5h:// with a host")
+        options = {k: v for k, v in p.items() if k not in {"name", "type", "api_key", "base_url", "headers", "proxy"}}
+        api_key = p.get("api_key")
+        if api_key is not None and not isinstance(api_key, str):
+            problems.append(f"{path}.api_key: must be a string")
+            api_key = None
+        if name and name not in out:
+            out[name] = ProviderConfig(name=name, type=ptype, api_key=api_key or None, base_url=base_url,
+                                       headers=headers, proxy=proxy, options=options)
+    return out
+
+
+def _build_routes(raw: Any, r: _Reader, problems: list[str], providers: Mapping[str, ProviderConfig],
+                  default_timeout: float) -> dict[str, Route]:
+    out: dict[str, Route] = {}
+    for i, rt in enumerate(_sequence(raw, "routes", problems)):
+        path = f"routes[{i}]"
+        if not isinstance(rt, dict):
+            problems.append(f"{path}: must be a mapping with name and steps")
+            continue
+        _unknown_keys(rt, ROUTE_KEYS, path, problems)
+        name = r.string(rt, "name", path)
+        if not name:
+            problems.append(f"{path}.name: required")
+        elif name in out:
+            problems.append(f"{path}.name: duplicate route name {name!r}")
+        steps: list[Step] = []
+        raw_steps = _sequence(rt.get("steps"), f"{path}.steps", problems)
+        if not raw_steps:
+            problems.append(f"{path}.steps: a route needs at least one step")
+        for j, s in enumerate(raw_steps):
+            spath = f"{path}.steps[{j}]"
+            if not isinstance(s, dict):
+                problems.append(f"{spath}: must be a mapping with provider and model")
+                continue
+            _unknown_keys(s, STEP_KEYS, spath, problems)
+            prov = r.string(s, "provider", spath)
+            if not prov:
+                problems.append(f"{spath}.provider: required")
+            elif prov not in providers:
+                close = difflib.get_close_matches(prov, list(providers), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(f"{spath}.provider: unknown provider {prov!r}{hint}")
+            model = r.string(s, "model", spath)
+            if not model:
+                problems.append(f"{spath}.model: required")
+            timeout = r.duration(s, "timeout", spath, default_timeout)
+            if timeout <= 0:
+                problems.append(f"{spath}.timeout: must be greater than zero")
+            cr = r.string(s, "conflict_resolution", spath, None, CONFLICT_MODES)
+            steps.append(Step(provider=prov or "", model=model or "", timeout=timeout, conflict_resolution=cr))
+        if name and name not in out:
+            out[name] = Route(name=name, steps=tuple(steps))
+    return out
+
+
+def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """``--config``, else ``$AT_GATEWAY_CONFIG``, else ./config.yaml, else /etc/at-gateway/config.yaml."""
+    env = os.environ if env is None else env
+    if explicit:
+        return Path(explicit)
+    if env.get("AT_GATEWAY_CONFIG"):
+        return Path(env["AT_GATEWAY_CONFIG"])
+    for loc in DEFAULT_LOCATIONS:
+        if Path(loc).is_file():
+            return Path(loc)
+    raise ConfigError("config", [
+        "no configuration file found: pass --config PATH, set AT_GATEWAY_CONFIG, "
+        "or create ./config.yaml or /etc/at-gateway/config.yaml (see config.yaml.example)"])
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    import yaml
+
+    p = Path(path)
+    source = str(p)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.__class__.__name__}: {getattr(exc, 'strerror', '') or exc}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(source, [f"{where}{problem}"]) from None
+    return build_config(raw, source, env)

@@ -1,0 +1,58 @@
+"""The per-request context: who is asking, what was tried, what it cost.
+
+Everything later features need (client identity for keys and quotas, the
+attempts for logs and metrics, usage for accounting) travels here, so the
+request path passes one object instead of growing arguments.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Attempt:
+    step: int
+    provider: str
+    model: str
+    status: int | None = None
+    error: str | None = None
+    timeout: bool = False
+    ok: bool = False
+    upstream_error: dict[str, Any] | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {"step": self.step, "provider": self.provider, "model": self.model,
+                "status": self.status, "error": self.error}
+
+
+@dataclass
+class RequestContext:
+    request_id: str
+    method: str = ""
+    path: str = ""
+    client: str = ""  # identity of the calling key (never the key itself)
+    route: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int = 0
+    attempts: list[Attempt] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    error: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    first_byte: float | None = None
+
+    def gateway_headers(self) -> list[tuple[bytes, bytes]]:
+        h = [(b"x-request-id", self.request_id.encode())]
+        if self.route is not None:
+            h.append((b"x-gateway-route", self.route.encode()))
+        if self.provider is not None:
+            h.append((b"x-gateway-provider", self.provider.encode()))
+        if self.model is not None:
+            h.append((b"x-gateway-model", self.model.encode()))
+        if self.attempts:
+            h.append((b"x-gateway-attempts", str(len(self.attempts)).encode()))
+        return h

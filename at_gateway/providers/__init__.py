@@ -1,0 +1,42 @@
+"""Provider types: adapters between the internal form and upstream APIs.
+
+The internal form is the OpenAI chat-completions request as a decoded dict.
+Each provider type is one module; this registry names it lazily so that
+``check-config`` can validate a config without importing any network code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import Provider
+
+# type name -> (module, class, extra config keys allowed for that type)
+PROVIDER_TYPES: dict[str, tuple[str, str, frozenset[str]]] = {
+    "openai": ("openai", "OpenAIProvider", frozenset({"preset"})),
+    "echo": ("echo", "EchoProvider", frozenset()),
+}
+
+# Keys every provider accepts.
+COMMON_KEYS = frozenset({"name", "type", "api_key", "base_url", "headers", "proxy"})
+
+# Types that need no base_url (built in, or a default endpoint).
+NO_BASE_URL_TYPES = {"echo"}
+
+
+def provider_class(type_name: str) -> type[Provider]:
+    module_name, cls_name, _ = PROVIDER_TYPES[type_name]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    cls: type[Provider] = getattr(module, cls_name)
+    return cls
+
+
+def allowed_keys(type_name: str) -> frozenset[str]:
+    entry = PROVIDER_TYPES.get(type_name)
+    return COMMON_KEYS | (entry[2] if entry else frozenset())
+
+
+def build_provider(cfg: Any, client: Any) -> Provider:
+    return provider_class(cfg.type)(cfg, client)

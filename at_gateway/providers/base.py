@@ -1,0 +1,106 @@
+"""The adapter contract every provider type implements.
+
+``complete`` returns one OpenAI ``chat.completion`` (as bytes, plus its usage
+for accounting). ``stream`` is an async generator of SSE-framed OpenAI
+``chat.completion.chunk`` events (several may come joined in one bytes
+object, to be written together); it never yields ``[DONE]`` (routing adds it)
+and raises :class:`StepFailed` for anything that is not a clean end, so a
+broken stream can never look like a finished one.
+
+Adapters must not yield inside a cancel scope or task group: routing applies
+timeouts around each ``__anext__`` and closes the generator explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from ..config import ProviderConfig, Step
+from ..errors import StepFailed
+from ..upstream import Headers, UpstreamClient, UpstreamError
+
+
+@dataclass
+class Completion:
+    body: bytes
+    usage: dict[str, Any] | None = None
+
+
+@dataclass
+class StreamState:
+    """What routing needs to know about a stream as it goes."""
+
+    include_usage: bool = False  # the client asked for a usage chunk
+    usage: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Provider:
+    """One configured provider. Built once at start-up; shared by all requests."""
+
+    type_name = "base"
+
+    def __init__(self, cfg: ProviderConfig, client: UpstreamClient) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.client = client
+
+    async def complete(self, body: dict[str, Any], step: Step) -> Completion:
+        raise NotImplementedError
+
+    def stream(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release anything the provider holds (token caches, ...)."""
+
+
+def error_from_body(status: int, data: bytes, provider: str) -> StepFailed:
+    """A failed step from an upstream error answer, keeping its message."""
+    message = ""
+    error_obj: dict[str, Any] | None = None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        if isinstance(err, dict):
+            error_obj = err
+            message = str(err.get("message") or err.get("type") or "")
+        elif isinstance(err, str):
+            message = err
+        elif isinstance(obj.get("message"), str):
+            message = obj["message"]
+    elif isinstance(obj, list) and obj and isinstance(obj[0], dict) and isinstance(obj[0].get("error"), dict):
+        error_obj = obj[0]["error"]
+        message = str(error_obj.get("message", ""))
+    if not message:
+        message = data[:300].decode("utf-8", "replace").strip() or "(empty body)"
+    return StepFailed(f"HTTP {status}: {message}", status=status, error=error_obj)
+
+
+async def read_error(resp: Any, provider: str, limit: int = 65536) -> StepFailed:
+    """Read (a bounded part of) an error body and turn it into StepFailed."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in resp.aiter_raw():
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+    except UpstreamError:
+        pass
+    return error_from_body(resp.status, b"".join(parts)[:limit], provider)
+
+
+def json_headers(extra: Headers) -> Headers:
+    return [(b"content-type", b"application/json"), (b"accept", b"application/json"), *extra]
+
+
+def config_headers(cfg: ProviderConfig) -> Headers:
+    return [(k.lower().encode(), v.encode()) for k, v in cfg.headers.items()]

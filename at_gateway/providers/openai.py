@@ -1,0 +1,150 @@
+"""``type: openai``: OpenAI and every OpenAI-compatible chat-completions API.
+
+The client's body passes through (only ``model`` and the step's conflict
+resolution change), and stream chunks are forwarded as the bytes received:
+we decode only the first chunk (to check it is a chat completion chunk),
+error events, and the final usage chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, AsyncIterator
+
+from ..config import ProviderConfig, Step
+from ..errors import StepFailed
+from ..sse import EventSplitter, event_data, event_name
+from ..upstream import UpstreamClient
+from .base import Completion, Provider, StreamState, config_headers, read_error
+
+_FINISH_RE = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
+
+# `preset:` fills base_url for well-known OpenAI-compatible services.
+PRESETS: dict[str, str] = {
+    "openai": "https://api.openai.com/v1",
+    "groq": "https://api.groq.com/openai/v1",
+    "deepseek": "https://api.deepseek.com/v1",
+    "mistral": "https://api.mistral.ai/v1",
+    "together": "https://api.together.xyz/v1",
+    "openrouter": "https://openrouter.ai/api/v1",
+    "cerebras": "https://api.cerebras.ai/v1",
+    "xai": "https://api.x.ai/v1",
+    "perplexity": "https://api.perplexity.ai",
+    "fireworks": "https://api.fireworks.ai/inference/v1",
+    "ollama": "http://127.0.0.1:11434/v1",
+    "lmstudio": "http://127.0.0.1:1234/v1",
+    "vllm": "http://127.0.0.1:8000/v1",
+}
+
+
+def validate_chat_completion(raw: bytes) -> dict[str, Any]:
+    """Decode an upstream 2xx body and check it really is a chat completion."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        snippet = raw[:120].decode("utf-8", "replace")
+        raise StepFailed(f"upstream answered 2xx with a body that is not JSON: {snippet!r}") from None
+    if not isinstance(obj, dict):
+        raise StepFailed("upstream answered 2xx with JSON that is not an object")
+    if obj.get("error"):
+        err = obj["error"]
+        msg = err.get("message") if isinstance(err, dict) else str(err)
+        raise StepFailed(f"upstream answered 2xx with an error: {msg}", error=err if isinstance(err, dict) else None)
+    if not isinstance(obj.get("choices"), list) or not obj["choices"]:
+        raise StepFailed("upstream answered 2xx with a body that is not a chat completion (no choices)")
+    return obj
+
+
+class OpenAIProvider(Provider):
+    type_name = "openai"
+
+    def __init__(self, cfg: ProviderConfig, client: UpstreamClient) -> None:
+        super().__init__(cfg, client)
+        base = cfg.base_url or PRESETS.get(str(cfg.options.get("preset", "")), "")
+        self.url = base.rstrip("/") + "/chat/completions"
+        headers = [(b"content-type", b"application/json")]
+        if cfg.api_key:
+            headers.append((b"authorization", b"Bearer " + cfg.api_key.encode()))
+        headers += config_headers(cfg)
+        self.headers = headers
+        self.stream_headers = [*headers, (b"accept", b"text/event-stream")]
+        self.headers = [*headers, (b"accept", b"application/json")]
+
+    async def complete(self, body: dict[str, Any], step: Step) -> Completion:
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        async with self.client.stream(b"POST", self.url, self.headers, data, self.cfg.proxy) as resp:
+            if not 200 <= resp.status < 300:
+                raise await read_error(resp, self.name)
+            raw = await resp.read()
+        obj = validate_chat_completion(raw)
+        return Completion(raw, obj.get("usage"))
+
+    async def stream(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
+        # Ask for usage always (accounting needs it); drop the usage-only
+        # chunk again when the client did not ask for it.
+        opts = body.get("stream_options")
+        body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
+        strip_usage = not state.include_usage
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        async with self.client.stream(b"POST", self.url, self.stream_headers, data, self.cfg.proxy) as resp:
+            if not 200 <= resp.status < 300:
+                raise await read_error(resp, self.name)
+            ctype = resp.header(b"content-type") or b""
+            if b"text/event-stream" not in ctype:
+                raw = await resp.read()
+                validate_chat_completion(raw)  # raises for errors and garbage
+                raise StepFailed(f"upstream did not stream (content-type {ctype.decode('latin-1')!r})")
+            splitter = EventSplitter()
+            first = True
+            done = False
+            async for chunk in resp.aiter_raw():
+                events = splitter.feed(chunk)
+                if not events or done:
+                    continue
+                out: list[bytes] = []
+                for ev in events:
+                    d = event_data(ev)
+                    if d is None:
+                        continue  # comments and keep-alives
+                    if d == b"[DONE]":
+                        done = True
+                        break
+                    if first or b'"error"' in d or event_name(ev) == b"error":
+                        _check_chunk(d, ev)
+                        first = False
+                    if _USAGE_RE.search(d):
+                        obj = json.loads(d)
+                        if isinstance(obj.get("usage"), dict):
+                            state.usage = obj["usage"]
+                        if strip_usage and not obj.get("choices"):
+                            continue
+                    m = _FINISH_RE.search(d)
+                    if m:
+                        state.finish_reason = m.group(1).decode()
+                    out.append(ev if ev.startswith(b"data: ") else b"data: " + d + b"\n\n")
+                if out:
+                    yield out[0] if len(out) == 1 else b"".join(out)
+            if not done and state.finish_reason is None:
+                if first:
+                    raise StepFailed("upstream stream ended before its first chunk")
+                raise StepFailed("upstream stream ended before it was complete")
+
+
+def _check_chunk(d: bytes, ev: bytes) -> None:
+    try:
+        obj = json.loads(d)
+    except ValueError:
+        raise StepFailed(f"upstream sent a stream event that is not JSON: {d[:120]!r}") from None
+    if not isinstance(obj, dict):
+        raise StepFailed("upstream sent a stream event that is not a JSON object")
+    err = obj.get("error")
+    if err:
+        msg = err.get("message") if isinstance(err, dict) else str(err)
+        status = None
+        if isinstance(err, dict) and isinstance(err.get("code"), int):
+            status = err["code"]
+        raise StepFailed(f"upstream stream error: {msg}", status=status, error=err if isinstance(err, dict) else None)
+    if "choices" not in obj:
+        raise StepFailed("upstream sent a stream event that is not a chat completion chunk")

@@ -1,0 +1,207 @@
+"""Routes of ordered fallback steps: try each step until one succeeds.
+
+A step fails (and the next is tried) on a connection or TLS error, a timeout,
+any non-2xx status, a 2xx that is not a chat completion, or a stream that
+errors or ends before its first chunk. Once a stream's first chunk reached
+the client there is no going back: a later failure ends the stream with an
+SSE error event and no ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Callable, Mapping
+
+import anyio
+
+from .config import Route, Step
+from .context import Attempt, RequestContext
+from .errors import GatewayError, StepFailed, UpstreamFailed, UpstreamTimedOut
+from .providers.base import Completion, Provider, StreamState
+from .server import ClientGone, Responder
+from .sse import DONE_EVENT, KEEPALIVE, encode
+from .upstream import UpstreamError
+
+_MAX_ERROR_TEXT = 300
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]
+
+
+def prepare_body(body: dict[str, Any], step: Step) -> dict[str, Any]:
+    """The client's body for one step: model replaced, conflict resolved, the rest untouched."""
+    out = dict(body)
+    out["model"] = step.model
+    if step.conflict_resolution and "tools" in out and "response_format" in out:
+        if step.conflict_resolution == "tools":
+            del out["response_format"]
+        else:
+            for k in ("tools", "tool_choice", "parallel_tool_calls"):
+                out.pop(k, None)
+    return out
+
+
+class Router:
+    def __init__(self, routes: Mapping[str, Route], providers: Mapping[str, Provider],
+                 redact: Callable[[str], str], stream_idle_timeout: float = 120.0,
+                 keepalive_interval: float = 15.0) -> None:
+        self.routes = routes
+        self.providers = providers
+        self.redact = redact
+        self.stream_idle_timeout = stream_idle_timeout
+        self.keepalive_interval = keepalive_interval
+
+    # -- bookkeeping ------------------------------------------------------
+    def _failed(self, ctx: RequestContext, attempt: Attempt, exc: BaseException, step: Step) -> None:
+        if isinstance(exc, StepFailed):
+            attempt.status = exc.status
+            attempt.timeout = exc.timeout
+            attempt.upstream_error = exc.error
+            text = exc.message
+        elif isinstance(exc, TimeoutError):
+            attempt.timeout = True
+            text = f"timed out after {step.timeout:g}s"
+        elif isinstance(exc, StopAsyncIteration):
+            text = "upstream stream ended before its first chunk"
+        else:
+            text = str(exc) or exc.__class__.__name__
+        text = self.redact(text)
+        if len(text) > _MAX_ERROR_TEXT:
+            text = text[:_MAX_ERROR_TEXT] + "…"
+        attempt.error = text
+
+    def all_failed(self, ctx: RequestContext) -> GatewayError:
+        attempts = ctx.attempts
+        extra = {"attempts": [a.public() for a in attempts]}
+        statuses = {a.status for a in attempts}
+        if len(statuses) == 1:
+            (status,) = statuses
+            if status is not None and 400 <= status < 500 and status not in (408, 429):
+                # Every step refused the same way: the client's request is the problem.
+                up = attempts[-1].upstream_error or {}
+                code = up.get("code") if isinstance(up.get("code"), str) else "upstream_rejected_request"
+                utype = up.get("type") if isinstance(up.get("type"), str) else "invalid_request_error"
+                return GatewayError(attempts[-1].error or "upstream rejected the request", status=status,
+                                    type=utype, code=code, extra=extra)
+            if status is not None and 400 <= status < 500:
+                return GatewayError(f"all {len(attempts)} step(s) of route {ctx.route!r} failed: "
+                                    f"{attempts[-1].error}", status=status,
+                                    type="rate_limit_error" if status == 429 else "upstream_error",
+                                    code="all_steps_failed", extra=extra)
+        if attempts and all(a.timeout for a in attempts):
+            return UpstreamTimedOut(f"all {len(attempts)} step(s) of route {ctx.route!r} timed out",
+                                    code="all_steps_timed_out", extra=extra)
+        last = attempts[-1].error if attempts else "no steps"
+        return UpstreamFailed(f"all {len(attempts)} step(s) of route {ctx.route!r} failed; last error: {last}",
+                              extra=extra)
+
+    # -- non-streaming -----------------------------------------------------
+    async def complete(self, ctx: RequestContext, route: Route, body: dict[str, Any]) -> Completion:
+        for i, step in enumerate(route.steps):
+            provider = self.providers[step.provider]
+            attempt = Attempt(i, step.provider, step.model)
+            ctx.attempts.append(attempt)
+            ctx.provider, ctx.model = step.provider, step.model
+            try:
+                with anyio.fail_after(step.timeout):
+                    result = await provider.complete(prepare_body(body, step), step)
+            except (StepFailed, UpstreamError, TimeoutError) as exc:
+                self._failed(ctx, attempt, exc, step)
+                continue
+            attempt.ok = True
+            attempt.status = 200
+            ctx.usage = result.usage
+            return result
+        raise self.all_failed(ctx)
+
+    # -- streaming ----------------------------------------------------------
+    async def stream(self, ctx: RequestContext, route: Route, body: dict[str, Any], responder: Responder,
+                     now: Callable[[], float]) -> None:
+        opts = body.get("stream_options")
+        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        for i, step in enumerate(route.steps):
+            provider = self.providers[step.provider]
+            attempt = Attempt(i, step.provider, step.model)
+            ctx.attempts.append(attempt)
+            state = StreamState(include_usage=include_usage)
+            agen = provider.stream(prepare_body(body, step), step, state)
+            try:
+                try:
+                    first = await self._first_chunk(agen, step, responder, ctx)
+                except (StepFailed, UpstreamError, TimeoutError, StopAsyncIteration) as exc:
+                    self._failed(ctx, attempt, exc, step)
+                    continue
+                attempt.ok = True
+                attempt.status = 200
+                ctx.provider, ctx.model = step.provider, step.model
+                if not responder.started:
+                    await responder.start(200, [*_SSE_HEADERS, *ctx.gateway_headers()])
+                ctx.status = 200
+                ctx.first_byte = now()
+                await responder.write(first)
+                try:
+                    await self._relay(agen, responder)
+                except (StepFailed, UpstreamError, TimeoutError) as exc:
+                    self._failed(ctx, attempt, exc, step)
+                    if isinstance(exc, TimeoutError):
+                        attempt.error = f"no chunk for {self.stream_idle_timeout:g}s (stream_idle_timeout)"
+                    ctx.error = attempt.error
+                    ctx.status = 502
+                    ctx.usage = state.usage
+                    err = {"error": {"message": f"upstream stream interrupted: {attempt.error}",
+                                     "type": "upstream_error", "code": "stream_interrupted"}}
+                    await responder.end(encode(err))  # no [DONE]: a broken stream never looks finished
+                    return
+                ctx.usage = state.usage
+                await responder.end(DONE_EVENT)
+                return
+            finally:
+                await agen.aclose()
+        err_obj = self.all_failed(ctx)
+        if not responder.started:
+            raise err_obj
+        ctx.status = err_obj.status
+        ctx.error = err_obj.message
+        await responder.end(encode(err_obj.to_dict()))
+
+    async def _relay(self, agen: AsyncIterator[bytes], responder: Responder) -> None:
+        idle = self.stream_idle_timeout
+        while True:
+            with anyio.fail_after(idle):
+                try:
+                    chunk = await agen.__anext__()
+                except StopAsyncIteration:
+                    return
+            await responder.write(chunk)
+
+    async def _first_chunk(self, agen: AsyncIterator[bytes], step: Step, responder: Responder,
+                           ctx: RequestContext) -> bytes:
+        """Wait for the first chunk within the step's timeout, sending SSE comments meanwhile."""
+        interval = self.keepalive_interval
+        if interval <= 0 or interval >= step.timeout:
+            with anyio.fail_after(step.timeout):
+                return await agen.__anext__()
+        result: list[bytes] = []
+        error: list[BaseException] = []
+
+        async def keepalive() -> None:
+            try:
+                while True:
+                    await anyio.sleep(interval)
+                    if not responder.started:
+                        await responder.start(200, [*_SSE_HEADERS, *ctx.gateway_headers()])
+                    await responder.write(KEEPALIVE)
+            except ClientGone:
+                tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keepalive)
+            try:
+                with anyio.fail_after(step.timeout):
+                    result.append(await agen.__anext__())
+            except Exception as exc:  # re-raised outside the task group, unwrapped
+                error.append(exc)
+            tg.cancel_scope.cancel()
+        if error:
+            raise error[0]
+        if not result:
+            raise ClientGone("client went away while waiting for the first chunk")
+        return result[0]

@@ -1,0 +1,412 @@
+"""Our HTTP/1.1 server, on anyio + h11.
+
+One task per connection runs the h11 state machine: read a request head
+(bounded in size and time), read its body (bounded), call the handler, then
+either start the next cycle (keep-alive, pipelining) or close. While the
+handler runs, a watcher reads ahead on the socket so that a client that goes
+away cancels the handler and with it the upstream request.
+
+Graceful shutdown: stop accepting, close idle keep-alive connections, let
+requests in flight (streams too) finish within ``shutdown_timeout``, then
+cancel what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import anyio
+import anyio.abc
+import h11
+from anyio.streams.tls import TLSStream
+
+from .errors import GatewayError, HeadersTooLarge, PayloadTooLarge
+
+Headers = list[tuple[bytes, bytes]]
+
+log = logging.getLogger("at_gateway.server")
+
+_REASONS = {
+    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large",
+    429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+_JSON = b"application/json"
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_size: int = 10 * 2**20
+    max_header_size: int = 64 * 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 10000
+    shutdown_timeout: float = 30.0
+    ssl_context: ssl.SSLContext | None = None
+    reuse_port: bool = False
+
+
+class Request:
+    """A fully read request. Header names are lowercase bytes (h11 does that)."""
+
+    __slots__ = ("method", "target", "path", "query", "headers", "body", "client")
+
+    def __init__(self, method: bytes, target: bytes, headers: Headers, body: bytes, client: str) -> None:
+        self.method = method
+        self.target = target
+        path, _, query = target.partition(b"?")
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.client = client
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+class ClientGone(Exception):
+    """The client closed the connection; nothing more can be sent."""
+
+
+class Responder:
+    """Writes one response: whole (:meth:`send`) or streamed (:meth:`start`, :meth:`write`, :meth:`end`)."""
+
+    __slots__ = ("_conn", "_stream", "_server", "started", "finished", "status")
+
+    def __init__(self, conn: h11.Connection, stream: anyio.abc.ByteStream, server: Server) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._server = server
+        self.started = False
+        self.finished = False
+        self.status = 0
+
+    def _head(self, status: int, headers: Headers) -> bytes:
+        if self._server.draining:
+            headers = [*headers, (b"connection", b"close")]
+        self.started = True
+        self.status = status
+        return self._conn.send(h11.Response(status_code=status, headers=headers,
+                                            reason=_REASONS.get(status, b"")))
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self._stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise ClientGone(str(exc)) from None
+
+    async def send(self, status: int, headers: Headers, body: bytes) -> None:
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        data = self._head(status, headers)
+        if body:
+            data += self._conn.send(h11.Data(data=body))
+        data += self._conn.send(h11.EndOfMessage())
+        self.finished = True
+        await self._write(data)
+
+    async def send_json(self, status: int, body: bytes, headers: Headers | None = None) -> None:
+        await self.send(status, [(b"content-type", _JSON), *(headers or [])], body)
+
+    async def start(self, status: int, headers: Headers) -> None:
+        await self._write(self._head(status, headers))
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            await self._write(self._conn.send(h11.Data(data=data)))
+
+    async def end(self, data: bytes = b"") -> None:
+        out = self._conn.send(h11.Data(data=data)) if data else b""
+        out += self._conn.send(h11.EndOfMessage())
+        self.finished = True
+        await self._write(out)
+
+
+Handler = Callable[[Request, Responder], Awaitable[None]]
+
+
+class _ConnState:
+    __slots__ = ("idle_scope", "busy")
+
+    def __init__(self) -> None:
+        self.idle_scope: anyio.CancelScope | None = None
+        self.busy = False
+
+
+class Server:
+    def __init__(self, handler: Handler, settings: ServerSettings) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.draining = False
+        self.port: int | None = None
+        self._conns: set[_ConnState] = set()
+        self._accept_scope: anyio.CancelScope | None = None
+        self._conn_tg: anyio.abc.TaskGroup | None = None
+        self._slots = anyio.Semaphore(settings.max_connections)
+        self._idle_event: anyio.Event | None = None
+
+    # -- lifecycle ------------------------------------------------------
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        listener = await anyio.create_tcp_listener(local_host=s.host, local_port=s.port,
+                                                   reuse_port=s.reuse_port, backlog=1024)
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        try:
+            async with anyio.create_task_group() as conn_tg:
+                self._conn_tg = conn_tg
+                with anyio.CancelScope() as accept_scope:
+                    self._accept_scope = accept_scope
+                    if self.draining:
+                        accept_scope.cancel()
+                    task_status.started(self.port)
+                    async with anyio.create_task_group() as accept_tg:
+                        for sub in listener.listeners:
+                            accept_tg.start_soon(self._accept_loop, sub, conn_tg)
+                await listener.aclose()
+                await self._drain(conn_tg)
+        finally:
+            await listener.aclose()
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent; safe from a signal-handling task)."""
+        if self.draining:
+            return
+        self.draining = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        for st in list(self._conns):
+            if not st.busy and st.idle_scope is not None:
+                st.idle_scope.cancel()
+
+    async def _drain(self, conn_tg: anyio.abc.TaskGroup) -> None:
+        with anyio.move_on_after(self.settings.shutdown_timeout):
+            while any(st.busy for st in self._conns) or self._conns:
+                self._idle_event = anyio.Event()
+                for st in list(self._conns):
+                    if not st.busy and st.idle_scope is not None:
+                        st.idle_scope.cancel()
+                await self._idle_event.wait()
+            return
+        log.warning("shutdown timeout reached with %d connection(s) still open; closing them", len(self._conns))
+        conn_tg.cancel_scope.cancel()
+
+    def _changed(self) -> None:
+        if self._idle_event is not None:
+            self._idle_event.set()
+
+    async def _accept_loop(self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                stream = await listener.accept()
+            except BaseException:
+                self._slots.release()
+                raise
+            tg.start_soon(self._connection, stream)
+
+    # -- one connection -------------------------------------------------
+    async def _connection(self, raw: anyio.abc.SocketStream) -> None:
+        st = _ConnState()
+        self._conns.add(st)
+        stream: anyio.abc.ByteStream = raw
+        try:
+            try:
+                client = "%s:%s" % raw.extra(anyio.abc.SocketAttribute.remote_address)[:2]
+            except Exception:
+                client = "?"
+            if self.settings.ssl_context is not None:
+                try:
+                    with anyio.fail_after(self.settings.header_timeout):
+                        stream = await TLSStream.wrap(raw, server_side=True, ssl_context=self.settings.ssl_context,
+                                                      standard_compatible=False)
+                except (TimeoutError, ssl.SSLError, OSError, anyio.BrokenResourceError, anyio.EndOfStream):
+                    return
+            await self._serve_connection(stream, st, client)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ClientGone, OSError):
+            pass
+        finally:
+            self._conns.discard(st)
+            self._slots.release()
+            await anyio.aclose_forcefully(stream)
+            self._changed()
+
+    async def _receive(self, stream: anyio.abc.ByteStream) -> bytes:
+        try:
+            return await stream.receive(65536)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+            return b""
+
+    async def _serve_connection(self, stream: anyio.abc.ByteStream, st: _ConnState, client: str) -> None:
+        s = self.settings
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=s.max_header_size)
+        first = True
+        while True:
+            # Phase 1: wait (idle) for the first byte of the next request.
+            if not conn.trailing_data[0] and not conn.trailing_data[1]:
+                with anyio.CancelScope() as idle:
+                    st.idle_scope = idle
+                    if self.draining:
+                        return
+                    idle.deadline = anyio.current_time() + (s.header_timeout if first else s.keepalive_timeout)
+                    data = await self._receive(stream)
+                    conn.receive_data(data)
+                st.idle_scope = None
+                if idle.cancelled_caught or not data:
+                    return
+            first = False
+            st.busy = True
+            # Phase 2: the rest of the head, within header_timeout (slowloris).
+            try:
+                with anyio.fail_after(s.header_timeout):
+                    event = await self._next_event(conn, stream)
+            except TimeoutError:
+                await self._error_and_close(conn, stream, 408, "request head not received in time", "request_timeout")
+                return
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                if status == 431:
+                    err: GatewayError = HeadersTooLarge(f"request head larger than {s.max_header_size} bytes")
+                    await self._error_and_close(conn, stream, 431, err.message, err.code)
+                else:
+                    await self._error_and_close(conn, stream, status, f"malformed HTTP request: {exc}", "bad_request")
+                return
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return
+            if not isinstance(event, h11.Request):
+                return
+            request_headers = list(event.headers)
+            # Body: bounded in size; Expect: 100-continue answered only if we'll read it.
+            clen = None
+            for k, v in request_headers:
+                if k == b"content-length":
+                    clen = int(v)
+                    break
+            if clen is not None and clen > s.max_body_size:
+                await self._error_and_close(conn, stream, 413, f"request body larger than {s.max_body_size} bytes",
+                                            PayloadTooLarge.code)
+                return
+            if conn.they_are_waiting_for_100_continue:
+                await stream.send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            body_parts: list[bytes] = []
+            size = 0
+            try:
+                while True:
+                    with anyio.fail_after(s.header_timeout):
+                        ev = await self._next_event(conn, stream)
+                    if isinstance(ev, h11.Data):
+                        size += len(ev.data)
+                        if size > s.max_body_size:
+                            await self._error_and_close(conn, stream, 413,
+                                                        f"request body larger than {s.max_body_size} bytes",
+                                                        PayloadTooLarge.code)
+                            return
+                        body_parts.append(bytes(ev.data))
+                    elif isinstance(ev, h11.EndOfMessage):
+                        break
+                    else:  # ConnectionClosed mid-body
+                        return
+            except TimeoutError:
+                await self._error_and_close(conn, stream, 408, "request body not received in time", "request_timeout")
+                return
+            except h11.RemoteProtocolError as exc:
+                await self._error_and_close(conn, stream, 400, f"malformed HTTP request: {exc}", "bad_request")
+                return
+            body = body_parts[0] if len(body_parts) == 1 else b"".join(body_parts)
+            request = Request(event.method, event.target, request_headers, body, client)
+            responder = Responder(conn, stream, self)
+            gone = await self._run_handler(request, responder, conn, stream)
+            st.busy = False
+            self._changed()
+            if gone or not responder.finished:
+                return
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE or self.draining:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _run_handler(self, request: Request, responder: Responder, conn: h11.Connection,
+                           stream: anyio.abc.ByteStream) -> bool:
+        """Run the handler while watching the socket; return True if the client went away."""
+        gone = False
+
+        async def watch(scope: anyio.CancelScope) -> None:
+            nonlocal gone
+            buffered = 0
+            while True:
+                data = await self._receive(stream)
+                if not data:
+                    gone = True
+                    scope.cancel()
+                    return
+                buffered += len(data)
+                conn.receive_data(data)  # pipelined requests wait in h11's buffer
+                if buffered > self.settings.max_header_size + self.settings.max_body_size:
+                    await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch, tg.cancel_scope)
+            try:
+                await self._call_handler(request, responder)
+                if responder.started and not responder.finished:
+                    gone = True  # a started response that did not end: close to signal truncation
+            except ClientGone:
+                gone = True
+            tg.cancel_scope.cancel()
+        return gone
+
+    async def _call_handler(self, request: Request, responder: Responder) -> None:
+        """Run the handler; turn its errors into responses (raises only ClientGone)."""
+        try:
+            await self.handler(request, responder)
+        except ClientGone:
+            raise
+        except GatewayError as exc:
+            if responder.started:
+                raise ClientGone("error after the response started") from None
+            await responder.send_json(exc.status, exc.to_body(), exc.headers)
+        except Exception:
+            log.exception("unhandled error in handler")
+            if responder.started:
+                raise ClientGone("error after the response started") from None
+            await responder.send_json(500, GatewayError("internal error").to_body())
+
+    async def _next_event(self, conn: h11.Connection, stream: anyio.abc.ByteStream) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await self._receive(stream))
+                continue
+            return event
+
+    async def _error_and_close(self, conn: h11.Connection, stream: anyio.abc.ByteStream, status: int,
+                               message: str, code: str) -> None:
+        """Answer a protocol-level error, then close: the connection's framing can't be trusted."""
+        body = GatewayError(message, code=code, type="invalid_request_error").to_body()
+        headers = [(b"content-type", _JSON), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        try:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                data = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b"")))
+                data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+            else:
+                return
+        except h11.LocalProtocolError:
+            # h11 refuses to respond before it saw a request: write it by hand.
+            data = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
+            data += b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body
+        try:
+            with anyio.fail_after(5):
+                await stream.send(data)
+        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass

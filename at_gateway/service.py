@@ -1,0 +1,113 @@
+"""Running the gateway as a service: event loop, signals, reload, drain.
+
+SIGTERM/SIGINT start a graceful drain (exit 0 when done); SIGHUP reloads the
+config file in place (routes, providers, keys), keeping the old one when the
+new one is invalid. Listening address changes need a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+from typing import Any
+
+import anyio
+
+from .app import Gateway
+from .config import Config, load_config
+from .errors import ConfigError
+from .logs import Redactor, setup_logging
+from .server import Server, ServerSettings
+
+log = logging.getLogger("at_gateway.service")
+
+
+def server_settings(config: Config) -> ServerSettings:
+    ctx = None
+    if config.tls is not None:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+    return ServerSettings(
+        host=config.host, port=config.port, max_body_size=config.max_body_size,
+        max_header_size=config.max_header_size, header_timeout=config.header_timeout,
+        keepalive_timeout=config.keepalive_timeout, max_connections=config.max_connections,
+        shutdown_timeout=config.shutdown_timeout, ssl_context=ctx, reuse_port=config.workers > 1,
+    )
+
+
+def backend_options(loop: str) -> dict[str, Any]:
+    if loop == "asyncio":
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        if loop == "uvloop":
+            log.warning("loop: uvloop asked for but not importable; using asyncio")
+        return {}
+    return {"use_uvloop": True}
+
+
+async def serve(config: Config, *, ready: Any = None) -> None:
+    gateway = Gateway(config)
+    try:
+        settings = server_settings(config)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(config.source, [f"tls: cannot load certificate or key: {exc}"]) from None
+    server = Server(gateway.handle, settings)
+    state = {"gateway": gateway}
+
+    async def signals() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as receiver:
+            async for signum in receiver:
+                if signum == signal.SIGHUP:
+                    await reload()
+                else:
+                    log.info("signal %s: draining (up to %gs)", signal.Signals(signum).name, config.shutdown_timeout)
+                    server.shutdown()
+                    return
+
+    async def reload() -> None:
+        try:
+            new = load_config(config.source)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc.render())
+            return
+        if (new.host, new.port, new.tls, new.workers) != (config.host, config.port, config.tls, config.workers):
+            log.warning("reload: host, port, tls and workers changes need a restart; other changes applied")
+        old = state["gateway"]
+        fresh = Gateway(new, client=old.client)
+        state["gateway"] = fresh
+        server.handler = fresh.handle
+        log.info("config reloaded from %s (%d routes)", config.source, len(new.routes))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(signals)
+        port = await tg.start(server.serve)
+        log.info("listening on %s:%s", config.host, port)
+        if ready is not None:
+            ready(port)
+    await state["gateway"].aclose()
+
+
+def run(config: Config) -> int:
+    setup_logging(config.log_level, Redactor(config.secrets()))
+    try:
+        anyio.run(_main, config, backend="asyncio", backend_options=backend_options(config.loop))
+    except ConfigError as exc:
+        import sys
+
+        print(exc.render(), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        import sys
+
+        print(f"at-gateway: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+async def _main(config: Config) -> None:
+    await serve(config)

@@ -1,0 +1,376 @@
+"""Our pooled HTTP/1.1 client for upstream APIs, on anyio + h11.
+
+Modelled on httpcore: one pool per origin with explicit checkout and return,
+keep-alive expiry, and one exception hierarchy. The rules that matter:
+
+* A connection goes back to the pool only when both h11 sides are DONE
+  (the response was read to its end); anything else closes it.
+* A pooled connection that the server closed while it sat idle is detected
+  at checkout, and a request that fails on a *reused* connection before any
+  response byte arrives is retried once on a fresh one, so a stale socket
+  never counts as a failed route step.
+* Cancellation anywhere closes the connection and frees its pool slot.
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import h11
+
+from .config import UpstreamConfig
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class UpstreamError(Exception):
+    """Any failure talking to an upstream."""
+
+
+class ConnectError(UpstreamError):
+    """Could not open a connection (DNS, refused, TLS handshake, proxy)."""
+
+
+class ProtocolError(UpstreamError):
+    """The upstream broke HTTP/1.1, or closed the connection mid-message."""
+
+
+class ReadError(UpstreamError):
+    """The connection failed while reading the response."""
+
+
+class WriteError(UpstreamError):
+    """The connection failed while sending the request."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def host_header(self) -> bytes:
+        default = 443 if self.scheme == "https" else 80
+        return (self.host if self.port == default else f"{self.host}:{self.port}").encode()
+
+
+@dataclass(frozen=True)
+class Target:
+    origin: Origin
+    path: bytes
+
+
+def parse_url(url: str) -> Target:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConnectError(f"unsupported URL {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return Target(Origin(parts.scheme, parts.hostname, port), path.encode())
+
+
+# A connector opens a byte stream to an origin (directly, or through a proxy).
+Connector = Callable[[Origin, float], Awaitable[anyio.abc.ByteStream]]
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection to an origin."""
+
+    __slots__ = ("stream", "h11", "idle_since", "requests", "_sock")
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=256 * 1024)
+        self.idle_since = 0.0
+        self.requests = 0
+        sock = None
+        try:
+            sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        except Exception:  # not a socket stream (tests, proxies through wrappers)
+            sock = None
+        self._sock = sock
+
+    def looks_dropped(self) -> bool:
+        """True when an idle connection is readable: EOF, or bytes nobody asked for."""
+        if self._sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    async def aclose(self) -> None:
+        await anyio.aclose_forcefully(self.stream)
+
+
+class Pool:
+    """The connections of one origin (and proxy): idle ones, and a cap on all."""
+
+    def __init__(self, limit: int, idle_timeout: float) -> None:
+        self.idle: deque[Connection] = deque()
+        self.active = 0
+        self.limit = limit
+        self.idle_timeout = idle_timeout
+        self._slots = anyio.Semaphore(limit)
+
+    def take_idle(self) -> Connection | None:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()  # most recently used first: likeliest alive
+            if now - conn.idle_since > self.idle_timeout or conn.looks_dropped():
+                _close_now(conn)
+                continue
+            return conn
+        return None
+
+    def put_idle(self, conn: Connection) -> None:
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+
+def _close_now(conn: Connection) -> None:
+    """Close without awaiting (idle sockets have nothing to flush)."""
+    if conn._sock is not None:
+        try:
+            conn._sock.close()
+        except OSError:
+            pass
+
+
+class Response:
+    """An upstream response whose body is read on demand."""
+
+    __slots__ = ("status", "headers", "_conn", "_done", "_client", "_pool")
+
+    def __init__(self, status: int, headers: Headers, conn: Connection, client: UpstreamClient, pool: Pool) -> None:
+        self.status = status
+        self.headers = headers
+        self._conn = conn
+        self._done = False
+        self._client = client
+        self._pool = pool
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """Yield body bytes as they arrive."""
+        conn = self._conn
+        hc = conn.h11
+        while not self._done:
+            try:
+                event = hc.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ProtocolError(f"invalid HTTP from upstream: {exc}") from None
+            if event is h11.NEED_DATA:
+                try:
+                    data = await conn.stream.receive(65536)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    data = b""
+                except OSError as exc:
+                    raise ReadError(f"connection error while reading: {exc}") from None
+                if not data and hc.their_state is h11.SEND_BODY:
+                    raise ProtocolError("upstream closed the connection before the response ended")
+                hc.receive_data(data)
+                continue
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._done = True
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ProtocolError("upstream closed the connection before the response ended")
+
+    async def read(self) -> bytes:
+        parts = [chunk async for chunk in self.aiter_raw()]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @property
+    def complete(self) -> bool:
+        return self._done
+
+
+class UpstreamClient:
+    """Pools of keep-alive connections, one per origin, for the whole process."""
+
+    def __init__(self, config: UpstreamConfig | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.config = config or UpstreamConfig()
+        self._ssl_context = ssl_context
+        self._pools: dict[tuple[Origin, str | None], Pool] = {}
+        self._targets: dict[str, Target] = {}
+        self._connectors: dict[str | None, Connector] = {}
+
+    # -- plumbing -------------------------------------------------------
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """One default context per process: building one costs milliseconds."""
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+    def target(self, url: str) -> Target:
+        t = self._targets.get(url)
+        if t is None:
+            t = parse_url(url)
+            if len(self._targets) < 4096:
+                self._targets[url] = t
+        return t
+
+    def pool(self, origin: Origin, proxy: str | None = None) -> Pool:
+        key = (origin, proxy)
+        p = self._pools.get(key)
+        if p is None:
+            p = self._pools[key] = Pool(self.config.max_connections_per_origin, self.config.idle_timeout)
+        return p
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "active": sum(p.active for p in self._pools.values()),
+            "idle": sum(len(p.idle) for p in self._pools.values()),
+        }
+
+    def register_connector(self, proxy: str | None, connector: Connector) -> None:
+        """Proxies (HTTP CONNECT, SOCKS5) plug in here, keyed by their URL."""
+        self._connectors[proxy] = connector
+
+    async def _open(self, origin: Origin, proxy: str | None) -> Connection:
+        timeout = self.config.connect_timeout
+        connector = self._connectors.get(proxy)
+        try:
+            with anyio.fail_after(timeout):
+                if connector is not None:
+                    stream = await connector(origin, timeout)
+                elif origin.scheme == "https":
+                    stream = await anyio.connect_tcp(origin.host, origin.port, ssl_context=self.ssl_context,
+                                                     tls_standard_compatible=False)
+                else:
+                    stream = await anyio.connect_tcp(origin.host, origin.port)
+        except TimeoutError:
+            raise ConnectError(f"connect to {origin.host}:{origin.port} timed out after {timeout:g}s") from None
+        except ssl.SSLError as exc:
+            raise ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: {exc.reason or exc}") from None
+        except (OSError, anyio.BrokenResourceError) as exc:
+            msg = getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+            raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {msg}") from None
+        return Connection(stream)
+
+    # -- the request ----------------------------------------------------
+    @asynccontextmanager
+    async def stream(self, method: bytes, url: str, headers: Headers, body: bytes = b"",
+                     proxy: str | None = None) -> AsyncIterator[Response]:
+        """Send a request; yield the response with its body unread.
+
+        Leaving the block returns the connection to the pool if the body was
+        read to its end, and closes it otherwise (including on cancellation).
+        """
+        target = self.target(url)
+        pool = self.pool(target.origin, proxy)
+        await pool._slots.acquire()
+        pool.active += 1
+        conn: Connection | None = None
+        reusable = False
+        try:
+            req_headers = [(b"host", target.origin.host_header), *headers]
+            if body or method not in (b"GET", b"HEAD"):
+                req_headers.append((b"content-length", str(len(body)).encode()))
+            attempt = 0
+            while True:
+                attempt += 1
+                conn = pool.take_idle()
+                reused = conn is not None
+                if conn is None:
+                    conn = await self._open(target.origin, proxy)
+                try:
+                    status, resp_headers = await self._send(conn, method, target.path, req_headers, body)
+                    break
+                except _StaleConnection as exc:
+                    await conn.aclose()
+                    conn = None
+                    if reused and attempt < 3:
+                        continue
+                    raise ProtocolError(str(exc)) from None
+            conn.requests += 1
+            response = Response(status, resp_headers, conn, self, pool)
+            yield response
+            hc = conn.h11
+            if response._done and hc.our_state is h11.DONE and hc.their_state is h11.DONE:
+                try:
+                    hc.start_next_cycle()
+                    reusable = True
+                except h11.LocalProtocolError:
+                    reusable = False
+        finally:
+            if conn is not None:
+                if reusable:
+                    pool.put_idle(conn)
+                else:
+                    await conn.aclose()
+            pool.active -= 1
+            pool._slots.release()
+
+    async def _send(self, conn: Connection, method: bytes, path: bytes, headers: Headers,
+                    body: bytes) -> tuple[int, Headers]:
+        hc = conn.h11
+        try:
+            data = hc.send(h11.Request(method=method, target=path, headers=headers))
+            if body:
+                data += hc.send(h11.Data(data=body))
+            data += hc.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise UpstreamError(f"cannot send request: {exc}") from None
+        try:
+            await conn.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise _StaleConnection(f"connection lost while sending: {exc.__class__.__name__}") from None
+        got_bytes = False
+        while True:
+            try:
+                event = hc.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ProtocolError(f"invalid HTTP from upstream: {exc}") from None
+            if event is h11.NEED_DATA:
+                try:
+                    chunk = await conn.stream.receive(65536)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    chunk = b""
+                if not chunk and not got_bytes:
+                    raise _StaleConnection("upstream closed the connection before answering")
+                got_bytes = True
+                hc.receive_data(chunk)
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                return event.status_code, list(event.headers)
+            if isinstance(event, h11.ConnectionClosed):
+                raise ProtocolError("upstream closed the connection before answering")
+
+    async def request(self, method: bytes, url: str, headers: Headers, body: bytes = b"",
+                      proxy: str | None = None) -> tuple[int, Headers, bytes]:
+        async with self.stream(method, url, headers, body, proxy) as resp:
+            data = await resp.read()
+            return resp.status, resp.headers, data
+
+    async def aclose(self) -> None:
+        for pool in self._pools.values():
+            while pool.idle:
+                await pool.idle.pop().aclose()
+
+
+class _StaleConnection(Exception):
+    """The connection died before any response byte: safe to retry on a fresh one."""
