@@ -1,0 +1,84 @@
+"""Shared fixtures: a mock upstream and an in-process gateway on real sockets."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import pytest
+
+from at_gateway.app import Gateway
+from at_gateway.config import build_config
+from at_gateway.logs import Redactor, setup_logging
+from at_gateway.server import Server
+from at_gateway.service import server_settings
+from tests.mock_upstream import MockUpstream
+
+GATEWAY_KEY = "test-gateway-key-123"
+
+
+class RunningGateway:
+    def __init__(self, portal: Any, gateway: Gateway, server: Server, port: int, logs: io.StringIO) -> None:
+        self.portal = portal
+        self.gateway = gateway
+        self.server = server
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.logs = logs
+
+    def log_lines(self) -> list[str]:
+        return [line for line in self.logs.getvalue().splitlines() if line]
+
+
+def base_config(upstream_url: str, routes: list[dict[str, Any]] | None = None, **top: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "api_key": GATEWAY_KEY,
+        "port": 0,
+        "providers": [
+            {"name": "up1", "type": "openai", "base_url": upstream_url, "api_key": "sk-upstream-secret-1"},
+            {"name": "up2", "type": "openai", "base_url": upstream_url, "api_key": "sk-upstream-secret-2"},
+            {"name": "echo", "type": "echo"},
+        ],
+        "routes": routes or [
+            {"name": "demo", "steps": [{"provider": "echo", "model": "echo-1"}]},
+        ],
+    }
+    cfg.update(top)
+    return cfg
+
+
+@contextmanager
+def run_gateway(raw_config: dict[str, Any]) -> Iterator[RunningGateway]:
+    config = build_config(copy.deepcopy(raw_config), "test-config")
+    logs = io.StringIO()
+    setup_logging(config.log_level, Redactor(config.secrets()), logs)
+    with anyio.from_thread.start_blocking_portal() as portal:
+        gateway = portal.call(_make, config)
+        server = Server(gateway.handle, server_settings(config))
+        future, port = portal.start_task(server.serve)
+        try:
+            yield RunningGateway(portal, gateway, server, port, logs)
+        finally:
+            portal.call(server.shutdown)
+            future.result(timeout=10)
+            portal.call(gateway.aclose)
+    logging.getLogger("at_gateway").handlers.clear()
+
+
+async def _make(config: Any) -> Gateway:
+    return Gateway(config)
+
+
+@pytest.fixture
+def upstream() -> Iterator[MockUpstream]:
+    mock = MockUpstream().start()
+    try:
+        yield mock
+    finally:
+        mock.stop()
