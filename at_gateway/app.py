@@ -92,6 +92,8 @@ class Gateway:
         finally:
             if ctx.status == 0:
                 ctx.status = responder.status or 499  # 499: the client went away first
+            if not responder.finished and ctx.error is None:
+                ctx.error = "client disconnected before the response ended"
             self.finish(ctx, request)
 
     async def _dispatch(self, ctx: RequestContext, request: Request, responder: Responder) -> None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .providers import NO_BASE_URL_TYPES, PROVIDER_TYPES, allowed_keys
+from .providers.presets import PRESETS
 
 DEFAULT_LOCATIONS = ("./config.yaml", "/etc/at-gateway/config.yaml")
 
@@ -358,6 +361,14 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
     return cfg
 
 
+def _valid_port(url: str) -> bool:
+    try:
+        _ = urlsplit(url).port  # raises for a port that is not a number in range
+    except ValueError:
+        return False
+    return True
+
+
 def _build_providers(raw: Any, r: _Reader, problems: list[str]) -> dict[str, ProviderConfig]:
     out: dict[str, ProviderConfig] = {}
     for i, p in enumerate(_sequence(raw, "providers", problems)):
@@ -384,6 +395,18 @@ def _build_providers(raw: Any, r: _Reader, problems: list[str]) -> dict[str, Pro
             base_url = base_url.rstrip("/")
         elif ptype not in NO_BASE_URL_TYPES and not p.get("preset"):
             problems.append(f"{path}.base_url: required for type {ptype}")
+        preset = p.get("preset")
+        if ptype == "openai" and preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+            problems.append(f"{path}.preset: unknown preset {str(preset)[:40]!r} "
+                            f"(known: {', '.join(sorted(PRESETS))})")
+        if ptype == "azure" and p.get("api_version") is not None:
+            av = p["api_version"]
+            av = av.isoformat() if hasattr(av, "isoformat") else av  # YAML reads 2024-10-21 as a date
+            if not isinstance(av, str) or not re.match(r"^(\d{4}-\d{2}-\d{2}(-preview)?|v1)$", av):
+                problems.append(f"{path}.api_version: must be an Azure API version like 2024-10-21, "
+                                "2025-04-01-preview, or v1")
+            else:
+                p = {**p, "api_version": av}
         headers_raw = _mapping(p.get("headers"), f"{path}.headers", problems)
         headers: dict[str, str] = {}
         for hk, hv in headers_raw.items():
@@ -396,6 +419,8 @@ def _build_providers(raw: Any, r: _Reader, problems: list[str]) -> dict[str, Pro
         proxy = r.string(p, "proxy", path)
         if proxy is not None and not re.match(r"^(https?|socks5h?)://[^/\s]+", proxy):
             problems.append(f"{path}.proxy: must be http://, https://, socks5:// or socks5h:// with a host")
+        elif proxy is not None and not _valid_port(proxy):
+            problems.append(f"{path}.proxy: invalid port (use scheme://[user:password@]host:port)")
         options = {k: v for k, v in p.items() if k not in {"name", "type", "api_key", "base_url", "headers", "proxy"}}
         api_key = p.get("api_key")
         if api_key is not None and not isinstance(api_key, str):
@@ -476,7 +501,8 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     except FileNotFoundError:
         raise ConfigError(source, ["file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(source, [f"cannot read the file: {exc.__class__.__name__}: {getattr(exc, 'strerror', '') or exc}"]) from None
+        reason = getattr(exc, "strerror", "") or exc
+        raise ConfigError(source, [f"cannot read the file: {exc.__class__.__name__}: {reason}"]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

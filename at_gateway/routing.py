@@ -9,7 +9,8 @@ SSE error event and no ``[DONE]``.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from typing import Any, cast
 
 import anyio
 
@@ -122,7 +123,7 @@ class Router:
             attempt = Attempt(i, step.provider, step.model)
             ctx.attempts.append(attempt)
             state = StreamState(include_usage=include_usage)
-            agen = provider.stream(prepare_body(body, step), step, state)
+            agen = cast(AsyncGenerator[bytes, None], provider.stream(prepare_body(body, step), step, state))
             try:
                 try:
                     first = await self._first_chunk(agen, step, responder, ctx)

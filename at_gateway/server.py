@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -153,13 +154,23 @@ class Server:
         self._conn_tg: anyio.abc.TaskGroup | None = None
         self._slots = anyio.Semaphore(settings.max_connections)
         self._idle_event: anyio.Event | None = None
+        self._listener: Any = None  # anyio MultiListener of SocketListeners
 
     # -- lifecycle ------------------------------------------------------
+    async def bind(self) -> int:
+        """Open the listening socket (errors surface here, before any task starts)."""
+        if self._listener is None:
+            s = self.settings
+            self._listener = await anyio.create_tcp_listener(local_host=s.host, local_port=s.port,
+                                                             reuse_port=s.reuse_port, backlog=1024)
+            self.port = self._listener.extra(anyio.abc.SocketAttribute.local_port)
+        assert self.port is not None
+        return self.port
+
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        s = self.settings
-        listener = await anyio.create_tcp_listener(local_host=s.host, local_port=s.port,
-                                                   reuse_port=s.reuse_port, backlog=1024)
-        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        port = await self.bind()
+        listener = self._listener
+        assert listener is not None
         try:
             async with anyio.create_task_group() as conn_tg:
                 self._conn_tg = conn_tg
@@ -167,7 +178,7 @@ class Server:
                     self._accept_scope = accept_scope
                     if self.draining:
                         accept_scope.cancel()
-                    task_status.started(self.port)
+                    task_status.started(port)
                     async with anyio.create_task_group() as accept_tg:
                         for sub in listener.listeners:
                             accept_tg.start_soon(self._accept_loop, sub, conn_tg)
@@ -236,8 +247,9 @@ class Server:
         finally:
             self._conns.discard(st)
             self._slots.release()
-            await anyio.aclose_forcefully(stream)
             self._changed()
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(stream)
 
     async def _receive(self, stream: anyio.abc.ByteStream) -> bytes:
         try:
@@ -274,8 +286,9 @@ class Server:
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
                 if status == 431:
-                    err: GatewayError = HeadersTooLarge(f"request head larger than {s.max_header_size} bytes")
-                    await self._error_and_close(conn, stream, 431, err.message, err.code)
+                    await self._error_and_close(conn, stream, 431,
+                                                f"request head larger than {s.max_header_size} bytes",
+                                                HeadersTooLarge.code)
                 else:
                     await self._error_and_close(conn, stream, status, f"malformed HTTP request: {exc}", "bad_request")
                 return
@@ -284,6 +297,12 @@ class Server:
             if not isinstance(event, h11.Request):
                 return
             request_headers = list(event.headers)
+            # h11 bounds only an *incomplete* head; a complete one that arrived at once is checked here.
+            head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in request_headers)
+            if head_size > s.max_header_size:
+                await self._error_and_close(conn, stream, 431, f"request head larger than {s.max_header_size} bytes",
+                                            HeadersTooLarge.code)
+                return
             # Body: bounded in size; Expect: 100-continue answered only if we'll read it.
             clen = None
             for k, v in request_headers:

@@ -81,6 +81,7 @@ async def serve(config: Config, *, ready: Any = None) -> None:
         server.handler = fresh.handle
         log.info("config reloaded from %s (%d routes)", config.source, len(new.routes))
 
+    await server.bind()
     async with anyio.create_task_group() as tg:
         tg.start_soon(signals)
         port = await tg.start(server.serve)

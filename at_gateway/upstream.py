@@ -18,9 +18,9 @@ import select
 import ssl
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import anyio
@@ -126,12 +126,13 @@ class Pool:
         self.idle_timeout = idle_timeout
         self._slots = anyio.Semaphore(limit)
 
-    def take_idle(self) -> Connection | None:
+    def take_idle(self, dead: list[Connection]) -> Connection | None:
+        """The most recently used live idle connection; expired or dropped ones go to ``dead``."""
         now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()  # most recently used first: likeliest alive
             if now - conn.idle_since > self.idle_timeout or conn.looks_dropped():
-                _close_now(conn)
+                dead.append(conn)
                 continue
             return conn
         return None
@@ -139,15 +140,6 @@ class Pool:
     def put_idle(self, conn: Connection) -> None:
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
-
-
-def _close_now(conn: Connection) -> None:
-    """Close without awaiting (idle sockets have nothing to flush)."""
-    if conn._sock is not None:
-        try:
-            conn._sock.close()
-        except OSError:
-            pass
 
 
 class Response:
@@ -248,9 +240,20 @@ class UpstreamClient:
         """Proxies (HTTP CONNECT, SOCKS5) plug in here, keyed by their URL."""
         self._connectors[proxy] = connector
 
+    def _connector(self, proxy: str | None) -> Connector | None:
+        """The connector for a proxy URL (built once per URL); None connects directly."""
+        if proxy is None:
+            return self._connectors.get(None)
+        connector = self._connectors.get(proxy)
+        if connector is None:
+            from .proxy import ProxyConnector  # only configs with a proxy need it
+
+            connector = self._connectors[proxy] = ProxyConnector(proxy, lambda: self.ssl_context)
+        return connector
+
     async def _open(self, origin: Origin, proxy: str | None) -> Connection:
         timeout = self.config.connect_timeout
-        connector = self._connectors.get(proxy)
+        connector = self._connector(proxy)
         try:
             with anyio.fail_after(timeout):
                 if connector is not None:
@@ -261,7 +264,8 @@ class UpstreamClient:
                 else:
                     stream = await anyio.connect_tcp(origin.host, origin.port)
         except TimeoutError:
-            raise ConnectError(f"connect to {origin.host}:{origin.port} timed out after {timeout:g}s") from None
+            via = f" through proxy {getattr(connector, 'display', '(proxy)')}" if proxy else ""
+            raise ConnectError(f"connect to {origin.host}:{origin.port}{via} timed out after {timeout:g}s") from None
         except ssl.SSLError as exc:
             raise ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: {exc.reason or exc}") from None
         except (OSError, anyio.BrokenResourceError) as exc:
@@ -291,7 +295,10 @@ class UpstreamClient:
             attempt = 0
             while True:
                 attempt += 1
-                conn = pool.take_idle()
+                dead: list[Connection] = []
+                conn = pool.take_idle(dead)
+                for d in dead:
+                    await d.aclose()
                 reused = conn is not None
                 if conn is None:
                     conn = await self._open(target.origin, proxy)
@@ -299,8 +306,8 @@ class UpstreamClient:
                     status, resp_headers = await self._send(conn, method, target.path, req_headers, body)
                     break
                 except _StaleConnection as exc:
-                    await conn.aclose()
-                    conn = None
+                    stale, conn = conn, None
+                    await stale.aclose()
                     if reused and attempt < 3:
                         continue
                     raise ProtocolError(str(exc)) from None
@@ -315,13 +322,15 @@ class UpstreamClient:
                 except h11.LocalProtocolError:
                     reusable = False
         finally:
+            # Bookkeeping first, synchronously: in a cancelled scope every await raises.
+            pool.active -= 1
+            pool._slots.release()
             if conn is not None:
                 if reusable:
                     pool.put_idle(conn)
                 else:
-                    await conn.aclose()
-            pool.active -= 1
-            pool._slots.release()
+                    with anyio.CancelScope(shield=True):
+                        await conn.aclose()
 
     async def _send(self, conn: Connection, method: bytes, path: bytes, headers: Headers,
                     body: bytes) -> tuple[int, Headers]:

@@ -35,6 +35,18 @@ class RunningGateway:
     def log_lines(self) -> list[str]:
         return [line for line in self.logs.getvalue().splitlines() if line]
 
+    def request_logs(self, count: int = 1) -> list[dict[str, Any]]:
+        """The access-log lines, once ``count`` of them are written (they follow the response)."""
+        import json
+
+        from tests.mock_upstream import wait_until
+
+        def lines() -> list[str]:
+            return [ln for ln in self.log_lines() if '"msg":"request"' in ln]
+
+        assert wait_until(lambda: len(lines()) >= count), self.log_lines()
+        return [json.loads(ln) for ln in lines()]
+
 
 def base_config(upstream_url: str, routes: list[dict[str, Any]] | None = None, **top: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {

@@ -12,9 +12,10 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -117,11 +118,11 @@ class MockUpstream:
                     reply = reply(rec)
                 mock._serve(self, reply)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
 
     def start(self) -> MockUpstream:
         self._thread.start()
@@ -197,6 +198,14 @@ class MockUpstream:
             h.close_connection = True
         elif r.close:
             h.close_connection = True
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # many concurrent test connections must not wait for SYN retries
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that go away mid-answer are what some tests are about
 
 
 def _chunk(h: BaseHTTPRequestHandler, data: bytes) -> None:

@@ -180,7 +180,7 @@ def test_stream_passes_chunks_through_and_ends_with_done(upstream: MockUpstream)
         sent = [json.loads(e[6:]) for e in events[:-1]]
         assert [c["choices"][0]["delta"].get("content") for c in sent] == ["", "a", "b", "c", None]
         # the request log got the usage anyway
-        line = json.loads([ln for ln in gw.log_lines() if '"request"' in ln][-1])
+        line = gw.request_logs()[-1]
         assert line["tokens"]["total_tokens"] == 5
 
 

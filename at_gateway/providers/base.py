@@ -14,8 +14,9 @@ timeouts around each ``__anext__`` and closes the generator explicitly.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed

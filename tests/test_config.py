@@ -1,0 +1,198 @@
+"""Config loading and validation: every problem listed, with its path and a hint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from at_gateway.config import build_config, find_config, load_config, parse_duration, parse_size
+from at_gateway.errors import ConfigError
+
+GO_EXAMPLE = """\
+api_key: ${GATEWAY_API_KEY}  # Required: Gateway API key
+port: 8080  # Optional, defaults to PORT env var or 8080
+default_timeout: 300s  # Optional, used when route steps don't specify timeout
+
+providers:
+  - name: cerebras
+    api_key: ${CEREBRAS_API_KEY}
+    base_url: https://api.cerebras.ai/v1
+
+  - name: openrouter
+    api_key: ${OPENROUTER_API_KEY}
+    base_url: https://openrouter.ai/api/v1
+
+routes:
+  - name: dynamic/n8n  # Must match request model exactly
+    steps:
+      - provider: cerebras
+        model: gpt-oss-120b
+        timeout: 300s  # Optional, uses default_timeout if omitted
+        conflict_resolution: tools  # Optional: "tools" or "format"
+      - provider: openrouter
+        model: nvidia/nemotron-3-nano-30b-a3b:free
+        timeout: 300s
+        conflict_resolution: format
+"""
+ENV = {"GATEWAY_API_KEY": "gw-secret-value", "CEREBRAS_API_KEY": "csk-123456", "OPENROUTER_API_KEY": "or-987654"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_go_gateway_example_loads_unchanged(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GO_EXAMPLE), ENV)
+    assert cfg.api_keys == ("gw-secret-value",)
+    assert cfg.port == 8080
+    assert cfg.providers["cerebras"].type == "openai"
+    assert cfg.providers["openrouter"].api_key == "or-987654"
+    route = cfg.routes["dynamic/n8n"]
+    assert [(s.provider, s.model, s.timeout, s.conflict_resolution) for s in route.steps] == [
+        ("cerebras", "gpt-oss-120b", 300.0, "tools"),
+        ("openrouter", "nvidia/nemotron-3-nano-30b-a3b:free", 300.0, "format")]
+
+
+def test_default_timeout_is_used(tmp_path: Path) -> None:
+    text = GO_EXAMPLE.replace("        timeout: 300s  # Optional, uses default_timeout if omitted\n", "")
+    text = text.replace("default_timeout: 300s", "default_timeout: 42s")
+    cfg = load_config(write(tmp_path, text), ENV)
+    assert cfg.routes["dynamic/n8n"].steps[0].timeout == 42.0
+
+
+def test_every_problem_is_listed_with_path_and_hint(tmp_path: Path) -> None:
+    text = GO_EXAMPLE.replace("        timeout: 300s\n        conflict_resolution: format",
+                              "        timout: 300s\n        conflict_resolution: formt")
+    text = text.replace("  - name: openrouter\n", "  - name: openrouter\n    bse_url: x\n")
+    text += "  - name: other\n    steps:\n      - provider: nosuch\n        model: m\n        timeout: soon\n"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text), ENV)
+    msg = exc.value.render()
+    assert str(tmp_path / "config.yaml") in msg
+    assert "routes[0].steps[1].timout: unknown key (did you mean 'timeout'?)" in msg
+    assert "routes[0].steps[1].conflict_resolution: must be one of tools, format" in msg
+    assert "providers[1].bse_url: unknown key (did you mean 'base_url'?)" in msg
+    assert "routes[1].steps[0].provider: unknown provider 'nosuch'" in msg
+    assert "routes[1].steps[0].timeout: 'soon' is not a duration" in msg
+    for secret in ENV.values():
+        assert secret not in msg
+
+
+@pytest.mark.parametrize(("raw", "problem"), [
+    ({"providers": [], "routes": []}, "api_key: no gateway key is configured"),
+    ({"api_key": "${NOPE_NOT_SET}"}, "api_key: environment variable NOPE_NOT_SET is not set"),
+    ({"api_key": "k", "providers": [{"name": "a", "base_url": "http://x"}, {"name": "a", "base_url": "http://y"}]},
+     "providers[1].name: duplicate provider name 'a'"),
+    ({"api_key": "k", "routes": [{"name": "r", "steps": []}]}, "routes[0].steps: a route needs at least one step"),
+    ({"api_key": "k", "providers": [{"name": "a", "base_url": "http://x"}],
+      "routes": [{"name": "r", "steps": [{"provider": "a", "model": "m"}]},
+                 {"name": "r", "steps": [{"provider": "a", "model": "m"}]}]},
+     "routes[1].name: duplicate route name 'r'"),
+    ({"api_key": "k", "providers": [{"name": "a"}]}, "providers[0].base_url: required for type openai"),
+    ({"api_key": "k", "providers": [{"name": "a", "type": "opneai", "base_url": "http://x"}]},
+     "providers[0].type: unknown provider type 'opneai' (did you mean 'openai'?)"),
+    ({"api_key": "k", "port": "eighty"}, "port: 'eighty' is not a whole number"),
+    ({"api_key": "k", "prot": 1}, "prot: unknown key (did you mean 'port'?)"),
+    ({"api_key": "k", "max_body_size": "huge"}, "max_body_size: 'huge' is not a size"),
+])
+def test_problems(raw: dict, problem: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_config(raw, "c.yaml", {})
+    assert any(p.startswith(problem) for p in exc.value.problems), exc.value.problems
+
+
+def test_env_defaults_and_port_env() -> None:
+    cfg = build_config({"api_key": "${K:-fallback}"}, "c", {"PORT": "9999"})
+    assert cfg.api_keys == ("fallback",) and cfg.port == 9999
+    cfg = build_config({"api_keys": ["a", "${B}"], "port": "${P:-81}"}, "c", {"B": "bee"})
+    assert cfg.api_keys == ("a", "bee") and cfg.port == 81
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("300s", 300), ("5m", 300), ("1.5s", 1.5), (30, 30), ("45", 45), ("250ms", 0.25), ("1m30s", 90), ("1h", 3600)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "s", "5x", "-1", "1s2", True, None])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_sizes() -> None:
+    assert parse_size("10MiB") == 10 * 2**20
+    assert parse_size("1k") == 1000
+    assert parse_size(512) == 512
+
+
+def test_find_config_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("api_key: k\n")
+    assert find_config("x.yaml", {}) == Path("x.yaml")
+    assert find_config(None, {"AT_GATEWAY_CONFIG": "/a/b.yaml"}) == Path("/a/b.yaml")
+    assert find_config(None, {}) == Path("./config.yaml")
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "api_key: k\nroutes: [\n"), {})
+    assert "line" in exc.value.render()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("AT_GATEWAY_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "at_gateway", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=30)
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = write(tmp_path, GO_EXAMPLE)
+    r = run_cli("check-config", "--config", str(good), env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GO_EXAMPLE.replace("        timeout: 300s\n        conflict_resolution: format",
+                                      "        timout: 300s"))
+    r = run_cli("check-config", "--config", str(bad), env=ENV)
+    assert r.returncode == 1
+    assert "routes[0].steps[1].timout: unknown key (did you mean 'timeout'?)" in r.stderr
+    assert str(bad) in r.stderr
+    assert "Traceback" not in r.stderr
+    assert "gw-secret-value" not in r.stderr
+
+
+def test_no_config_found_is_clear(tmp_path: Path) -> None:
+    r = run_cli("check-config", cwd=tmp_path)
+    if Path("/etc/at-gateway/config.yaml").exists():
+        pytest.skip("a system config exists")
+    assert r.returncode == 1
+    assert "no configuration file found" in r.stderr
+
+
+def test_version_does_not_import_server() -> None:
+    code = ("import sys; from at_gateway.cli import main; main(['version']); "
+            "bad = [m for m in ('at_gateway.server', 'at_gateway.upstream', 'cryptography', 'anyio') "
+            "if m in sys.modules]; print('IMPORTED', bad)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert "at-gateway" in r.stdout and "IMPORTED []" in r.stdout
+
+
+def test_check_config_does_not_import_server(tmp_path: Path) -> None:
+    p = write(tmp_path, GO_EXAMPLE)
+    code = ("import sys; from at_gateway.cli import main; main(['check-config', '--config', %r]); "
+            "bad = [m for m in ('at_gateway.server', 'at_gateway.upstream', 'cryptography', 'anyio') "
+            "if m in sys.modules]; print('IMPORTED', bad)") % str(p)
+    import os
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, **ENV})
+    assert "IMPORTED []" in r.stdout, r.stdout + r.stderr
