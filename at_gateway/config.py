@@ -39,7 +39,7 @@ TOP_KEYS = frozenset({
 STEP_KEYS = frozenset({"provider", "model", "timeout", "conflict_resolution"})
 ROUTE_KEYS = frozenset({"name", "steps"})
 TLS_KEYS = frozenset({"cert_file", "key_file"})
-UPSTREAM_KEYS = frozenset({"max_connections_per_origin", "idle_timeout", "connect_timeout"})
+UPSTREAM_KEYS = frozenset({"max_connections_per_origin", "idle_timeout", "connect_timeout", "ca_file"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CONFLICT_MODES = ("tools", "format")
 LOOPS = ("auto", "asyncio", "uvloop")
@@ -82,6 +82,7 @@ class UpstreamConfig:
     max_connections_per_origin: int = 256
     idle_timeout: float = 60.0
     connect_timeout: float = 10.0
+    ca_file: str | None = None  # extra CA bundle for upstreams behind a private CA
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,7 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
         max_connections_per_origin=r.integer(up_raw, "max_connections_per_origin", "upstream", 256, 1),
         idle_timeout=r.duration(up_raw, "idle_timeout", "upstream", 60.0),
         connect_timeout=r.duration(up_raw, "connect_timeout", "upstream", 10.0),
+        ca_file=r.string(up_raw, "ca_file", "upstream"),
     )
 
     max_body = 10 * 2**20

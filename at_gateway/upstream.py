@@ -213,6 +213,8 @@ class UpstreamClient:
         """One default context per process: building one costs milliseconds."""
         if self._ssl_context is None:
             self._ssl_context = ssl.create_default_context()
+            if self.config.ca_file:
+                self._ssl_context.load_verify_locations(cafile=self.config.ca_file)
         return self._ssl_context
 
     def target(self, url: str) -> Target:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -79,7 +80,7 @@ class Received:
 
 
 class MockUpstream:
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
         self.replies: dict[str, Reply | Callable[[Received], Reply]] = {}
         self.default: Reply = Reply(body=chat_completion())
         self.received: list[Received] = []
@@ -122,6 +123,11 @@ class MockUpstream:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://localhost:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
 
     def start(self) -> MockUpstream:
