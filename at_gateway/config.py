@@ -120,7 +120,13 @@ class Config:
                 if k.lower() in ("authorization", "api-key", "x-api-key", "x-goog-api-key"):
                     out.append(v)
             if p.proxy and "@" in p.proxy:
-                out.append(p.proxy.split("://", 1)[-1].rsplit("@", 1)[0])
+                from urllib.parse import unquote
+
+                userinfo = p.proxy.split("://", 1)[-1].rsplit("@", 1)[0]
+                out.append(userinfo)
+                if ":" in userinfo:
+                    password = userinfo.split(":", 1)[1]
+                    out += [password, unquote(password)]
         return [s for s in out if s and len(s) >= 4]
 
 

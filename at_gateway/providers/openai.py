@@ -10,33 +10,18 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed
 from ..sse import EventSplitter, event_data, event_name
-from ..upstream import UpstreamClient
+from ..upstream import Headers, UpstreamClient
 from .base import Completion, Provider, StreamState, config_headers, read_error
+from .presets import PRESETS  # `preset:` fills base_url for well-known services
 
 _FINISH_RE = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
-
-# `preset:` fills base_url for well-known OpenAI-compatible services.
-PRESETS: dict[str, str] = {
-    "openai": "https://api.openai.com/v1",
-    "groq": "https://api.groq.com/openai/v1",
-    "deepseek": "https://api.deepseek.com/v1",
-    "mistral": "https://api.mistral.ai/v1",
-    "together": "https://api.together.xyz/v1",
-    "openrouter": "https://openrouter.ai/api/v1",
-    "cerebras": "https://api.cerebras.ai/v1",
-    "xai": "https://api.x.ai/v1",
-    "perplexity": "https://api.perplexity.ai",
-    "fireworks": "https://api.fireworks.ai/inference/v1",
-    "ollama": "http://127.0.0.1:11434/v1",
-    "lmstudio": "http://127.0.0.1:1234/v1",
-    "vllm": "http://127.0.0.1:8000/v1",
-}
 
 
 def validate_chat_completion(raw: bytes) -> dict[str, Any]:
@@ -64,17 +49,27 @@ class OpenAIProvider(Provider):
         super().__init__(cfg, client)
         base = cfg.base_url or PRESETS.get(str(cfg.options.get("preset", "")), "")
         self.url = base.rstrip("/") + "/chat/completions"
-        headers = [(b"content-type", b"application/json")]
-        if cfg.api_key:
-            headers.append((b"authorization", b"Bearer " + cfg.api_key.encode()))
+        headers = [(b"content-type", b"application/json"), *self.auth_headers()]
         headers += config_headers(cfg)
         self.headers = headers
         self.stream_headers = [*headers, (b"accept", b"text/event-stream")]
         self.headers = [*headers, (b"accept", b"application/json")]
 
+    def auth_headers(self) -> Headers:
+        """How this API takes its key (Azure overrides: ``api-key``)."""
+        return [(b"authorization", b"Bearer " + self.cfg.api_key.encode())] if self.cfg.api_key else []
+
+    def url_for(self, step: Step) -> str:
+        """The endpoint for a step (Azure puts the step's deployment in the path)."""
+        return self.url
+
+    def body_for(self, body: dict[str, Any], step: Step) -> dict[str, Any]:
+        """The body as this API wants it (Azure drops ``model``)."""
+        return body
+
     async def complete(self, body: dict[str, Any], step: Step) -> Completion:
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        async with self.client.stream(b"POST", self.url, self.headers, data, self.cfg.proxy) as resp:
+        data = json.dumps(self.body_for(body, step), separators=(",", ":"), ensure_ascii=False).encode()
+        async with self.client.stream(b"POST", self.url_for(step), self.headers, data, self.cfg.proxy) as resp:
             if not 200 <= resp.status < 300:
                 raise await read_error(resp, self.name)
             raw = await resp.read()
@@ -87,8 +82,9 @@ class OpenAIProvider(Provider):
         opts = body.get("stream_options")
         body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
         strip_usage = not state.include_usage
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        async with self.client.stream(b"POST", self.url, self.stream_headers, data, self.cfg.proxy) as resp:
+        data = json.dumps(self.body_for(body, step), separators=(",", ":"), ensure_ascii=False).encode()
+        async with self.client.stream(b"POST", self.url_for(step), self.stream_headers, data,
+                                      self.cfg.proxy) as resp:
             if not 200 <= resp.status < 300:
                 raise await read_error(resp, self.name)
             ctype = resp.header(b"content-type") or b""
