@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .providers import NO_BASE_URL_TYPES, PROVIDER_TYPES, allowed_keys
+from .providers.options import check_options
 from .providers.presets import PRESETS
 
 DEFAULT_LOCATIONS = ("./config.yaml", "/etc/at-gateway/config.yaml")
@@ -430,6 +431,7 @@ def _build_providers(raw: Any, r: _Reader, problems: list[str]) -> dict[str, Pro
         elif proxy is not None and not _valid_port(proxy):
             problems.append(f"{path}.proxy: invalid port (use scheme://[user:password@]host:port)")
         options = {k: v for k, v in p.items() if k not in {"name", "type", "api_key", "base_url", "headers", "proxy"}}
+        problems += [f"{path}.{problem}" for problem in check_options(ptype, options)]
         api_key = p.get("api_key")
         if api_key is not None and not isinstance(api_key, str):
             problems.append(f"{path}.api_key: must be a string")

@@ -427,5 +427,13 @@ class Server:
         try:
             with anyio.fail_after(5):
                 await stream.send(data)
-        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            # Lingering close: stop sending, then drop what the client is still sending for a moment.
+            # Closing with unread input makes the kernel send RST, which can destroy the answer in flight.
+            await stream.send_eof()  # type: ignore[attr-defined]
+            with anyio.move_on_after(1.0):
+                drained = 0
+                while drained < 1 << 20:
+                    drained += len(await stream.receive(65536))
+        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
+                NotImplementedError, AttributeError, OSError):
             pass

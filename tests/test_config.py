@@ -196,3 +196,15 @@ def test_check_config_does_not_import_server(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                        env={**os.environ, **ENV})
     assert "IMPORTED []" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(("provider", "problem"), [
+    ({"name": "a", "type": "anthropic", "api_key": "k", "max_tokens": 0}, "providers[0].max_tokens: must be a positive"),
+    ({"name": "a", "type": "anthropic", "api_key": "k", "max_tokens": "many"}, "providers[0].max_tokens: must be"),
+    ({"name": "a", "type": "anthropic", "api_key": "k", "anthropic_version": ""},
+     "providers[0].anthropic_version: must be a non-empty string"),
+])
+def test_provider_type_options_are_checked(provider: dict, problem: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_config({"api_key": "k", "providers": [provider]}, "c.yaml", {})
+    assert any(p.startswith(problem) for p in exc.value.problems), exc.value.problems
