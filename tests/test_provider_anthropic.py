@@ -24,7 +24,6 @@ from at_gateway.providers.anthropic import (
     StreamTranslator,
     from_anthropic,
     to_anthropic,
-    validate_options,
 )
 from at_gateway.upstream import UpstreamClient
 from tests.conftest import GATEWAY_KEY, base_config, run_gateway
@@ -546,8 +545,10 @@ def test_tool_ids_are_sanitised_the_same_on_both_sides() -> None:
 
 
 def test_validate_options() -> None:
-    assert validate_options({"max_tokens": 100, "anthropic_version": "2023-06-01"}) == []
-    assert len(validate_options({"max_tokens": 0, "anthropic_version": ""})) == 2
+    from at_gateway.providers.options import check_options
+
+    assert check_options("anthropic", {"max_tokens": 100, "anthropic_version": "2023-06-01"}) == []
+    assert len(check_options("anthropic", {"max_tokens": 0, "anthropic_version": ""})) == 2
 
 
 def test_config_defaults_and_keys() -> None:

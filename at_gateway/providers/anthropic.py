@@ -107,18 +107,6 @@ _BAD_ID_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
 _BAD_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
 
 
-def validate_options(options: Mapping[str, Any]) -> list[str]:
-    """Problems with this type's own config keys (for check-config)."""
-    problems = []
-    mt = options.get("max_tokens")
-    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
-        problems.append("max_tokens: must be a positive integer")
-    ver = options.get("anthropic_version")
-    if ver is not None and not (isinstance(ver, str) and ver.strip()):
-        problems.append("anthropic_version: must be a non-empty string like 2023-06-01")
-    return problems
-
-
 def _obj(value: Any) -> dict[str, Any]:
     """``value`` when it is a JSON object, else an empty one."""
     return value if isinstance(value, dict) else {}
