@@ -199,10 +199,15 @@ def test_check_config_does_not_import_server(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("provider", "problem"), [
-    ({"name": "a", "type": "anthropic", "api_key": "k", "max_tokens": 0}, "providers[0].max_tokens: must be a positive"),
+    ({"name": "a", "type": "anthropic", "api_key": "k", "max_tokens": 0},
+     "providers[0].max_tokens: must be a positive"),
     ({"name": "a", "type": "anthropic", "api_key": "k", "max_tokens": "many"}, "providers[0].max_tokens: must be"),
     ({"name": "a", "type": "anthropic", "api_key": "k", "anthropic_version": ""},
      "providers[0].anthropic_version: must be a non-empty string"),
+    ({"name": "g", "type": "gemini", "api_key": "k", "safety_settings": "block"},
+     "providers[0].safety_settings: must be a list"),
+    ({"name": "v", "type": "vertex", "api": "grpc"}, "providers[0].api: must be one of auto, gemini, openai"),
+    ({"name": "v", "type": "vertex", "token_url": "ftp://x"}, "providers[0].token_url: must start with http"),
 ])
 def test_provider_type_options_are_checked(provider: dict, problem: str) -> None:
     with pytest.raises(ConfigError) as exc:

@@ -196,7 +196,7 @@ def test_stream_without_include_usage_has_no_usage_chunk(upstream: MockUpstream,
             model="r", stream=True, messages=[{"role": "user", "content": "hi"}]))
     assert content == "ok"
     assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
-    logged = json.loads(gw.log_lines()[-1])  # usage is still counted for the request log
+    logged = gw.request_logs()[-1]  # usage is still counted for the request log
     assert logged["tokens"] == {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18}
 
 

@@ -7,7 +7,6 @@ URL, the body has no ``model``), answers carry Azure's extras
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
@@ -96,7 +95,7 @@ def test_stream_wire_format(upstream: MockUpstream, include_usage: bool) -> None
         kw: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
         chunks = list(sdk(gw).chat.completions.create(model="az", stream=True,
                                                       messages=[{"role": "user", "content": "hi"}], **kw))
-        log = json.loads([ln for ln in gw.log_lines() if '"request"' in ln][-1])
+        log = gw.request_logs()[-1]
     (got,) = upstream.received
     assert got.path == path("gpt4o-prod") and got.headers["api-key"] == AZURE_KEY
     assert got.headers["accept"] == "text/event-stream"

@@ -17,13 +17,18 @@ if TYPE_CHECKING:
 PROVIDER_TYPES: dict[str, tuple[str, str, frozenset[str]]] = {
     "openai": ("openai", "OpenAIProvider", frozenset({"preset"})),
     "echo": ("echo", "EchoProvider", frozenset()),
+    "azure": ("azure", "AzureProvider", frozenset({"api_version"})),
+    "anthropic": ("anthropic", "AnthropicProvider", frozenset({"anthropic_version", "max_tokens"})),
+    "gemini": ("gemini", "GeminiProvider", frozenset({"safety_settings"})),
+    "vertex": ("vertex", "VertexProvider",
+               frozenset({"project", "location", "credentials_file", "token_url", "api", "safety_settings"})),
 }
 
 # Keys every provider accepts.
 COMMON_KEYS = frozenset({"name", "type", "api_key", "base_url", "headers", "proxy"})
 
 # Types that need no base_url (built in, or a default endpoint).
-NO_BASE_URL_TYPES = {"echo"}
+NO_BASE_URL_TYPES = {"echo", "anthropic", "gemini", "vertex"}
 
 
 def provider_class(type_name: str) -> type[Provider]:

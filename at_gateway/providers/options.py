@@ -29,8 +29,32 @@ def _anthropic(options: Mapping[str, Any]) -> list[str]:
     return _positive_int(options, "max_tokens") + _non_empty_str(options, "anthropic_version", "2023-06-01")
 
 
+def _safety_settings(options: Mapping[str, Any]) -> list[str]:
+    v = options.get("safety_settings")
+    if v is not None and not (isinstance(v, list) and all(isinstance(x, dict) for x in v)):
+        return ["safety_settings: must be a list of {category, threshold} mappings"]
+    return []
+
+
+def _vertex(options: Mapping[str, Any]) -> list[str]:
+    problems = _safety_settings(options)
+    api = options.get("api")
+    if api is not None and api not in ("auto", "gemini", "openai"):
+        problems.append("api: must be one of auto, gemini, openai")
+    for key in ("project", "location", "credentials_file", "token_url"):
+        problems += _non_empty_str(options, key, {"project": "my-project", "location": "us-central1",
+                                                  "credentials_file": "/etc/at-gateway/sa.json",
+                                                  "token_url": "https://oauth2.googleapis.com/token"}[key])
+    token_url = options.get("token_url")
+    if isinstance(token_url, str) and token_url and not token_url.startswith(("http://", "https://")):
+        problems.append("token_url: must start with http:// or https://")
+    return problems
+
+
 CHECKERS: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {
     "anthropic": _anthropic,
+    "gemini": _safety_settings,
+    "vertex": _vertex,
 }
 
 
