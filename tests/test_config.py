@@ -213,3 +213,9 @@ def test_provider_type_options_are_checked(provider: dict, problem: str) -> None
     with pytest.raises(ConfigError) as exc:
         build_config({"api_key": "k", "providers": [provider]}, "c.yaml", {})
     assert any(p.startswith(problem) for p in exc.value.problems), exc.value.problems
+
+
+def test_example_config_loads_with_no_environment() -> None:
+    cfg = load_config(Path(__file__).parent.parent / "config.yaml.example", {})
+    assert "demo" in cfg.routes and cfg.providers["echo"].type == "echo"
+    assert cfg.host == "127.0.0.1" and cfg.port == 8080
