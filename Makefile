@@ -18,8 +18,24 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# The one-file build: dist/at-gateway.pyz (needs only python3 with pip; wheels cached in build/wheel-cache).
+pyz:
+	$(PYTHON) build_zipapp.py
+
+# Benchmarks are not tests (nothing in `make test` depends on timing). See bench/README.md.
+# `make bench BENCH_ARGS="--duration 5"`; uvloop (optional, never required) is measured too when installable.
+bench: $(VENV)/.installed
+	@$(PY) -c 'import uvloop' 2>/dev/null || $(PY) -m pip install -q 'uvloop>=0.19' \
+		|| echo "bench: uvloop not installable; measuring asyncio only"
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Steady mixed load (streams, disconnects, upstream errors), RSS every 30 s: `make soak SOAK_DURATION=120`.
+SOAK_DURATION ?= 600
+soak: $(VENV)/.installed
+	$(PY) bench/soak.py --duration $(SOAK_DURATION) $(SOAK_ARGS)
+
 lint: $(VENV)/.installed
-	$(PY) -m ruff check at_gateway tests
+	$(PY) -m ruff check at_gateway tests bench
 	$(PY) -m mypy
 
 clean:

@@ -1,0 +1,330 @@
+"""Compiled dependencies for the one-file build (``at-gateway.pyz``).
+
+Python cannot import a compiled extension from inside a zip file, so the .pyz
+carries the manylinux wheels of ``cryptography`` and ``cffi`` as plain files
+(``_embedded/*.whl``) with a manifest. :func:`install` puts a small import hook
+in front of ``sys.meta_path``; the first ``import cryptography`` (or ``cffi``)
+extracts the wheels that fit this interpreter and machine into a versioned
+cache directory and puts it on ``sys.path``. Nothing happens before that import,
+so ``version`` and ``check-config`` never pay for it.
+
+The cache directory is ``$AT_GATEWAY_CACHE``, else systemd's
+``$STATE_DIRECTORY``, else ``$XDG_CACHE_HOME/at-gateway`` (``~/.cache/at-gateway``).
+Each set of wheels is extracted into a temporary directory beside its final
+place and renamed into it in one step, so two processes starting at once never
+see a half-written set: the loser of the race throws its copy away.
+
+Where no embedded wheel fits (another OS, CPU, libc or Python), a system
+``cryptography`` is used if importable; if none is, the import fails with a
+message saying how to get one. From a normal install (not a zip) :func:`install`
+does nothing at all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib.machinery import PathFinder
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the rest is imported when the hook fires: `version` stays cheap
+    import zipfile
+    from collections.abc import Mapping, Sequence
+    from importlib.machinery import ModuleSpec
+    from pathlib import Path, PurePosixPath
+
+#: Where build_zipapp.py puts the wheels and their manifest inside the .pyz.
+EMBED_DIR = "_embedded"
+MANIFEST = f"{EMBED_DIR}/manifest.json"
+#: Top-level modules whose import triggers the extraction.
+WATCHED = frozenset({"cryptography", "cffi", "_cffi_backend"})
+#: Written last into a finished extraction; its absence means "not ours, not complete".
+MARKER = ".at-gateway-wheels"
+#: Extractions that crashed half-way are removed after this long.
+STALE_TMP_SECONDS = 3600.0
+#: Sets of other builds unused for this long are removed (they are re-extracted if needed again).
+STALE_SET_SECONDS = 7 * 86400.0
+
+
+class WheelError(Exception):
+    """The embedded wheels cannot be used here; the message says why."""
+
+
+class WheelSet:
+    """The wheels one interpreter/machine pair needs, as listed in the manifest."""
+
+    def __init__(self, key: str, wheels: tuple[str, ...], digest: str) -> None:
+        self.key = key  # e.g. "cp311-x86_64"
+        self.wheels = wheels
+        self.digest = digest  # sha256 over the wheels' own sha256s: the cache directory's version
+
+
+def archive_path() -> str | None:
+    """The .pyz this module was imported from, or None for a normal install."""
+    loader = globals().get("__loader__")
+    archive = getattr(loader, "archive", None)  # only zipimport.zipimporter has it
+    return archive if isinstance(archive, str) else None
+
+
+def install() -> bool:
+    """Arm the import hook when running from a .pyz with embedded wheels; return whether it was armed."""
+    archive = archive_path()
+    if archive is None:
+        return False
+    if any(isinstance(f, EmbeddedWheelFinder) for f in sys.meta_path):
+        return True
+    sys.meta_path.insert(0, EmbeddedWheelFinder(archive))
+    return True
+
+
+class EmbeddedWheelFinder:
+    """A meta path finder that only reacts to the first import of a watched module."""
+
+    def __init__(self, archive: str) -> None:
+        self.archive = archive
+        self.activated = False
+        self.directory: Path | None = None
+        self.reason: str | None = None  # why no embedded wheel is in use
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None, target: Any = None) -> ModuleSpec | None:
+        if path is not None or fullname not in WATCHED:
+            return None
+        if not self.activated:
+            self.activated = True
+            try:
+                self.directory = activate(self.archive)
+            except WheelError as exc:
+                self.reason = str(exc)
+        spec = PathFinder.find_spec(fullname)
+        if spec is None:
+            raise ModuleNotFoundError(missing_message(fullname, self.reason), name=fullname)
+        return spec
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+def missing_message(module: str, reason: str | None) -> str:
+    """Tell the operator how to get cryptography when neither an embedded nor a system one works."""
+    why = f" ({reason})" if reason else ""
+    return (
+        f"No module named {module!r}: this feature needs the 'cryptography' package. The .pyz carries it "
+        f"for CPython 3.10-3.14 on Linux x86_64/aarch64 with glibc, but cannot use it here{why}. "
+        "Install it for this Python (your distribution's python3-cryptography, or 'pip install cryptography') "
+        "and start the .pyz without -I/-S so that site-packages is searched, or install at-gateway "
+        "with pip instead of using the .pyz."
+    )
+
+
+def activate(archive: str) -> Path:
+    """Extract (once) the wheel set fitting this interpreter and put it first on sys.path."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            manifest = json.loads(zf.read(MANIFEST))
+            wset = select(manifest, current_platform())
+            directory = extract_cached(zf, manifest, wset, cache_root())
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise WheelError(f"cannot use the embedded wheels: {exc}") from None
+    entry = str(directory)
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+    return directory
+
+
+def current_platform() -> dict[str, Any]:
+    """What decides whether an embedded wheel fits: implementation, version, OS, CPU, libc."""
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError, OSError):
+        libc = ""  # not glibc (musl, macOS, ...)
+    glibc: tuple[int, int] | None = None
+    if libc.startswith("glibc "):
+        parts = libc.split()[1].split(".")
+        try:
+            glibc = (int(parts[0]), int(parts[1]))
+        except (IndexError, ValueError):
+            glibc = None
+    return {
+        "implementation": sys.implementation.name,
+        "python": tuple(sys.version_info[:2]),
+        "free_threaded": "t" in getattr(sys, "abiflags", ""),
+        "os": sys.platform,
+        "machine": os.uname().machine if hasattr(os, "uname") else "",
+        "bits": 64 if sys.maxsize > 2**32 else 32,
+        "glibc": glibc,
+    }
+
+
+def select(manifest: Mapping[str, Any], plat: Mapping[str, Any]) -> WheelSet:
+    """The manifest's wheel set for this platform, or WheelError saying why none fits."""
+    import hashlib
+
+    desc = (f"{plat['implementation']} {plat['python'][0]}.{plat['python'][1]}"
+            f"{'t' if plat['free_threaded'] else ''} on {plat['os']} {plat['machine']}")
+    if plat["implementation"] != "cpython" or plat["free_threaded"]:
+        raise WheelError(f"this is {desc}; the wheels are for CPython with the GIL")
+    if plat["os"] != "linux" or plat["bits"] != 64:
+        raise WheelError(f"this is {desc}; the wheels are for 64-bit Linux")
+    if plat["glibc"] is None:
+        raise WheelError(f"this is {desc} without glibc (musl?); the wheels are manylinux ones")
+    for raw in manifest["sets"]:
+        if tuple(raw["python"]) != tuple(plat["python"]) or raw["machine"] != plat["machine"]:
+            continue
+        need = (int(raw["glibc"][0]), int(raw["glibc"][1]))
+        if tuple(plat["glibc"]) < need:
+            raise WheelError(f"this is {desc} with glibc {plat['glibc'][0]}.{plat['glibc'][1]}; "
+                             f"the wheels need glibc >= {need[0]}.{need[1]}")
+        names = tuple(raw["wheels"])
+        digest = hashlib.sha256("".join(manifest["wheels"][n] for n in names).encode()).hexdigest()
+        return WheelSet(raw["key"], names, digest)
+    raise WheelError(f"this is {desc}; no embedded wheels for it")
+
+
+def cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """``$AT_GATEWAY_CACHE``, else systemd's ``$STATE_DIRECTORY``, else the user's cache directory."""
+    from pathlib import Path
+
+    env = os.environ if env is None else env
+    if env.get("AT_GATEWAY_CACHE"):
+        return Path(env["AT_GATEWAY_CACHE"])
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "at-gateway"
+
+
+def extract_cached(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: WheelSet, root: Path) -> Path:
+    """The extracted set under ``root/wheels``; extracted there now if missing.
+
+    Falls back to a private temporary directory (removed at exit) when the cache
+    cannot be written or is not safely ours, so a read-only home never stops the
+    gateway from starting.
+    """
+    import logging
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    parent = root / "wheels"
+    final = parent / f"{wset.key}-{wset.digest[:16]}"
+    try:
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(parent)
+        if (final / MARKER).is_file():
+            _check_private(final)
+            _touch(final)
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+        try:
+            _extract_into(zf, manifest, wset, tmp)
+            os.rename(tmp, final)  # atomic: either our complete copy or another process's
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / MARKER).is_file():
+                raise
+            _check_private(final)  # lost the race to another process: use its copy
+        else:
+            _fsync_dir(parent)
+        _prune(parent, keep=final.name)
+        return final
+    except (OSError, WheelError) as exc:
+        logging.getLogger("at_gateway.wheels").warning(
+            "wheel cache %s unusable (%s); extracting into a temporary directory", parent, exc)
+    import atexit
+
+    tmp = Path(tempfile.mkdtemp(prefix="at-gateway-wheels-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    _extract_into(zf, manifest, wset, tmp)
+    return tmp
+
+
+def _extract_into(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: WheelSet, target: Path) -> None:
+    import hashlib
+    import io
+    import json
+    import shutil
+    import zipfile
+
+    for name in wset.wheels:
+        data = zf.read(f"{EMBED_DIR}/{name}")
+        got = hashlib.sha256(data).hexdigest()
+        if got != manifest["wheels"][name]:
+            raise WheelError(f"embedded wheel {name} is corrupt (sha256 {got[:12]}..., expected "
+                             f"{manifest['wheels'][name][:12]}...)")
+        with zipfile.ZipFile(io.BytesIO(data)) as wheel:
+            for info in wheel.infolist():
+                if info.is_dir():
+                    continue
+                rel = _safe_member(info.filename)
+                dest = target.joinpath(*rel.parts)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with wheel.open(info) as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out)
+                    out.flush()
+                    os.fsync(out.fileno())
+    (target / MARKER).write_text(json.dumps({"key": wset.key, "digest": wset.digest, "wheels": wset.wheels}) + "\n")
+    _fsync_dir(target)
+
+
+def _safe_member(name: str) -> PurePosixPath:
+    from pathlib import PurePosixPath
+
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name or not rel.parts:
+        raise WheelError(f"unsafe path in an embedded wheel: {name!r}")
+    return rel
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a directory others could write to: it would let them plant code we then import."""
+    st = path.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise WheelError(f"{path} is not owned by this user or is writable by others")
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _prune(parent: Path, keep: str) -> None:
+    """Remove crashed extractions and sets of other builds that were not used for a week."""
+    import shutil
+    import time
+
+    now = time.time()
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name == keep or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if entry.name.startswith(".tmp-"):
+            stale = age > STALE_TMP_SECONDS
+        else:
+            stale = age > STALE_SET_SECONDS and os.path.isfile(os.path.join(entry.path, MARKER))
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
