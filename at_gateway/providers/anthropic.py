@@ -71,8 +71,8 @@ from typing import Any
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed
 from ..sse import EventSplitter, encode, event_data, event_name
-from ..upstream import UpstreamClient, UpstreamError
-from .base import Completion, Provider, StreamState, config_headers, error_from_body
+from ..upstream import UpstreamClient
+from .base import Completion, Provider, StreamState, config_headers, error_from_body, read_bounded
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"
@@ -769,10 +769,10 @@ class AnthropicProvider(Provider):
                               model=step.model)
         async with self.client.stream(b"POST", self.url, self.stream_headers, data, self.cfg.proxy) as resp:
             if not 200 <= resp.status < 300:
-                raise error_from_anthropic(resp.status, await _read_bounded(resp))
+                raise error_from_anthropic(resp.status, await read_bounded(resp))
             ctype = resp.header(b"content-type") or b""
             if b"text/event-stream" not in ctype:
-                raw = await _read_bounded(resp)
+                raw = await read_bounded(resp)
                 _check_message(raw, json_tool, step.model)  # raises for errors and garbage
                 raise StepFailed(f"anthropic did not stream (content-type {ctype.decode('latin-1')!r})")
             splitter = EventSplitter()
@@ -780,12 +780,17 @@ class AnthropicProvider(Provider):
                 if tr.finished:
                     continue  # read to the end so the connection can be reused
                 out: list[dict[str, Any]] = []
-                for ev in splitter.feed(chunk):
-                    parsed = parse_event(ev)
-                    if parsed is not None:
-                        out += tr.feed(*parsed)
-                        if tr.finished:
-                            break
+                try:
+                    for ev in splitter.feed(chunk):
+                        parsed = parse_event(ev)
+                        if parsed is not None:
+                            out += tr.feed(*parsed)
+                            if tr.finished:
+                                break
+                except StepFailed:
+                    if out:  # events that arrived together with the error reach the client first
+                        yield b"".join(encode(c) for c in out)
+                    raise
                 if tr.finished:
                     state.usage = tr.usage
                     state.finish_reason = tr.finish_reason
@@ -795,17 +800,3 @@ class AnthropicProvider(Provider):
             if not tr.started:
                 raise StepFailed("anthropic stream ended before its first chunk")
             raise StepFailed("anthropic stream ended before message_stop")
-
-
-async def _read_bounded(resp: Any, limit: int = 65536) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in resp.aiter_raw():
-            parts.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
-    except UpstreamError:
-        pass
-    return b"".join(parts)[:limit]

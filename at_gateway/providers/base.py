@@ -84,8 +84,8 @@ def error_from_body(status: int, data: bytes, provider: str) -> StepFailed:
     return StepFailed(f"HTTP {status}: {message}", status=status, error=error_obj)
 
 
-async def read_error(resp: Any, provider: str, limit: int = 65536) -> StepFailed:
-    """Read (a bounded part of) an error body and turn it into StepFailed."""
+async def read_bounded(resp: Any, limit: int = 65536) -> bytes:
+    """At most ``limit`` bytes of a body (error bodies: enough to quote, never unbounded)."""
     parts: list[bytes] = []
     size = 0
     try:
@@ -96,7 +96,12 @@ async def read_error(resp: Any, provider: str, limit: int = 65536) -> StepFailed
                 break
     except UpstreamError:
         pass
-    return error_from_body(resp.status, b"".join(parts)[:limit], provider)
+    return b"".join(parts)[:limit]
+
+
+async def read_error(resp: Any, provider: str, limit: int = 65536) -> StepFailed:
+    """Read (a bounded part of) an error body and turn it into StepFailed."""
+    return error_from_body(resp.status, await read_bounded(resp, limit), provider)
 
 
 def json_headers(extra: Headers) -> Headers:

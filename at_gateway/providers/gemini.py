@@ -66,8 +66,8 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed
 from ..sse import EventSplitter, encode, event_data
-from ..upstream import Headers, UpstreamClient, UpstreamError
-from .base import Completion, Provider, StreamState, config_headers
+from ..upstream import Headers, UpstreamClient
+from .base import Completion, Provider, StreamState, config_headers, read_bounded
 
 API_VERSION = "v1beta"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/" + API_VERSION
@@ -712,17 +712,7 @@ def error_from_gemini(status: int | None, data: Any, where: str = "") -> StepFai
 
 async def read_error(resp: Any, limit: int = 65536) -> StepFailed:
     """Read a bounded error body and turn it into StepFailed."""
-    parts: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in resp.aiter_raw():
-            parts.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
-    except UpstreamError:
-        pass
-    raw = b"".join(parts)[:limit]
+    raw = await read_bounded(resp, limit)
     try:
         data: Any = json.loads(raw)
     except ValueError:
