@@ -18,7 +18,7 @@ from .config import Route, Step
 from .context import Attempt, RequestContext
 from .errors import GatewayError, StepFailed, UpstreamFailed, UpstreamTimedOut
 from .providers.base import Completion, Provider, StreamState
-from .server import ClientGone, Responder
+from .server import ClientGone, Responder, call_later
 from .sse import DONE_EVENT, KEEPALIVE, encode
 from .upstream import UpstreamError
 
@@ -183,10 +183,11 @@ class Router:
         result: list[bytes] = []
         error: list[BaseException] = []
 
-        async def keepalive() -> None:
+        async def keepalive(delay: float) -> None:
             try:
                 while True:
-                    await anyio.sleep(interval)
+                    await anyio.sleep(delay)
+                    delay = interval
                     if not responder.started:
                         await responder.start(200, [*_SSE_HEADERS, *ctx.gateway_headers()])
                     await responder.write(KEEPALIVE)
@@ -194,12 +195,19 @@ class Router:
                 tg.cancel_scope.cancel()
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(keepalive)
+            # The keep-alive task starts when the first comment is due: most first chunks come much
+            # sooner, and a loop timer costs far less than a task per stream.
+            timer = call_later(interval, tg.start_soon, keepalive, 0.0)
+            if timer is None:
+                tg.start_soon(keepalive, interval)
             try:
                 with anyio.fail_after(step.timeout):
                     result.append(await agen.__anext__())
             except Exception as exc:  # re-raised outside the task group, unwrapped
                 error.append(exc)
+            finally:
+                if timer is not None:
+                    timer.cancel()
             tg.cancel_scope.cancel()
         if error:
             raise error[0]

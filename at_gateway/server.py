@@ -13,7 +13,9 @@ cancel what is left.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,9 +24,11 @@ from typing import Any
 import anyio
 import anyio.abc
 import h11
+from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
 from .errors import GatewayError, HeadersTooLarge, PayloadTooLarge
+from .http1 import HTTPError, check_response_headers, parse_request
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -37,6 +41,17 @@ _REASONS = {
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
 _JSON = b"application/json"
+# Seconds a handler runs before a watcher task starts reading the socket to notice a client that left.
+WATCH_AFTER = 0.02
+
+
+def call_later(delay: float, func: Callable[..., Any], *args: Any) -> asyncio.TimerHandle | None:
+    """A loop timer, far cheaper than a task that sleeps; None when not on asyncio (start eagerly then)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return loop.call_later(delay, func, *args)
 
 
 @dataclass
@@ -51,6 +66,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     ssl_context: ssl.SSLContext | None = None
     reuse_port: bool = False
+    sock: socket.socket | None = None  # a listening socket opened before fork (workers without SO_REUSEPORT)
 
 
 class Request:
@@ -132,6 +148,64 @@ class Responder:
         await self._write(out)
 
 
+class RawResponder(Responder):
+    """A :class:`Responder` for fast-path requests: the bytes h11 would write, without h11.
+
+    Whole answers get Content-Length, streamed ones chunked encoding; ``close`` tells the
+    connection loop to close after this response (draining, or the handler said so).
+    """
+
+    __slots__ = ("close", "_chunked")
+
+    def __init__(self, stream: anyio.abc.ByteStream, server: Server) -> None:
+        super().__init__(None, stream, server)  # type: ignore[arg-type]
+        self.close = False
+        self._chunked = False
+
+    def _head(self, status: int, headers: Headers) -> bytes:
+        if self.started:
+            raise h11.LocalProtocolError("response already started")
+        if self._server.draining:
+            headers = [*headers, (b"connection", b"close")]
+        try:
+            check_response_headers(headers)
+        except HTTPError as exc:
+            raise h11.LocalProtocolError(str(exc)) from None
+        self.started = True
+        self.status = status
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
+        for k, v in headers:
+            if k == b"connection" and b"close" in v.lower():
+                self.close = True
+            out += (k, b": ", v, b"\r\n")
+        out.append(b"Transfer-Encoding: chunked\r\n\r\n" if self._chunked else b"\r\n")  # h11's spelling
+        return b"".join(out)
+
+    async def send(self, status: int, headers: Headers, body: bytes) -> None:
+        data = self._head(status, [*headers, (b"content-length", b"%d" % len(body))])
+        self.finished = True
+        await self._write(data + body if body else data)
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self._chunked = not self.started and not any(k == b"content-length" for k, _ in headers)
+        await self._write(self._head(status, headers))
+
+    async def write(self, data: bytes) -> None:
+        if self.finished or not self.started:
+            raise h11.LocalProtocolError("write outside a streamed response")
+        if data:
+            await self._write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+
+    async def end(self, data: bytes = b"") -> None:
+        if self.finished or not self.started:
+            raise h11.LocalProtocolError("end outside a streamed response")
+        self.finished = True
+        if self._chunked:
+            await self._write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n")
+        else:
+            await self._write(data)
+
+
 Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
@@ -161,8 +235,11 @@ class Server:
         """Open the listening socket (errors surface here, before any task starts)."""
         if self._listener is None:
             s = self.settings
-            self._listener = await anyio.create_tcp_listener(local_host=s.host, local_port=s.port,
-                                                             reuse_port=s.reuse_port, backlog=1024)
+            if s.sock is not None:
+                self._listener = MultiListener([await anyio.abc.SocketListener.from_socket(s.sock)])
+            else:
+                self._listener = await anyio.create_tcp_listener(local_host=s.host, local_port=s.port,
+                                                                 reuse_port=s.reuse_port, backlog=1024)
             self.port = self._listener.extra(anyio.abc.SocketAttribute.local_port)
         assert self.port is not None
         return self.port
@@ -258,9 +335,68 @@ class Server:
             return b""
 
     async def _serve_connection(self, stream: anyio.abc.ByteStream, st: _ConnState, client: str) -> None:
+        """Serve requests of the common shape on the fast path (:func:`.http1.parse_request`: our own
+        parsing and framing, a fraction of h11's cost); at the first request of any other shape, hand
+        the connection and the bytes read so far to h11 for good (:meth:`_serve_h11`)."""
         s = self.settings
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=s.max_header_size)
+        buf = b""
         first = True
+        while True:
+            if not buf:
+                with anyio.CancelScope() as idle:
+                    st.idle_scope = idle
+                    if self.draining:
+                        return
+                    idle.deadline = anyio.current_time() + (s.header_timeout if first else s.keepalive_timeout)
+                    buf = await self._receive(stream)
+                st.idle_scope = None
+                if idle.cancelled_caught or not buf:
+                    return
+            first = False
+            parsed = parse_request(buf, s.max_header_size, s.max_body_size)
+            if parsed is None:
+                conn = h11.Connection(h11.SERVER, max_incomplete_event_size=s.max_header_size)
+                conn.receive_data(buf)
+                await self._serve_h11(stream, st, client, conn)
+                return
+            st.busy = True
+            method, target, headers, length, start = parsed
+            end = start + length
+            if len(buf) >= end:
+                body, buf = buf[start:end], buf[end:]
+            else:  # the rest of the body, each read within header_timeout (as on the h11 path)
+                parts = [buf[start:]]
+                size = len(parts[0])
+                while size < length:
+                    try:
+                        with anyio.fail_after(s.header_timeout):
+                            data = await self._receive(stream)
+                    except TimeoutError:
+                        await self._error_and_close(h11.Connection(h11.SERVER), stream, 408,
+                                                    "request body not received in time", "request_timeout")
+                        return
+                    if not data:
+                        return
+                    parts.append(data)
+                    size += len(data)
+                whole = b"".join(parts)
+                body, buf = whole[:length], whole[length:]
+            responder = RawResponder(stream, self)
+            extra: list[bytes] = []
+            gone = await self._run_handler(Request(method, target, headers, body, client), responder, extra.append,
+                                           stream)
+            st.busy = False
+            self._changed()
+            if extra:  # pipelined bytes the watcher read meanwhile
+                buf += b"".join(extra)
+            if gone or not responder.finished or responder.close or self.draining:
+                return
+
+    async def _serve_h11(self, stream: anyio.abc.ByteStream, st: _ConnState, client: str,
+                         conn: h11.Connection) -> None:
+        """The rest of a connection on h11 (``conn`` already holds the bytes read)."""
+        s = self.settings
+        first = False
         while True:
             # Phase 1: wait (idle) for the first byte of the next request.
             if not conn.trailing_data[0] and not conn.trailing_data[1]:
@@ -278,8 +414,10 @@ class Server:
             st.busy = True
             # Phase 2: the rest of the head, within header_timeout (slowloris).
             try:
-                with anyio.fail_after(s.header_timeout):
-                    event = await self._next_event(conn, stream)
+                event = conn.next_event()  # the whole head usually came with the first read: no timer then
+                if event is h11.NEED_DATA:
+                    with anyio.fail_after(s.header_timeout):
+                        event = await self._next_event(conn, stream)
             except TimeoutError:
                 await self._error_and_close(conn, stream, 408, "request head not received in time", "request_timeout")
                 return
@@ -319,8 +457,10 @@ class Server:
             size = 0
             try:
                 while True:
-                    with anyio.fail_after(s.header_timeout):
-                        ev = await self._next_event(conn, stream)
+                    ev = conn.next_event()
+                    if ev is h11.NEED_DATA:
+                        with anyio.fail_after(s.header_timeout):
+                            ev = await self._next_event(conn, stream)
                     if isinstance(ev, h11.Data):
                         size += len(ev.data)
                         if size > s.max_body_size:
@@ -342,7 +482,7 @@ class Server:
             body = body_parts[0] if len(body_parts) == 1 else b"".join(body_parts)
             request = Request(event.method, event.target, request_headers, body, client)
             responder = Responder(conn, stream, self)
-            gone = await self._run_handler(request, responder, conn, stream)
+            gone = await self._run_handler(request, responder, conn.receive_data, stream)
             st.busy = False
             self._changed()
             if gone or not responder.finished:
@@ -354,7 +494,7 @@ class Server:
             except h11.LocalProtocolError:
                 return
 
-    async def _run_handler(self, request: Request, responder: Responder, conn: h11.Connection,
+    async def _run_handler(self, request: Request, responder: Responder, sink: Callable[[bytes], Any],
                            stream: anyio.abc.ByteStream) -> bool:
         """Run the handler while watching the socket; return True if the client went away."""
         gone = False
@@ -369,19 +509,34 @@ class Server:
                     scope.cancel()
                     return
                 buffered += len(data)
-                conn.receive_data(data)  # pipelined requests wait in h11's buffer
+                sink(data)  # pipelined requests wait in the connection's buffer
                 if buffered > self.settings.max_header_size + self.settings.max_body_size:
                     await anyio.sleep_forever()
 
-        async with anyio.create_task_group() as tg:
+        watching = False
+
+        def start_watch() -> None:
+            nonlocal watching
+            watching = True
             tg.start_soon(watch, tg.cancel_scope)
+
+        async with anyio.create_task_group() as tg:
+            # Most answers are done within milliseconds, and a task per request is one of the largest
+            # fixed costs of a request: the watcher starts only once the handler has run WATCH_AFTER.
+            timer = call_later(WATCH_AFTER, start_watch)
+            if timer is None:
+                start_watch()
             try:
                 await self._call_handler(request, responder)
                 if responder.started and not responder.finished:
                     gone = True  # a started response that did not end: close to signal truncation
             except ClientGone:
                 gone = True
-            tg.cancel_scope.cancel()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if watching:  # cancelling costs even with nothing to cancel
+                tg.cancel_scope.cancel()
         return gone
 
     async def _call_handler(self, request: Request, responder: Responder) -> None:

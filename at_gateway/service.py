@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import ssl
 from typing import Any
 
@@ -48,12 +49,13 @@ def backend_options(loop: str) -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
-async def serve(config: Config, *, ready: Any = None) -> None:
+async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None = None) -> None:
     gateway = Gateway(config)
     try:
         settings = server_settings(config)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(config.source, [f"tls: cannot load certificate or key: {exc}"]) from None
+    settings.sock = sock
     server = Server(gateway.handle, settings)
     state = {"gateway": gateway}
 
@@ -93,8 +95,17 @@ async def serve(config: Config, *, ready: Any = None) -> None:
 
 def run(config: Config) -> int:
     setup_logging(config.log_level, Redactor(config.secrets()))
+    if config.workers > 1:
+        from .workers import supervise
+
+        return supervise(config, run_worker)
+    return run_worker(config)
+
+
+def run_worker(config: Config, sock: socket.socket | None = None) -> int:
+    """Serve in this process until drained: the whole gateway, or one of ``workers`` (``sock``: a shared listener)."""
     try:
-        anyio.run(_main, config, backend="asyncio", backend_options=backend_options(config.loop))
+        anyio.run(_main, config, sock, backend="asyncio", backend_options=backend_options(config.loop))
     except ConfigError as exc:
         import sys
 
@@ -110,5 +121,5 @@ def run(config: Config) -> int:
     return 0
 
 
-async def _main(config: Config) -> None:
-    await serve(config)
+async def _main(config: Config, sock: socket.socket | None = None) -> None:
+    await serve(config, sock=sock)

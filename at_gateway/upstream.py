@@ -1,10 +1,10 @@
-"""Our pooled HTTP/1.1 client for upstream APIs, on anyio + h11.
+"""Our pooled HTTP/1.1 client for upstream APIs, on anyio (framing: :mod:`.http1`).
 
 Modelled on httpcore: one pool per origin with explicit checkout and return,
 keep-alive expiry, and one exception hierarchy. The rules that matter:
 
-* A connection goes back to the pool only when both h11 sides are DONE
-  (the response was read to its end); anything else closes it.
+* A connection goes back to the pool only when the response was read to
+  its end and allows keep-alive; anything else closes it.
 * A pooled connection that the server closed while it sat idle is detected
   at checkout, and a request that fails on a *reused* connection before any
   response byte arrives is retried once on a fresh one, so a stale socket
@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
-import h11
 
 from .config import UpstreamConfig
+from .http1 import HTTPError, ResponseParser, request_bytes
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -88,11 +88,11 @@ Connector = Callable[[Origin, float], Awaitable[anyio.abc.ByteStream]]
 class Connection:
     """One keep-alive HTTP/1.1 connection to an origin."""
 
-    __slots__ = ("stream", "h11", "idle_since", "requests", "_sock")
+    __slots__ = ("stream", "parser", "idle_since", "requests", "_sock")
 
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=256 * 1024)
+        self.parser = ResponseParser()  # replaced for each request
         self.idle_since = 0.0
         self.requests = 0
         sock = None
@@ -162,31 +162,35 @@ class Response:
         return None
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
-        """Yield body bytes as they arrive."""
+        """Yield body bytes as they arrive: everything one read brought comes out as one piece
+        (many stream chunks that arrived together are relayed with one write, not one each)."""
         conn = self._conn
-        hc = conn.h11
+        p = conn.parser
         while not self._done:
             try:
-                event = hc.next_event()
-            except h11.RemoteProtocolError as exc:
+                data = p.body()
+            except HTTPError as exc:
                 raise ProtocolError(f"invalid HTTP from upstream: {exc}") from None
-            if event is h11.NEED_DATA:
-                try:
-                    data = await conn.stream.receive(65536)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    data = b""
-                except OSError as exc:
-                    raise ReadError(f"connection error while reading: {exc}") from None
-                if not data and hc.their_state is h11.SEND_BODY:
-                    raise ProtocolError("upstream closed the connection before the response ended")
-                hc.receive_data(data)
-                continue
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+            if p.done:
                 self._done = True
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ProtocolError("upstream closed the connection before the response ended")
+            if data:
+                yield data
+            if self._done:
+                return
+            try:
+                chunk = await conn.stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                chunk = b""
+            except OSError as exc:
+                raise ReadError(f"connection error while reading: {exc}") from None
+            if not chunk:
+                try:
+                    p.eof()
+                except HTTPError:
+                    raise ProtocolError("upstream closed the connection before the response ended") from None
+                self._done = True
+                return
+            p.feed(chunk)
 
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self.aiter_raw()]
@@ -286,7 +290,10 @@ class UpstreamClient:
         """
         target = self.target(url)
         pool = self.pool(target.origin, proxy)
-        await pool._slots.acquire()
+        try:
+            pool._slots.acquire_nowait()  # a free slot needs no trip through the event loop
+        except anyio.WouldBlock:
+            await pool._slots.acquire()
         pool.active += 1
         conn: Connection | None = None
         reusable = False
@@ -316,13 +323,7 @@ class UpstreamClient:
             conn.requests += 1
             response = Response(status, resp_headers, conn, self, pool)
             yield response
-            hc = conn.h11
-            if response._done and hc.our_state is h11.DONE and hc.their_state is h11.DONE:
-                try:
-                    hc.start_next_cycle()
-                    reusable = True
-                except h11.LocalProtocolError:
-                    reusable = False
+            reusable = response._done and conn.parser.keep_alive
         finally:
             # Bookkeeping first, synchronously: in a cancelled scope every await raises.
             pool.active -= 1
@@ -336,14 +337,11 @@ class UpstreamClient:
 
     async def _send(self, conn: Connection, method: bytes, path: bytes, headers: Headers,
                     body: bytes) -> tuple[int, Headers]:
-        hc = conn.h11
         try:
-            data = hc.send(h11.Request(method=method, target=path, headers=headers))
-            if body:
-                data += hc.send(h11.Data(data=body))
-            data += hc.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
+            data = request_bytes(method, path, headers, body)
+        except HTTPError as exc:
             raise UpstreamError(f"cannot send request: {exc}") from None
+        p = conn.parser = ResponseParser(head_only=method == b"HEAD")
         try:
             await conn.stream.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -351,25 +349,21 @@ class UpstreamClient:
         got_bytes = False
         while True:
             try:
-                event = hc.next_event()
-            except h11.RemoteProtocolError as exc:
+                head = p.head()
+            except HTTPError as exc:
                 raise ProtocolError(f"invalid HTTP from upstream: {exc}") from None
-            if event is h11.NEED_DATA:
-                try:
-                    chunk = await conn.stream.receive(65536)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    chunk = b""
-                if not chunk and not got_bytes:
+            if head is not None:
+                return head
+            try:
+                chunk = await conn.stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                chunk = b""
+            if not chunk:
+                if not got_bytes:
                     raise _StaleConnection("upstream closed the connection before answering")
-                got_bytes = True
-                hc.receive_data(chunk)
-                continue
-            if isinstance(event, h11.InformationalResponse):
-                continue
-            if isinstance(event, h11.Response):
-                return event.status_code, list(event.headers)
-            if isinstance(event, h11.ConnectionClosed):
                 raise ProtocolError("upstream closed the connection before answering")
+            got_bytes = True
+            p.feed(chunk)
 
     async def request(self, method: bytes, url: str, headers: Headers, body: bytes = b"",
                       proxy: str | None = None) -> tuple[int, Headers, bytes]:

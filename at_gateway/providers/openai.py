@@ -100,26 +100,31 @@ class OpenAIProvider(Provider):
                 if not events or done:
                     continue
                 out: list[bytes] = []
-                for ev in events:
-                    d = event_data(ev)
-                    if d is None:
-                        continue  # comments and keep-alives
-                    if d == b"[DONE]":
-                        done = True
-                        break
-                    if first or b'"error"' in d or event_name(ev) == b"error":
-                        _check_chunk(d, ev)
-                        first = False
-                    if _USAGE_RE.search(d):
-                        obj = json.loads(d)
-                        if isinstance(obj.get("usage"), dict):
-                            state.usage = obj["usage"]
-                        if strip_usage and not obj.get("choices"):
-                            continue
-                    m = _FINISH_RE.search(d)
-                    if m:
-                        state.finish_reason = m.group(1).decode()
-                    out.append(ev if ev.startswith(b"data: ") else b"data: " + d + b"\n\n")
+                try:
+                    for ev in events:
+                        d = event_data(ev)
+                        if d is None:
+                            continue  # comments and keep-alives
+                        if d == b"[DONE]":
+                            done = True
+                            break
+                        if first or b'"error"' in d or (b"event:" in ev and event_name(ev) == b"error"):
+                            _check_chunk(d, ev)
+                            first = False
+                        if b'"usage"' in d and _USAGE_RE.search(d):  # only the usage chunk is decoded
+                            obj = json.loads(d)
+                            if isinstance(obj.get("usage"), dict):
+                                state.usage = obj["usage"]
+                            if strip_usage and not obj.get("choices"):
+                                continue
+                        m = _FINISH_RE.search(d)
+                        if m:
+                            state.finish_reason = m.group(1).decode()
+                        out.append(ev if ev.startswith(b"data: ") else b"data: " + d + b"\n\n")
+                except StepFailed:
+                    if out:  # chunks that arrived together with the error reach the client first
+                        yield b"".join(out)
+                    raise
                 if out:
                     yield out[0] if len(out) == 1 else b"".join(out)
             if not done and state.finish_reason is None:

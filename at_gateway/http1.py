@@ -1,0 +1,335 @@
+"""Lean HTTP/1.1 framing for the upstream client's hot path.
+
+h11 is a complete, careful state machine, and per request it costs about as
+much as everything else the gateway does (it validates every header through
+regular expressions and builds an event object per body chunk). The upstream
+side talks to servers we chose, with requests we build, so a small parser is
+enough: it reads a response head, then the body by its framing (Content-Length,
+chunked, or until close), and hands out everything that arrived together as
+one piece. It stays strict where it matters for a proxy: invalid heads,
+conflicting lengths, unsupported transfer codings, bad chunk sizes and
+truncated bodies are protocol errors, never silently accepted.
+"""
+
+from __future__ import annotations
+
+import re
+
+Headers = list[tuple[bytes, bytes]]
+
+MAX_HEAD = 256 * 1024  # a response head larger than this is refused
+_MAX_CHUNK_LINE = 4096
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?")
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?)?")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+
+# Framings of a response body.
+NONE, LENGTH, CHUNKED, CLOSE = 0, 1, 2, 3
+
+
+class HTTPError(Exception):
+    """The peer broke HTTP/1.1 (or we were asked to send something that isn't HTTP/1.1)."""
+
+
+_checked: set[tuple[bytes, bytes]] = set()
+
+
+def request_bytes(method: bytes, target: bytes, headers: Headers, body: bytes) -> bytes:
+    """Serialise one request; headers are validated (once per distinct header, they rarely vary)."""
+    if _TARGET.fullmatch(target) is None or _TOKEN.fullmatch(method) is None:
+        raise HTTPError(f"illegal request target or method: {target[:100]!r}")
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for h in headers:
+        if h not in _checked:
+            name, value = h
+            if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
+                raise HTTPError(f"illegal header {name[:100]!r}")
+            if len(_checked) < 4096:
+                _checked.add(h)
+        parts += (h[0], b": ", h[1], b"\r\n")
+    parts.append(b"\r\n")
+    if body:
+        parts.append(body)
+    return b"".join(parts)
+
+
+class ResponseParser:
+    """Incremental parser for the responses on one connection (one response at a time)."""
+
+    __slots__ = ("buf", "head_only", "framing", "remaining", "keep_alive", "done", "_error", "_chunk_left",
+                 "_in_trailers")
+
+    def __init__(self, head_only: bool = False) -> None:
+        self.buf = b""
+        self.head_only = head_only  # the request was HEAD: no body whatever the headers say
+        self.framing = NONE
+        self.remaining = 0
+        self.keep_alive = True
+        self.done = False
+        self._error: HTTPError | None = None
+        self._chunk_left = -1  # -1: a chunk-size line is next; else bytes of chunk data (then CRLF) left
+        self._in_trailers = False
+
+    def feed(self, data: bytes) -> None:
+        self.buf = self.buf + data if self.buf else data
+
+    # -- the head -----------------------------------------------------------
+    def head(self) -> tuple[int, Headers] | None:
+        """The final (non-1xx) response head once complete, else None (feed more)."""
+        while True:
+            m = _HEAD_END.search(self.buf)
+            if m is None:
+                if len(self.buf) > MAX_HEAD:
+                    raise HTTPError(f"response head larger than {MAX_HEAD} bytes")
+                return None
+            raw, self.buf = self.buf[:m.start()], self.buf[m.end():]
+            if len(raw) > MAX_HEAD:
+                raise HTTPError(f"response head larger than {MAX_HEAD} bytes")
+            status, headers, http10 = _parse_head(raw)
+            if 100 <= status < 200:
+                if status == 101:
+                    raise HTTPError("upstream switched protocols (101)")
+                continue  # 100 Continue and friends: the real answer follows
+            self._framing(status, headers, http10)
+            return status, headers
+
+    def _framing(self, status: int, headers: Headers, http10: bool) -> None:
+        te = cl = None
+        for k, v in headers:  # already normalised by _parse_head
+            if k == b"transfer-encoding":
+                te = v
+            elif k == b"content-length":
+                cl = v
+            elif k == b"connection" and b"close" in v.lower().replace(b" ", b"").split(b","):
+                self.keep_alive = False
+        if http10:
+            self.keep_alive = False
+        if self.head_only or status in (204, 304):
+            self.framing = NONE
+        elif te is not None:
+            self.framing = CHUNKED
+        elif cl is not None:
+            self.framing = LENGTH
+            self.remaining = int(cl)
+        else:
+            self.framing = CLOSE  # the body ends when the connection does
+            self.keep_alive = False
+        if self.framing == NONE or (self.framing == LENGTH and self.remaining == 0):
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        if self.buf:  # bytes nobody asked for: never reuse this connection
+            self.keep_alive = False
+
+    # -- the body -----------------------------------------------------------
+    def body(self) -> bytes:
+        """The body bytes buffered so far (b"" when none); sets ``done`` at the message's end."""
+        if self._error is not None:
+            raise self._error
+        if self.done or not self.buf:
+            return b""
+        if self.framing == LENGTH:
+            buf = self.buf
+            if len(buf) <= self.remaining:
+                self.buf = b""
+                self.remaining -= len(buf)
+                if not self.remaining:
+                    self._finish()
+                return buf
+            out, self.buf = buf[:self.remaining], buf[self.remaining:]
+            self.remaining = 0
+            self._finish()
+            return out
+        if self.framing == CLOSE:
+            data, self.buf = self.buf, b""
+            return data
+        pieces: list[bytes] = []
+        try:
+            self._chunks(pieces)
+        except HTTPError as exc:
+            if not pieces:
+                raise
+            self._error = exc  # hand out what came before the error first
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _chunks(self, out: list[bytes]) -> None:
+        buf = self.buf
+        pos = 0
+        n = len(buf)
+        try:
+            while pos < n:
+                if self._in_trailers:
+                    end = buf.find(b"\n", pos)
+                    if end < 0:
+                        if n - pos > MAX_HEAD:
+                            raise HTTPError("chunked trailers too large")
+                        return
+                    line = buf[pos:end].rstrip(b"\r")
+                    pos = end + 1
+                    if not line:
+                        buf = buf[pos:]
+                        pos, n = 0, len(buf)
+                        self._in_trailers = False
+                        self.buf = buf
+                        self._finish()
+                        return
+                    continue
+                left = self._chunk_left
+                if left < 0:  # a chunk-size line
+                    end = buf.find(b"\n", pos)
+                    if end < 0:
+                        if n - pos > _MAX_CHUNK_LINE:
+                            raise HTTPError("chunk-size line too long")
+                        return
+                    m = _CHUNK_SIZE.fullmatch(buf, pos, end - 1 if end > pos and buf[end - 1] == 13 else end)
+                    if m is None:
+                        raise HTTPError(f"bad chunk-size line {buf[pos:end][:40]!r}")
+                    size = int(m.group(1), 16)
+                    pos = end + 1
+                    if size == 0:
+                        self._in_trailers = True
+                        continue
+                    self._chunk_left = size
+                    continue
+                if left > 0:
+                    take = min(left, n - pos)
+                    out.append(buf[pos:pos + take])
+                    pos += take
+                    self._chunk_left = left - take
+                    if self._chunk_left:
+                        return
+                # the CRLF after a chunk's data
+                if n - pos < 2:
+                    if n - pos == 1 and buf[pos] == 10:  # bare LF
+                        pos += 1
+                        self._chunk_left = -1
+                    return
+                if buf[pos:pos + 2] == b"\r\n":
+                    pos += 2
+                elif buf[pos] == 10:
+                    pos += 1
+                else:
+                    raise HTTPError("chunk data not followed by CRLF")
+                self._chunk_left = -1
+        finally:
+            if not self.done:
+                self.buf = buf[pos:]
+
+    def eof(self) -> None:
+        """The connection closed: fine only for a body that ends at close."""
+        self.keep_alive = False
+        if self.done:
+            return
+        if self.framing == CLOSE:
+            self.done = True
+            return
+        raise HTTPError("upstream closed the connection before the response ended")
+
+
+def _parse_head(raw: bytes) -> tuple[int, Headers, bool]:
+    lines = raw.split(b"\n")
+    first = lines[0].rstrip(b"\r")
+    m = _STATUS_LINE.fullmatch(first)
+    if m is None:
+        raise HTTPError(f"bad status line {first[:80]!r}")
+    headers: Headers = []
+    seen_length: bytes | None = None
+    seen_te = False
+    for line in lines[1:]:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if line[:1] in (b" ", b"\t"):  # obsolete line folding: part of the previous value
+            if not headers:
+                raise HTTPError("continuation line before any header")
+            k, v = headers[-1]
+            headers[-1] = (k, (v + b" " + line.strip(b" \t")).strip(b" \t"))
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep or _TOKEN.fullmatch(name) is None:
+            raise HTTPError(f"bad header line {line[:80]!r}")
+        value = value.strip(b" \t")
+        if b"\r" in value or b"\x00" in value:
+            raise HTTPError(f"bad header value for {name[:40]!r}")
+        name = name.lower()
+        if name == b"content-length":  # normalised the way h11 does it
+            lengths = {x.strip() for x in value.split(b",")}
+            if len(lengths) != 1:
+                raise HTTPError("conflicting Content-Length headers")
+            value = lengths.pop()
+            if not value.isdigit() or len(value) > 18:
+                raise HTTPError(f"bad Content-Length {value[:30]!r}")
+            if seen_length is not None:
+                if value != seen_length:
+                    raise HTTPError("conflicting Content-Length headers")
+                continue
+            seen_length = value
+        elif name == b"transfer-encoding":
+            value = value.lower()
+            if seen_te or value != b"chunked":
+                raise HTTPError(f"unsupported Transfer-Encoding {value[:60]!r}")
+            seen_te = True
+        headers.append((name, value))
+    return int(m.group(2)), headers, m.group(1) == b"0"
+
+
+# -- the server's fast path ---------------------------------------------------------------------------
+_REQUEST_LINE = re.compile(rb"(GET|POST) ([\x21-\x7e]+) HTTP/1\.1")
+_FALLBACK_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+
+
+def parse_request(buf: bytes, max_head: int, max_body: int) -> tuple[bytes, bytes, Headers, int, int] | None:
+    """``(method, target, headers, content_length, body_start)`` of the plain request at the start of ``buf``.
+
+    Only the common shape is taken: a complete head, HTTP/1.1, GET or POST, valid header lines, at most one
+    Content-Length within ``max_body``, a Host, no Transfer-Encoding, Expect, Upgrade or Connection other
+    than keep-alive. Anything else returns None and the server lets h11 handle (and answer) it, so this
+    never accepts a request h11 would refuse, and parses what it accepts the way h11 does.
+    """
+    end = buf.find(b"\r\n\r\n", 0, max_head + 4)
+    if end < 0:
+        return None
+    lines = buf[:end].split(b"\r\n")
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if m is None:
+        return None
+    headers: Headers = []
+    length = -1
+    host = False
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or _TOKEN.fullmatch(name) is None:
+            return None
+        value = value.strip(b" \t")
+        if _FIELD_VALUE.fullmatch(value) is None:
+            return None
+        name = name.lower()
+        if name == b"content-length":
+            if length >= 0 or not value.isdigit() or len(value) > 18:
+                return None
+            length = int(value)
+        elif name == b"host":
+            if host:
+                return None  # h11 refuses several Host headers
+            host = True
+        elif name in _FALLBACK_HEADERS or (name == b"connection" and value.lower() != b"keep-alive"):
+            return None
+        headers.append((name, value))
+    if not host or length > max_body:
+        return None
+    return m.group(1), m.group(2), headers, max(length, 0), end + 4
+
+
+def check_response_headers(headers: Headers) -> None:
+    """Refuse header names/values that would break the framing (h11 would refuse them too)."""
+    for h in headers:
+        if h not in _checked:
+            name, value = h
+            if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
+                raise HTTPError(f"illegal response header {name[:100]!r}")
+            if len(_checked) < 4096:
+                _checked.add(h)

@@ -1,0 +1,224 @@
+"""``workers: N``: N processes serving one port, supervised by the parent.
+
+One Python process uses one core, so a gateway that should use several runs
+several processes. Where the OS has ``SO_REUSEPORT`` (Linux, the BSDs) every
+worker binds its own listening socket to the same port and the kernel spreads
+new connections over them; elsewhere the parent opens one listening socket
+before forking and every worker accepts on it. Each worker is a whole gateway
+with its own event loop and upstream pools.
+
+The parent runs no event loop and serves nothing. It forks the workers,
+restarts one that dies (backing off, and giving up, when they keep dying right
+after start), passes SIGHUP on (each worker reloads the config file), and on
+SIGTERM or SIGINT tells every worker to drain, waits for them all and exits 0.
+A second SIGTERM/SIGINT makes the workers stop at once.
+
+Workers live in their own process group, so a Ctrl-C in a terminal reaches
+only the parent (which then drains them once), and on Linux they get SIGTERM
+if the parent dies. Under systemd use ``KillMode=mixed`` so that only the
+parent gets the stop signal and the workers drain once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from .config import Config
+
+log = logging.getLogger("at_gateway.workers")
+
+# A worker that exits sooner than this after its start counts as a crash loop.
+QUICK_EXIT = 1.0
+# After this many quick exits in a row the supervisor gives up (a config that cannot serve).
+MAX_QUICK_EXITS = 5
+
+WorkerMain = Callable[[Config, "socket.socket | None"], int]
+
+
+def default_mode() -> str:
+    """SO_REUSEPORT where the OS has it; ``AT_GATEWAY_WORKER_SOCKET=shared`` forces the fallback (tests)."""
+    forced = os.environ.get("AT_GATEWAY_WORKER_SOCKET", "")
+    if forced in ("reuseport", "shared"):
+        return forced
+    return "reuseport" if hasattr(socket, "SO_REUSEPORT") else "shared"
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (never listen) a SO_REUSEPORT socket: it fixes the port, port 0 included, and gets no connections."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[attr-defined]
+        sock.bind(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _shared_listener(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker if the supervisor dies (no orphans holding the port)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Supervisor:
+    def __init__(self, config: Config, worker_main: WorkerMain, mode: str | None = None) -> None:
+        self.config = config
+        self.worker_main = worker_main
+        self.mode = mode or default_mode()
+        self.workers: dict[int, float] = {}  # pid -> start time
+        self.stopping = 0  # signals received asking to stop
+        self.codes: list[int] = []
+        self._sock: socket.socket | None = None
+
+    # -- processes ----------------------------------------------------------
+    def _spawn(self) -> None:
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.setpgid(0, 0)
+                for sig in (signal.SIGTERM, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
+                _die_with_parent()
+                if os.getppid() != parent:
+                    os._exit(0)
+                shared = self._sock if self.mode == "shared" else None
+                if shared is None and self._sock is not None:
+                    self._sock.close()
+                code = self.worker_main(self.config, shared)
+            except KeyboardInterrupt:
+                code = 0
+            except BaseException as exc:  # never return into the supervisor's stack
+                try:
+                    log.error("worker failed: %s: %s", exc.__class__.__name__, exc)
+                except Exception:
+                    pass
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        self.workers[pid] = time.monotonic()
+        if self.stopping:  # a stop signal came while forking: this one must drain too
+            os.kill(pid, signal.SIGTERM)
+
+    def _signal(self, sig: int) -> None:
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stopping += 1
+        if self.stopping == 1:
+            log.info("signal %s: draining %d worker(s) (up to %gs)", signal.Signals(signum).name,
+                     len(self.workers), self.config.shutdown_timeout)
+            self._signal(signal.SIGTERM)
+        else:
+            self._signal(signal.SIGINT)  # a second signal: stop now, as a single process would
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self._signal(signal.SIGHUP)
+
+    # -- the loop -----------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.config
+        try:
+            if self.mode == "reuseport":
+                self._sock = _reserve_port(cfg.host, cfg.port)
+            else:
+                self._sock = _shared_listener(cfg.host, cfg.port)
+        except OSError as exc:
+            print(f"at-gateway: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        port = self._sock.getsockname()[1]
+        self.config = replace(cfg, port=port)
+        old = {sig: signal.signal(sig, handler) for sig, handler in (
+            (signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop), (signal.SIGHUP, self._on_hup))}
+        try:
+            log.info("supervising %d workers on %s:%d (%s)", cfg.workers, cfg.host, port,
+                     "SO_REUSEPORT" if self.mode == "reuseport" else "shared socket")
+            for _ in range(cfg.workers):
+                self._spawn()
+            return self._wait()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            self._sock.close()
+
+    def _wait(self) -> int:
+        quick_exits = 0
+        failed = False
+        while self.workers:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            started = self.workers.pop(pid, None)
+            if started is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+                    failed = True
+                continue
+            lived = time.monotonic() - started
+            quick_exits = quick_exits + 1 if lived < QUICK_EXIT else 0
+            if quick_exits >= MAX_QUICK_EXITS:
+                log.error("workers keep exiting right after start (last exit code %d): giving up", code)
+                self.stopping = 1
+                self._signal(signal.SIGTERM)
+                failed = True
+                continue
+            log.warning("worker %d exited (code %d) after %.1fs; starting a new one", pid, code, lived)
+            if quick_exits:
+                time.sleep(min(0.05 * 2 ** quick_exits, 5.0))
+            if not self.stopping:
+                self._spawn()
+        return 1 if failed else 0
+
+
+def supervise(config: Config, worker_main: WorkerMain, mode: str | None = None) -> int:
+    """Run ``config.workers`` workers until told to stop; the exit code for the whole gateway."""
+    if not hasattr(os, "fork"):
+        log.warning("workers: %d needs fork(), which this OS lacks; serving in one process", config.workers)
+        return worker_main(replace(config, workers=1), None)
+    return Supervisor(config, worker_main, mode).run()

@@ -1,0 +1,490 @@
+"""The benchmark: what the gateway adds to every request, measured against the upstream itself.
+
+One invocation starts the fast mock upstream and runs the load generator
+against it **directly**, then starts the gateway and runs the same load
+**through it**, so both sides are measured on the same machine in the same
+minute. Pinning (``taskset``): the gateway gets CPU 0 to itself; the mock
+and the load generator share CPU 1. The gateway runs with the production
+defaults on: auth, a route to an ``openai``-type provider (the mock), one
+JSON request-log line per request (to a file) and usage accounting.
+
+Scenarios, each after a warm-up: ``c1`` (one connection, non-streaming),
+``c32`` (32 connections), ``s32`` (32 connections, streaming N chunks). The
+gateway is measured once per event loop (``asyncio``; ``uvloop`` too when it
+is importable), and ``c32`` once more with ``workers: 2`` (unpinned: its two
+workers share both cores with the mock and the load generator).
+
+Load generator: ``wrk`` with ``check.lua``, which checks every response
+(status and body). When wrk is missing we try ``apt-get install wrk`` and
+otherwise fall back to ``loadgen.py`` (much slower; the output says so).
+
+Output: a table on stdout, and JSON under ``bench/results/`` (git-ignored).
+Exit status 1 when any response was wrong (speed goals missed only print).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+GATEWAY_KEY = "bench-gateway-key-0123456789"
+UPSTREAM_KEY = "sk-bench-upstream-0123456789"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+SCENARIOS = {
+    # name: (connections, stream)
+    "c1": (1, False),
+    "c32": (32, False),
+    "s32": (32, True),
+}
+
+GOALS = {
+    "added_p50_c1_ms": 0.25,
+    "c32_rps": 5000,
+    "c32_p99_ms": 10.0,
+    "s32_streams_per_s": 3000,
+    "rss_mib": 40,
+    "ready_s": 0.3,
+}
+
+
+def request_body(model: str, stream: bool) -> str:
+    body: dict[str, Any] = {"model": model, "messages": [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Say hello to the benchmark."}], "max_tokens": 32, "temperature": 0}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":"))
+
+
+# -- processes -----------------------------------------------------------------
+def have_taskset() -> bool:
+    return shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+
+
+def pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    if cpus is None or not have_taskset():
+        return cmd
+    return ["taskset", "-c", cpus, *cmd]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, path: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def start_mock(chunks: int, delay: float = 0.0, chunk_delay: float = 0.0,
+               cpus: str | None = "1") -> tuple[subprocess.Popen[str], int]:
+    cmd = pinned([sys.executable, str(HERE / "mock_upstream.py"), "--chunks", str(chunks), "--delay", str(delay),
+                  "--chunk-delay", str(chunk_delay)], cpus)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise SystemExit(f"bench: the mock upstream did not start ({line!r})")
+    return proc, int(line.split()[1])
+
+
+def gateway_config(port: int, mock_port: int, loop: str, workers: int, log_level: str = "info") -> str:
+    return f"""# written by bench/run.py
+api_key: {GATEWAY_KEY}
+host: 127.0.0.1
+port: {port}
+log_level: {log_level}
+loop: {loop}
+workers: {workers}
+providers:
+  - name: mock
+    type: openai
+    base_url: http://127.0.0.1:{mock_port}/v1
+    api_key: {UPSTREAM_KEY}
+routes:
+  - name: bench
+    steps:
+      - provider: mock
+        model: bench-model
+"""
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[bytes]
+    port: int
+    ready_s: float
+    log_path: Path
+    workers: int
+
+    def pids(self) -> list[int]:
+        """The gateway process and, with workers, its children."""
+        out = [self.proc.pid]
+        try:
+            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            out += [int(k) for k in kids]
+        except OSError:
+            pass
+        return out
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        return total
+
+    def rss_mib(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+            except OSError:
+                continue
+        return total / 2**20
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def start_gateway(workdir: Path, mock_port: int, loop: str, workers: int, cpus: str | None,
+                  log_level: str = "info", name: str = "gateway") -> Gateway:
+    port = free_port()
+    cfg = workdir / f"{name}.yaml"
+    cfg.write_text(gateway_config(port, mock_port, loop, workers, log_level))
+    return start_gateway_from(cfg, port, workdir / f"{name}.log", workers, cpus)
+
+
+def start_gateway_from(cfg: Path, port: int, log_path: Path, workers: int, cpus: str | None) -> Gateway:
+    """Start ``python -m at_gateway serve`` and time it until /health answers (the "ready" figure)."""
+    env = dict(os.environ)
+    with open(log_path, "wb") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(pinned([sys.executable, "-m", "at_gateway", "serve", "--config", str(cfg)], cpus),
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    deadline = t0 + 20
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench: the gateway exited with {proc.returncode}; see {log_path}:\n"
+                             + log_path.read_text()[-2000:])
+        try:
+            status, _ = http_get(port, "/health", timeout=0.5)
+            if status == 200:
+                break
+        except OSError:
+            pass
+        if time.perf_counter() > deadline:
+            proc.kill()
+            raise SystemExit("bench: the gateway did not become ready within 20 s")
+        time.sleep(0.002)
+    ready = time.perf_counter() - t0
+    return Gateway(proc, port, ready, log_path, workers)
+
+
+# -- load ------------------------------------------------------------------------
+@dataclass
+class LoadGen:
+    kind: str  # "wrk" or "python"
+    note: str = ""
+
+    def run(self, port: int, key: str, model: str, connections: int, stream: bool, duration: float,
+            chunks: int) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = request_body(model, stream)
+        if self.kind == "wrk":
+            env = {**os.environ, "BENCH_BODY": body, "BENCH_KEY": key, "BENCH_STREAM": "1" if stream else "0",
+                   "BENCH_CHUNKS": str(chunks)}
+            secs = max(1, round(duration))  # wrk takes whole seconds
+            cmd = pinned(["wrk", "-t1", f"-c{connections}", f"-d{secs}s", "--timeout", "10s",
+                          "-s", str(HERE / "check.lua"), url], "1")
+        else:
+            env = dict(os.environ)
+            cmd = pinned([sys.executable, str(HERE / "loadgen.py"), url, "-c", str(connections), "-d", str(duration),
+                          "--body", body, "--key", key, "--chunks", str(chunks)] + (["--stream"] if stream else []),
+                         "1")
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 120)
+        for line in out.stdout.splitlines():
+            if line.startswith("BENCHJSON "):
+                r: dict[str, Any] = json.loads(line[len("BENCHJSON "):])
+                r["rps"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0.0
+                return r
+        raise SystemExit(f"bench: {self.kind} printed no result:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+
+
+def find_loadgen(allow_install: bool, forced: str | None) -> LoadGen:
+    if forced == "python":
+        return LoadGen("python", "load generator: bench/loadgen.py (asked for); figures understate the gateway")
+    if shutil.which("wrk"):
+        return LoadGen("wrk")
+    if allow_install and shutil.which("apt-get") and os.geteuid() == 0:
+        print("bench: wrk not found; installing it with apt-get ...", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        if not shutil.which("wrk"):
+            subprocess.run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        if shutil.which("wrk"):
+            return LoadGen("wrk")
+    if forced == "wrk":
+        raise SystemExit("bench: wrk asked for but not available")
+    return LoadGen("python", "wrk is not installed and could not be installed: using bench/loadgen.py, "
+                             "a much slower Python load generator; the figures understate the gateway")
+
+
+# -- the run -------------------------------------------------------------------------
+@dataclass
+class Row:
+    scenario: str
+    target: str  # "direct" or "gateway"
+    loop: str = ""
+    workers: int = 1
+    result: dict[str, Any] = field(default_factory=dict)
+    cpu_us_per_req: float | None = None
+    rss_mib: float | None = None
+    ready_s: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.target == "direct":
+            return "direct"
+        return f"gateway {self.loop}" + (f" workers={self.workers}" if self.workers > 1 else "")
+
+
+def measure(lg: LoadGen, gw: Gateway | None, port: int, scenario: str, args: argparse.Namespace,
+            row: Row) -> Row:
+    connections, stream = SCENARIOS[scenario]
+    key = GATEWAY_KEY if gw is not None else ""
+    model = "bench" if gw is not None else "bench-model"
+    if args.warmup > 0:
+        lg.run(port, key, model, connections, stream, args.warmup, args.chunks)
+    cpu0 = gw.cpu_seconds() if gw else 0.0
+    res = lg.run(port, key, model, connections, stream, args.duration, args.chunks)
+    row.result = res
+    if gw is not None:
+        used = gw.cpu_seconds() - cpu0
+        row.cpu_us_per_req = used * 1e6 / res["requests"] if res["requests"] else None
+        row.rss_mib = gw.rss_mib()
+        row.ready_s = gw.ready_s
+    bad = res["bad"] + res["connect_errors"] + res["read_errors"] + res["write_errors"] + res["timeouts"]
+    print(f"  {scenario:4s} {row.label:28s} {res['rps']:9.0f} req/s  p50 {res['p50_us'] / 1000:6.3f} ms  "
+          f"p99 {res['p99_us'] / 1000:6.3f} ms" + (f"  BAD {bad}: {res['first_bad']}" if bad else ""), flush=True)
+    return row
+
+
+def uvloop_importable() -> bool:
+    out = subprocess.run([sys.executable, "-c", "import uvloop"], capture_output=True)
+    return out.returncode == 0
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "host": platform.node()}
+
+
+def fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[Row]) -> str:
+    direct = {r.scenario: r for r in rows if r.target == "direct"}
+    head = (f"{'scenario':8s} {'target':26s} {'req/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'cpu us/req':>10s} "
+            f"{'RSS MiB':>8s} {'ready s':>7s} {'rps gw/dir':>10s} {'p50 gw/dir':>10s} {'+p50 ms':>8s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        res = r.result
+        d = direct.get(r.scenario)
+        ratio_rps = ratio_p50 = added = None
+        if r.target != "direct" and d is not None:
+            ratio_rps = res["rps"] / d.result["rps"] if d.result["rps"] else None
+            ratio_p50 = res["p50_us"] / d.result["p50_us"] if d.result["p50_us"] else None
+            added = (res["p50_us"] - d.result["p50_us"]) / 1000
+        lines.append(
+            f"{r.scenario:8s} {r.label:26s} {res['rps']:9.0f} {res['p50_us'] / 1000:8.3f} {res['p99_us'] / 1000:8.3f} "
+            f"{fmt(r.cpu_us_per_req, '10.0f')} {fmt(r.rss_mib, '8.1f')} {fmt(r.ready_s, '7.3f')} "
+            f"{fmt(ratio_rps, '10.3f')} {fmt(ratio_p50, '10.2f')} {fmt(added, '8.3f')}")
+    return "\n".join(lines)
+
+
+def goals(rows: list[Row], loop: str) -> list[tuple[str, bool, str]]:
+    direct = {r.scenario: r for r in rows if r.target == "direct"}
+    gw = {r.scenario: r for r in rows if r.target == "gateway" and r.loop == loop and r.workers == 1}
+    out: list[tuple[str, bool, str]] = []
+    if "c1" in gw and "c1" in direct:
+        added = (gw["c1"].result["p50_us"] - direct["c1"].result["p50_us"]) / 1000
+        out.append(("added p50 at c1 <= 0.25 ms", added <= GOALS["added_p50_c1_ms"], f"{added:.3f} ms"))
+    if "c32" in gw:
+        r = gw["c32"].result
+        out.append((">= 5000 req/s at c32", r["rps"] >= GOALS["c32_rps"], f"{r['rps']:.0f} req/s"))
+        out.append(("p99 <= 10 ms at c32", r["p99_us"] / 1000 <= GOALS["c32_p99_ms"], f"{r['p99_us'] / 1000:.2f} ms"))
+    if "s32" in gw:
+        r = gw["s32"].result
+        out.append((">= 3000 streams/s at s32", r["rps"] >= GOALS["s32_streams_per_s"], f"{r['rps']:.0f} streams/s"))
+    if gw:
+        rss = max(r.rss_mib or 0 for r in gw.values())
+        out.append(("RSS after load <= 40 MiB", rss <= GOALS["rss_mib"], f"{rss:.1f} MiB"))
+        ready = next(iter(gw.values())).ready_s or 0
+        out.append(("ready <= 0.3 s after start", ready <= GOALS["ready_s"], f"{ready:.3f} s"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="gateway vs direct benchmark")
+    p.add_argument("--duration", type=float, default=float(os.environ.get("BENCH_DURATION", 10)),
+                   help="measured seconds per run (default 10, env BENCH_DURATION)")
+    p.add_argument("--warmup", type=float, default=float(os.environ.get("BENCH_WARMUP", 2)),
+                   help="warm-up seconds before each run (default 2)")
+    p.add_argument("--chunks", type=int, default=20, help="chunks per stream (default 20)")
+    p.add_argument("--scenarios", default="c1,c32,s32")
+    p.add_argument("--loops", default=os.environ.get("BENCH_LOOPS", "asyncio,uvloop"),
+                   help="event loops to measure the gateway with (uvloop skipped when not importable)")
+    p.add_argument("--no-workers", action="store_true", help="skip the workers=2 row")
+    p.add_argument("--loadgen", choices=["wrk", "python"], default=None)
+    p.add_argument("--no-install", action="store_true", help="do not try to apt-get install wrk")
+    p.add_argument("--out", default=None, help="JSON result file (default bench/results/<time>.json)")
+    args = p.parse_args(argv)
+
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    for s in scenarios:
+        if s not in SCENARIOS:
+            p.error(f"unknown scenario {s!r}")
+    lg = find_loadgen(not args.no_install, args.loadgen)
+    loops = [x for x in args.loops.split(",") if x]
+    notes: list[str] = []
+    if lg.note:
+        notes.append(lg.note)
+    if "uvloop" in loops and not uvloop_importable():
+        loops.remove("uvloop")
+        notes.append("uvloop is not importable: only asyncio measured (pip install uvloop, or '.[uvloop]')")
+    if not have_taskset():
+        notes.append("taskset missing or fewer than 2 CPUs: processes are NOT pinned")
+    for n in notes:
+        print(f"bench: NOTE: {n}", flush=True)
+    print(f"bench: load generator {lg.kind}; {args.duration:g}s per run after {args.warmup:g}s warm-up; "
+          f"gateway on CPU 0, mock and load generator on CPU 1", flush=True)
+
+    rows: list[Row] = []
+    exits: dict[str, int] = {}
+    log_lines: dict[str, int] = {}
+    mock, mock_port = start_mock(args.chunks)
+    try:
+        with tempfile.TemporaryDirectory(prefix="at-bench-") as tmp:
+            workdir = Path(tmp)
+            print("direct (load generator -> mock):", flush=True)
+            for s in scenarios:
+                rows.append(measure(lg, None, mock_port, s, args, Row(s, "direct")))
+            for loop in loops:
+                print(f"gateway, loop {loop} (load generator -> gateway -> mock):", flush=True)
+                gw = start_gateway(workdir, mock_port, loop, 1, "0", name=f"gw-{loop}")
+                try:
+                    for s in scenarios:
+                        rows.append(measure(lg, gw, gw.port, s, args, Row(s, "gateway", loop)))
+                finally:
+                    exits[loop] = gw.stop()
+                    log_lines[loop] = sum(1 for line in gw.log_path.read_text().splitlines()
+                                          if '"msg":"request"' in line)
+            if not args.no_workers and "c32" in scenarios and (os.cpu_count() or 1) >= 2:
+                loop = loops[0]
+                print(f"gateway, loop {loop}, workers=2 (unpinned):", flush=True)
+                gw = start_gateway(workdir, mock_port, loop, 2, None, name="gw-workers2")
+                try:
+                    rows.append(measure(lg, gw, gw.port, "c32", args, Row("c32", "gateway", loop, workers=2)))
+                finally:
+                    exits["workers2"] = gw.stop()
+                    log_lines["workers2"] = sum(1 for line in gw.log_path.read_text().splitlines()
+                                                if '"msg":"request"' in line)
+    finally:
+        mock.send_signal(signal.SIGTERM)
+        try:
+            mock.wait(10)
+        except subprocess.TimeoutExpired:
+            mock.kill()
+
+    print()
+    print(table(rows))
+    print()
+    ok = True
+    for loop in loops:
+        print(f"goals ({loop}, one pinned core):")
+        for name, met, value in goals(rows, loop):
+            print(f"  [{'met' if met else 'MISSED'}] {name}: {value}")
+    wrong = sum(r.result["bad"] + r.result["connect_errors"] + r.result["read_errors"] + r.result["write_errors"]
+                + r.result["timeouts"] for r in rows)
+    if wrong:
+        ok = False
+        print(f"bench: FAILED: {wrong} response(s) were wrong or failed")
+    for name, code in exits.items():
+        if code != 0:
+            ok = False
+            print(f"bench: FAILED: gateway ({name}) exited with {code} on SIGTERM")
+    print(f"request-log lines written: {log_lines}")
+    for n in notes:
+        print(f"NOTE: {n}")
+
+    result = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(), "loadgen": lg.kind, "notes": notes,
+        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "chunks": args.chunks,
+                     "pinning": "gateway CPU 0; mock + load generator CPU 1" if have_taskset() else "none"},
+        "rows": [{"scenario": r.scenario, "target": r.target, "loop": r.loop, "workers": r.workers,
+                  "cpu_us_per_req": r.cpu_us_per_req, "rss_mib": r.rss_mib, "ready_s": r.ready_s, **r.result}
+                 for r in rows],
+        "goals": {loop: [{"goal": n, "met": m, "value": v} for n, m, v in goals(rows, loop)] for loop in loops},
+        "gateway_exit_codes": exits, "request_log_lines": log_lines, "ok": ok,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results: {out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Fast paths added for speed must behave exactly like the straightforward code they shortcut."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from at_gateway.logs import _TOKEN_PATTERNS, Redactor
+
+SECRETS = ["bench-gateway-key-0123456789", "sk-upstream-abcdef"]
+
+
+def reference_redact(text: str) -> str:
+    """The redaction without the fast path: every pattern over the whole text."""
+    values = re.compile("|".join(re.escape(s) for s in sorted(SECRETS, key=len, reverse=True)))
+    text = values.sub("[REDACTED]", text)
+    text = re.compile("|".join(f"(?:{p})" for p in _TOKEN_PATTERNS[:3])).sub("[REDACTED]", text)
+    return re.compile(_TOKEN_PATTERNS[3]).sub(lambda m: f"{m.group(1)}{m.group(2)}[REDACTED]", text)
+
+
+_WORDS = ["Bearer ", "bearer\t", "BEARER  ", "sk-", "AIza", "api_key", "API-KEY", "apikey", "token", "Tokens",
+          "secret", "PassWord", "=", ":", '"', "'", " ", "\n", "abcdefgh", "0123456789", "xyz_-.~+/", "}", ",", "&",
+          "[REDACTED]", "é", "ſecret", "İ", "K", "bench-gateway-key-0123456789", "sk-upstream-abcdef"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_WORDS), max_size=14))
+@example(["token", '"', ":", " ", "abcdefgh"])
+@example(["Authorization: ", "Bearer ", "abcdefgh"])
+@example(['{"tokens":{"prompt_tokens":12,"total_tokens":19}}'])
+def test_redactor_fast_path_matches_the_full_patterns(words: list[str]) -> None:
+    text = "".join(words)
+    assert Redactor(SECRETS)(text) == reference_redact(text)
+
+
+def test_redactor_examples() -> None:
+    r = Redactor(SECRETS)
+    line = '{"msg":"request","status":200,"tokens":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}'
+    assert r(line) == line
+    assert r("upstream said: api_key=abcdef123456 bad") == "upstream said: api_key=[REDACTED] bad"
+    assert r('{"token": "abcdefghijk"}') == '{"token": "[REDACTED]"}'
+    assert r("Bearer abcdefghijkl and sk-upstream-abcdef") == "[REDACTED] and [REDACTED]"
+
+
+# -- the upstream client's HTTP/1.1 response parser, against h11 ---------------------------------------
+
+import h11  # noqa: E402
+import pytest  # noqa: E402
+
+from at_gateway.http1 import HTTPError, ResponseParser, request_bytes  # noqa: E402
+
+RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\nhello world",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\nConnection: close\r\n\r\nnop",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Spaces:   a b  \r\nContent-Length: 1\r\n\r\n!",
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 40\r\n\r\n" + b"x" * 40,
+    b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\ntruncated",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
+    b"HTTP/1.1 2000 OK\r\n\r\n",
+    b"HTTP/2 200 OK\r\n\r\n",
+    b"garbage\r\n\r\n",
+    b"",
+]
+
+
+def via_h11(parts: list[bytes], head_only: bool) -> tuple:
+    c = h11.Connection(h11.CLIENT)
+    c.send(h11.Request(method=b"HEAD" if head_only else b"GET", target=b"/", headers=[(b"host", b"x")]))
+    c.send(h11.EndOfMessage())
+    status, headers, body, done = None, None, b"", False
+    closed = False
+    try:
+        for part in [*parts, b""]:  # b"": the connection closes
+            if done:
+                break
+            closed = not part
+            c.receive_data(part)
+            while True:
+                ev = c.next_event()
+                if ev is h11.NEED_DATA or isinstance(ev, h11.ConnectionClosed):
+                    break
+                if isinstance(ev, h11.Response):
+                    status, headers = ev.status_code, list(ev.headers)
+                elif isinstance(ev, h11.Data):
+                    body += bytes(ev.data)
+                elif isinstance(ev, h11.EndOfMessage):
+                    done = True
+                    break
+    except h11.RemoteProtocolError:
+        return ("error",)
+    if not done:
+        return ("error",)
+    # what upstream.py did with h11 (a body that ended with the connection leaves nothing to reuse)
+    reusable = c.our_state is h11.DONE and c.their_state is h11.DONE and not closed
+    if reusable:
+        try:
+            c.start_next_cycle()
+        except h11.LocalProtocolError:
+            reusable = False
+    return status, headers, body, reusable
+
+
+def via_ours(parts: list[bytes], head_only: bool) -> tuple:
+    p = ResponseParser(head_only)
+    head, body = None, b""
+    try:
+        for part in parts:
+            p.feed(part)
+            if head is None:
+                head = p.head()
+            if head is not None:
+                body += p.body()
+            if p.done:
+                break
+        if not p.done:
+            reusable = False
+            p.eof()
+            if head is None:
+                return ("error",)
+        else:
+            # Bytes after the response (a body sent to a HEAD request, say): h11 keeps them for the
+            # next response; we never reuse such a connection. Not a disagreement worth failing on.
+            reusable = "stray" if p.buf else p.keep_alive
+    except HTTPError:
+        return ("error",)
+    assert head is not None
+    return head[0], head[1], body, reusable
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(RESPONSES), st.lists(st.integers(min_value=0, max_value=200), max_size=6), st.booleans())
+@example(RESPONSES[3], [60, 61, 62, 63], False)
+def test_response_parser_agrees_with_h11(raw: bytes, cuts: list[int], head_only: bool) -> None:
+    points = sorted({min(c, len(raw)) for c in cuts})
+    parts = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
+    parts = [x for x in parts if x]
+    ours, theirs = via_ours(parts, head_only), via_h11(parts, head_only)
+    if len(ours) == 4 and ours[3] == "stray":
+        assert ours[:3] == theirs[:3]
+    else:
+        assert ours == theirs
+
+
+def test_response_parser_is_stricter_than_h11_about_unasked_bytes() -> None:
+    p = ResponseParser()
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")
+    assert p.head() == (200, [(b"content-length", b"2")])
+    assert p.body() == b"ok" and p.done and not p.keep_alive  # never reuse a connection with stray bytes
+
+
+def test_response_parser_hands_out_data_before_a_chunk_error() -> None:
+    p = ResponseParser()
+    p.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n")
+    assert p.head() is not None
+    assert p.body() == b"ok"
+    with pytest.raises(HTTPError):
+        p.body()
+
+
+def test_request_bytes_validates_like_h11() -> None:
+    assert request_bytes(b"POST", b"/v1/x?a=1", [(b"host", b"h:1"), (b"content-length", b"2")], b"{}") == (
+        b"POST /v1/x?a=1 HTTP/1.1\r\nhost: h:1\r\ncontent-length: 2\r\n\r\n{}")
+    for bad in ([(b"x-bad", b"a\r\nb")], [(b"bad name", b"v")], [(b"x", b" padded")]):
+        with pytest.raises(HTTPError):
+            request_bytes(b"GET", b"/", bad, b"")
+    with pytest.raises(HTTPError):
+        request_bytes(b"GET", b"/with space", [], b"")
+
+
+# -- the server's fast path: what it accepts, h11 parses the same way; what it writes, h11 would write ---
+
+from at_gateway.http1 import parse_request  # noqa: E402
+
+_REQ_LINES = [b"POST /v1/chat/completions HTTP/1.1", b"GET /health HTTP/1.1", b"GET /v1/models?x=1 HTTP/1.1",
+              b"HEAD / HTTP/1.1", b"POST / HTTP/1.0", b"PUT / HTTP/1.1", b"GET  / HTTP/1.1", b"GET /\x01 HTTP/1.1"]
+_HEADER_LINES = [b"Host: 127.0.0.1:8080", b"host:x", b"Content-Type: application/json", b"X-Api-Key:  key-1 ",
+                 b"Content-Length: 2", b"content-length: 02", b"Content-Length: x", b"Connection: keep-alive",
+                 b"Connection: close", b"Transfer-Encoding: chunked", b"Expect: 100-continue", b"Upgrade: h2c",
+                 b"X-Empty:", b"Bad Name: v", b"X-Ctl: a\x01b", b" folded", b"X-Obs: caf\xc3\xa9", b"NoColon",
+                 b"Authorization: Bearer abc"]
+
+
+def h11_request(data: bytes) -> tuple | None:
+    c = h11.Connection(h11.SERVER)
+    c.receive_data(data)
+    try:
+        ev = c.next_event()
+        if not isinstance(ev, h11.Request):
+            return None
+        body = b""
+        while True:
+            e = c.next_event()
+            if isinstance(e, h11.Data):
+                body += bytes(e.data)
+            elif isinstance(e, h11.EndOfMessage):
+                return ev.method, ev.target, list(ev.headers), body
+            else:
+                return None
+    except h11.RemoteProtocolError:
+        return None
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.sampled_from(_REQ_LINES), st.lists(st.sampled_from(_HEADER_LINES), max_size=6), st.binary(max_size=4))
+@example(_REQ_LINES[0], [_HEADER_LINES[0], _HEADER_LINES[4]], b"{}")
+def test_fast_request_parse_agrees_with_h11(line: bytes, header_lines: list[bytes], body: bytes) -> None:
+    data = b"\r\n".join([line, *header_lines]) + b"\r\n\r\n" + body
+    ours = parse_request(data, 64 * 1024, 1024)
+    if ours is None:
+        return  # h11 handles it (and its answers are tested elsewhere)
+    method, target, headers, length, start = ours
+    data = data.ljust(start + length, b"x")  # the server reads the rest of the body before handling it
+    theirs = h11_request(data[:start + length])
+    assert theirs == (method, target, headers, data[start:start + length])
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.data = b""
+
+    async def send(self, data: bytes) -> None:
+        self.data += data
+
+
+class _Srv:
+    draining = False
+
+
+@pytest.mark.parametrize("draining", [False, True])
+@pytest.mark.parametrize("calls", [
+    [("send", 200, [(b"content-type", b"application/json"), (b"x-request-id", b"abc")], b'{"a":1}')],
+    [("send", 404, [], b"")],
+    [("send", 299, [(b"x", b"y")], b"odd status")],
+    [("start", 200, [(b"content-type", b"text/event-stream")]), ("write", b"data: 1\n\n"), ("write", b""),
+     ("write", b"data: 2\n\n"), ("end", b"data: [DONE]\n\n")],
+    [("start", 200, []), ("end", b"")],
+    [("start", 200, [(b"content-length", b"5")]), ("write", b"hel"), ("end", b"lo")],
+])
+def test_raw_responder_writes_what_h11_writes(calls: list[tuple], draining: bool) -> None:
+    import anyio
+
+    from at_gateway.server import RawResponder, Responder
+
+    async def run(make: Any) -> bytes:
+        sink = _Sink()
+        srv = _Srv()
+        srv.draining = draining
+        r = make(sink, srv)
+        for name, *args in calls:
+            await getattr(r, name)(*args)
+        assert r.finished
+        return sink.data
+
+    def h11_responder(sink: Any, srv: Any) -> Any:
+        c = h11.Connection(h11.SERVER)
+        c.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        c.next_event()
+        c.next_event()
+        return Responder(c, sink, srv)
+
+    assert anyio.run(run, RawResponder) == anyio.run(run, h11_responder)
+
+
+def test_raw_responder_refuses_header_injection() -> None:
+    import anyio
+
+    from at_gateway.server import RawResponder
+
+    async def run() -> None:
+        r = RawResponder(_Sink(), _Srv())  # type: ignore[arg-type]
+        with pytest.raises(h11.LocalProtocolError):
+            await r.send(200, [(b"x-route", b"a\r\nSet-Cookie: x")], b"")
+
+    anyio.run(run)
