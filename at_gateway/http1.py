@@ -35,22 +35,39 @@ class HTTPError(Exception):
     """The peer broke HTTP/1.1 (or we were asked to send something that isn't HTTP/1.1)."""
 
 
-_checked: set[tuple[bytes, bytes]] = set()
+class HeaderValidator:
+    """Checks header fields against the RFC 9110 grammar, each distinct field once.
+
+    Gateways send and answer with the same few fields over and over, so a bounded
+    set of fields already seen saves the regular expressions on the hot path. One
+    validator belongs to each server and each upstream client (no shared state).
+    """
+
+    __slots__ = ("_seen", "_limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._seen: set[tuple[bytes, bytes]] = set()
+        self._limit = limit
+
+    def check(self, headers: Headers, what: str = "header") -> None:
+        seen = self._seen
+        for h in headers:
+            if h not in seen:
+                name, value = h
+                if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
+                    raise HTTPError(f"illegal {what} {name[:100]!r}")
+                if len(seen) < self._limit:
+                    seen.add(h)
 
 
-def request_bytes(method: bytes, target: bytes, headers: Headers, body: bytes) -> bytes:
-    """Serialise one request; headers are validated (once per distinct header, they rarely vary)."""
+def request_bytes(method: bytes, target: bytes, headers: Headers, body: bytes, validator: HeaderValidator) -> bytes:
+    """Serialise one request; header fields are validated first (never sent unchecked)."""
     if _TARGET.fullmatch(target) is None or _TOKEN.fullmatch(method) is None:
         raise HTTPError(f"illegal request target or method: {target[:100]!r}")
+    validator.check(headers)
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for h in headers:
-        if h not in _checked:
-            name, value = h
-            if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
-                raise HTTPError(f"illegal header {name[:100]!r}")
-            if len(_checked) < 4096:
-                _checked.add(h)
-        parts += (h[0], b": ", h[1], b"\r\n")
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
     parts.append(b"\r\n")
     if body:
         parts.append(body)
@@ -322,14 +339,3 @@ def parse_request(buf: bytes, max_head: int, max_body: int) -> tuple[bytes, byte
     if not host or length > max_body:
         return None
     return m.group(1), m.group(2), headers, max(length, 0), end + 4
-
-
-def check_response_headers(headers: Headers) -> None:
-    """Refuse header names/values that would break the framing (h11 would refuse them too)."""
-    for h in headers:
-        if h not in _checked:
-            name, value = h
-            if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
-                raise HTTPError(f"illegal response header {name[:100]!r}")
-            if len(_checked) < 4096:
-                _checked.add(h)

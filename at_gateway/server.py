@@ -28,7 +28,7 @@ from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
 from .errors import GatewayError, HeadersTooLarge, PayloadTooLarge
-from .http1 import HTTPError, check_response_headers, parse_request
+from .http1 import HeaderValidator, HTTPError, parse_request
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -168,7 +168,7 @@ class RawResponder(Responder):
         if self._server.draining:
             headers = [*headers, (b"connection", b"close")]
         try:
-            check_response_headers(headers)
+            self._server.header_validator.check(headers, "response header")
         except HTTPError as exc:
             raise h11.LocalProtocolError(str(exc)) from None
         self.started = True
@@ -222,6 +222,7 @@ class Server:
         self.handler = handler
         self.settings = settings
         self.draining = False
+        self.header_validator = HeaderValidator()
         self.port: int | None = None
         self._conns: set[_ConnState] = set()
         self._accept_scope: anyio.CancelScope | None = None

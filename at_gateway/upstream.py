@@ -27,7 +27,7 @@ import anyio
 import anyio.abc
 
 from .config import UpstreamConfig
-from .http1 import HTTPError, ResponseParser, request_bytes
+from .http1 import HeaderValidator, HTTPError, ResponseParser, request_bytes
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -210,6 +210,7 @@ class UpstreamClient:
         self._pools: dict[tuple[Origin, str | None], Pool] = {}
         self._targets: dict[str, Target] = {}
         self._connectors: dict[str | None, Connector] = {}
+        self._header_validator = HeaderValidator()
 
     # -- plumbing -------------------------------------------------------
     @property
@@ -338,7 +339,7 @@ class UpstreamClient:
     async def _send(self, conn: Connection, method: bytes, path: bytes, headers: Headers,
                     body: bytes) -> tuple[int, Headers]:
         try:
-            data = request_bytes(method, path, headers, body)
+            data = request_bytes(method, path, headers, body, self._header_validator)
         except HTTPError as exc:
             raise UpstreamError(f"cannot send request: {exc}") from None
         p = conn.parser = ResponseParser(head_only=method == b"HEAD")

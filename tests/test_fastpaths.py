@@ -50,7 +50,7 @@ def test_redactor_examples() -> None:
 import h11  # noqa: E402
 import pytest  # noqa: E402
 
-from at_gateway.http1 import HTTPError, ResponseParser, request_bytes  # noqa: E402
+from at_gateway.http1 import HeaderValidator, HTTPError, ResponseParser, request_bytes  # noqa: E402
 
 RESPONSES = [
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\nhello world",
@@ -178,13 +178,14 @@ def test_response_parser_hands_out_data_before_a_chunk_error() -> None:
 
 
 def test_request_bytes_validates_like_h11() -> None:
-    assert request_bytes(b"POST", b"/v1/x?a=1", [(b"host", b"h:1"), (b"content-length", b"2")], b"{}") == (
+    v = HeaderValidator()
+    assert request_bytes(b"POST", b"/v1/x?a=1", [(b"host", b"h:1"), (b"content-length", b"2")], b"{}", v) == (
         b"POST /v1/x?a=1 HTTP/1.1\r\nhost: h:1\r\ncontent-length: 2\r\n\r\n{}")
     for bad in ([(b"x-bad", b"a\r\nb")], [(b"bad name", b"v")], [(b"x", b" padded")]):
         with pytest.raises(HTTPError):
-            request_bytes(b"GET", b"/", bad, b"")
+            request_bytes(b"GET", b"/", bad, b"", v)
     with pytest.raises(HTTPError):
-        request_bytes(b"GET", b"/with space", [], b"")
+        request_bytes(b"GET", b"/with space", [], b"", v)
 
 
 # -- the server's fast path: what it accepts, h11 parses the same way; what it writes, h11 would write ---
@@ -244,6 +245,7 @@ class _Sink:
 
 class _Srv:
     draining = False
+    header_validator = HeaderValidator()
 
 
 @pytest.mark.parametrize("draining", [False, True])
