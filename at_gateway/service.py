@@ -95,6 +95,13 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
 
 def run(config: Config) -> int:
     setup_logging(config.log_level, Redactor(config.secrets()))
+    try:
+        server_settings(config)  # TLS files load here: fail once, now, not in every worker
+    except (OSError, ssl.SSLError) as exc:
+        import sys
+
+        print(f"{config.source}: tls: cannot load certificate or key: {exc}", file=sys.stderr)
+        return 1
     if config.workers > 1:
         from .workers import supervise
 

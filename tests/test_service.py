@@ -120,3 +120,16 @@ def test_request_log_line_and_redaction(upstream: MockUpstream, tmp_path: Path) 
         assert line["attempts"] == 2 and line["tokens"]["total_tokens"] > 0
         assert "latency_ms" in line and "ttfb_ms" in line and line["level"] == "info"
         assert "[REDACTED]" in json.dumps(line["failed_attempts"])
+
+
+def test_bad_tls_files_fail_at_once_even_with_workers(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    cfg = base_config("http://127.0.0.1:9", port=0, workers=2,
+                      tls={"cert_file": str(tmp_path / "cert.pem"), "key_file": str(tmp_path / "missing.pem")})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "at_gateway", "serve", "--config", str(path)], capture_output=True,
+                       text=True, timeout=20)
+    assert r.returncode == 1
+    assert "tls: cannot load certificate or key" in r.stderr and str(path) in r.stderr
+    assert "Traceback" not in r.stderr

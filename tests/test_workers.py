@@ -100,18 +100,41 @@ def test_sighup_reaches_every_worker(upstream: MockUpstream, tmp_path: Path) -> 
         assert proc.wait(15) == 0
 
 
-def test_workers_that_cannot_start_make_the_supervisor_give_up(upstream: MockUpstream, tmp_path: Path) -> None:
-    bad = tmp_path / "not-a-cert.pem"
-    bad.write_text("not a certificate\n")
-    cfg = base_config(upstream.url, workers=2, tls={"cert_file": str(bad), "key_file": str(bad)})
-    path = tmp_path / "config.yaml"
+def test_a_port_in_use_fails_before_any_worker_starts(upstream: MockUpstream, tmp_path: Path) -> None:
+    import socket
     import subprocess
     import sys
 
     import yaml
 
+    holder = socket.socket()  # the port is taken (without SO_REUSEPORT): the supervisor can't reserve it
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    cfg = base_config(upstream.url, workers=2, port=holder.getsockname()[1])
+    path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "at_gateway", "serve", "--config", str(path), "--port", "0"],
-                         capture_output=True, text=True, timeout=30)
+    try:
+        out = subprocess.run([sys.executable, "-m", "at_gateway", "serve", "--config", str(path)],
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        holder.close()
+    assert out.returncode == 1
+    assert "cannot listen" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_supervisor_gives_up_when_workers_keep_dying(tmp_path: Path) -> None:
+    """The crash-loop guard, with workers that exit 1 at once (a subprocess runs the supervisor)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys\n"
+        "from at_gateway.config import build_config\n"
+        "from at_gateway.workers import supervise\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "cfg = build_config({'api_key': 'k', 'port': 0, 'workers': 2}, 'test')\n"
+        "sys.exit(supervise(cfg, lambda config, sock: 1))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "giving up" in out.stderr and "Traceback" not in out.stderr
