@@ -7,6 +7,7 @@ new one is invalid. Listening address changes need a restart.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -49,6 +50,19 @@ def backend_options(loop: str) -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
+def tune_gc() -> None:
+    """Keep the cyclic collector off the request path.
+
+    Everything built before serving (config, providers, pools, modules) lives as long as the process,
+    so it is frozen out of the collector's sight, and the young generation is collected less often:
+    requests allocate and free many small objects, and each default gen-0 pass over the whole heap
+    showed up as the c32 p99 (12 ms with the defaults, 6 ms tuned; bench/README.md).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 50, 100)
+
+
 async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None = None) -> None:
     gateway = Gateway(config)
     try:
@@ -84,6 +98,7 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
         log.info("config reloaded from %s (%d routes)", config.source, len(new.routes))
 
     await server.bind()
+    tune_gc()
     async with anyio.create_task_group() as tg:
         tg.start_soon(signals)
         port = await tg.start(server.serve)
