@@ -150,16 +150,12 @@ class Gateway:
         ctx.route = route.name
         if body.get("stream"):
             ctx.stream = True
-            await self.router.stream(ctx, route, body, responder, self._elapsed(ctx))
+            await self.router.stream(ctx, route, body, responder)
             return
         result = await self.router.complete(ctx, route, body)
         ctx.status = 200
         await responder.send(200, [_JSON_CT, *ctx.gateway_headers()], result.body)
         ctx.first_byte = time.perf_counter()
-
-    @staticmethod
-    def _elapsed(ctx: RequestContext) -> Any:
-        return time.perf_counter
 
     # -- the one place a finished request is accounted for -----------------
     def finish(self, ctx: RequestContext, request: Request) -> None:

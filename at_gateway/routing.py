@@ -9,6 +9,7 @@ SSE error event and no ``[DONE]``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any, cast
 
@@ -114,8 +115,7 @@ class Router:
         raise self.all_failed(ctx)
 
     # -- streaming ----------------------------------------------------------
-    async def stream(self, ctx: RequestContext, route: Route, body: dict[str, Any], responder: Responder,
-                     now: Callable[[], float]) -> None:
+    async def stream(self, ctx: RequestContext, route: Route, body: dict[str, Any], responder: Responder) -> None:
         opts = body.get("stream_options")
         include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
         for i, step in enumerate(route.steps):
@@ -136,7 +136,7 @@ class Router:
                 if not responder.started:
                     await responder.start(200, [*_SSE_HEADERS, *ctx.gateway_headers()])
                 ctx.status = 200
-                ctx.first_byte = now()
+                ctx.first_byte = time.perf_counter()
                 await responder.write(first)
                 try:
                     await self._relay(agen, responder)
