@@ -149,9 +149,10 @@ install_file() {
     local src=$1 dest=$2 mode=$3 owner=${4:-}
     local tmp
     tmp="$(dirname "$dest")/.$(basename "$dest").tmp.$$"
-    install -m "$mode" "$src" "$tmp"
-    if [ -n "$owner" ] && is_root; then chown "$owner" "$tmp"; fi
-    mv -f "$tmp" "$dest"
+    # Each step checked by hand: callers such as install_unit run with `set -e` turned off.
+    install -m "$mode" "$src" "$tmp" || return 1
+    if [ -n "$owner" ] && is_root; then chown "$owner" "$tmp" || { rm -f "$tmp"; return 1; }; fi
+    mv -f "$tmp" "$dest" || { rm -f "$tmp"; return 1; }
 }
 
 cmd_install() {
@@ -199,21 +200,23 @@ render_unit() {
         "$HERE/deploy/$NAME.service"
 }
 
-# install_unit: returns 0 when the installed unit changed.
+# install_unit: returns 0 when the installed unit changed, 1 when not, 2 when it could not be written.
+# (Callers test its status, which turns `set -e` off inside it: every step is checked by hand.)
 install_unit() {
-    local tmp
-    tmp=$(mktemp)
-    render_unit >"$tmp"
-    if [ -f "$UNIT" ] && cmp -s "$tmp" "$UNIT"; then
+    local tmp rc=0
+    tmp=$(mktemp) || return 2
+    render_unit >"$tmp" || rc=2
+    if [ "$rc" -eq 0 ] && [ -f "$UNIT" ] && cmp -s "$tmp" "$UNIT"; then
         rm -f "$tmp"
         say "$UNIT is up to date"
         return 1
     fi
-    run install -d -m 0755 "$UNIT_DIR"
-    say "installing $UNIT"
-    install_file "$tmp" "$UNIT" 0644 root:root
+    if [ "$rc" -eq 0 ]; then
+        say "installing $UNIT"
+        { install -d -m 0755 "$UNIT_DIR" && install_file "$tmp" "$UNIT" 0644 root:root; } || rc=2
+    fi
     rm -f "$tmp"
-    return 0
+    return "$rc"
 }
 
 # What the unit must add for this config: a port below 1024 needs CAP_NET_BIND_SERVICE, which the unit
@@ -239,7 +242,8 @@ TimeoutStopSec=$((drain + 15))s
     fi
 }
 
-# update_config_dropin: returns 0 when the drop-in changed, 1 when not, 2 when the config cannot be read.
+# update_config_dropin: returns 0 when the drop-in changed, 1 when not, 2 when the config cannot be read or the
+# drop-in cannot be written (checked by hand, as in install_unit).
 update_config_dropin() {
     local settings url port drain text tmp
     settings=$(py_helper settings "$BIN" "$ETC/config.yaml" "$ETC/.env") || return 2
@@ -247,18 +251,18 @@ update_config_dropin() {
     text=$(config_dropin_text "$port" "$drain")
     if [ -z "$text" ]; then
         if [ ! -f "$CONFIG_DROPIN" ]; then return 1; fi
-        run rm -f "$CONFIG_DROPIN"
+        run rm -f "$CONFIG_DROPIN" || return 2
         rmdir "$DROPIN_DIR" 2>/dev/null || true
         return 0
     fi
     if [ -f "$CONFIG_DROPIN" ] && [ "$(cat "$CONFIG_DROPIN")" = "$text" ]; then return 1; fi
     say "writing $CONFIG_DROPIN (port $port, drain ${drain}s)"
-    install -d -m 0755 "$DROPIN_DIR"
-    tmp=$(mktemp)
-    printf '%s\n' "$text" >"$tmp"
-    install_file "$tmp" "$CONFIG_DROPIN" 0644 root:root
+    tmp=$(mktemp) || return 2
+    local rc=0
+    { install -d -m 0755 "$DROPIN_DIR" && printf '%s\n' "$text" >"$tmp" &&
+        install_file "$tmp" "$CONFIG_DROPIN" 0644 root:root; } || rc=2
     rm -f "$tmp"
-    return 0
+    return "$rc"
 }
 
 # install_secret SRC DEST: mode 600, owned by the service user.
@@ -270,7 +274,12 @@ install_secret() {
 }
 
 # Drop the deploy-only SSH_* lines: they must never reach the server.
-filter_env() { grep -Ev '^[[:space:]]*(export[[:space:]]+)?SSH_[A-Za-z0-9_]*=' "$1" || true; }
+# (grep's status 1, "no line left", is fine; 2, the file cannot be read, is not.)
+filter_env() {
+    local rc=0
+    grep -Ev '^[[:space:]]*(export[[:space:]]+)?SSH_[A-Za-z0-9_]*[[:space:]]*=' "$1" || rc=$?
+    [ "$rc" -le 1 ]
+}
 
 # health_url PYZ CONFIG ENVFILE
 health_url() { local u; u=$(py_helper settings "$1" "$2" "$3") && echo "${u%% *}"; }
@@ -327,10 +336,12 @@ cmd_install_service() {
     fi
     py_helper envrun "$ETC/.env" "$BIN" check-config --config "$ETC/config.yaml" ||
         die "$ETC/config.yaml is not valid (see above); fix it and run install-service again"
-    install_unit || true
     local rc=0
+    install_unit || rc=$?
+    [ "$rc" -ne 2 ] || die "cannot write $UNIT"
+    rc=0
     update_config_dropin || rc=$?
-    [ "$rc" -ne 2 ] || die "cannot read $ETC/config.yaml with the installed binary"
+    [ "$rc" -ne 2 ] || die "cannot read $ETC/config.yaml with the installed binary, or write $CONFIG_DROPIN"
     run systemctl daemon-reload
     run systemctl enable "$NAME"
     if systemctl is-active --quiet "$NAME"; then
@@ -542,7 +553,8 @@ cmd_remote_deploy() {
     local url=""
     if activate && url=$(health_url "$BIN" "$ETC/config.yaml" "$ETC/.env") && wait_healthy "$url" "$HEALTH_TIMEOUT"
     then
-        rm -f "$UNIT.prev"
+        # The replaced config and .env are old secrets: not kept once the new version is healthy.
+        rm -f "$UNIT.prev" "$ETC/config.yaml.prev" "$ETC/.env.prev"
         say "deployed: $("$BIN" version)"
         return 0
     fi
@@ -562,11 +574,15 @@ push_secret() {
 # Unit, port drop-in, (first time) enable, restart. Every step checked: a failure means rollback.
 activate() {
     local changed=no rc=0
-    if install_unit; then changed=yes; fi
+    install_unit || rc=$?
+    case "$rc" in 0) changed=yes ;; 2) return 1 ;; esac
+    rc=0
     update_config_dropin || rc=$?
     case "$rc" in 0) changed=yes ;; 2) return 1 ;; esac
     if [ "$changed" = yes ]; then run systemctl daemon-reload || return 1; fi
     if [ "$FIRST" = yes ]; then run systemctl enable "$NAME" || return 1; fi
+    # A unit that hit StartLimitBurst (say, an earlier failed deploy) refuses even a manual restart until reset.
+    run systemctl reset-failed "$NAME" || true
     run systemctl restart "$NAME" || return 1
 }
 
@@ -589,6 +605,9 @@ rollback() {
     local back t=$HEALTH_TIMEOUT
     update_config_dropin || true
     run systemctl daemon-reload || true
+    # The new version crash-looping under Restart=on-failure may have hit StartLimitBurst: systemd then
+    # refuses to start the unit at all, the previous version included, until the counter is reset.
+    run systemctl reset-failed "$NAME" || true
     run systemctl restart "$NAME" || true
     if [ "$t" -lt 30 ]; then t=30; fi
     if back=$(health_url "$BIN" "$ETC/config.yaml" "$ETC/.env") && wait_healthy "$back" "$t"; then

@@ -10,6 +10,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -20,6 +21,17 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = os.path.realpath(sys.executable)
 
 _built: dict[str, Path] = {}
+
+
+def missing_tool(reason: str) -> NoReturn:
+    """Skip a test for lack of a tool, or fail it where the tools must be there.
+
+    ``.ci/run`` installs them and sets ``AT_GATEWAY_REQUIRE_TOOLS=1``, so that a tool gone
+    missing on the CI machine fails loudly instead of silently skipping what it tests.
+    """
+    if os.environ.get("AT_GATEWAY_REQUIRE_TOOLS"):
+        pytest.fail(f"{reason}; AT_GATEWAY_REQUIRE_TOOLS is set, so this is an error (see .ci/run)")
+    pytest.skip(reason)
 
 
 def build_pyz(out: Path, extra_env: dict[str, str] | None = None) -> Path:

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.mock_upstream import wait_until
-from tests.pyz_support import PYTHON, REPO, repack, session_pyz
+from tests.pyz_support import PYTHON, REPO, missing_tool, repack, session_pyz
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 API_KEY = "deploy-test-key-9f2b"
@@ -102,8 +102,15 @@ def stop():
     if pid():
         os.kill(p, signal.SIGKILL)
 
-if cmd in ("daemon-reload", "reset-failed"):
+if cmd == "daemon-reload":
     sys.exit(0)
+if cmd == "reset-failed":
+    if os.path.exists(marker("start-limit-hit")):
+        os.unlink(marker("start-limit-hit"))
+    sys.exit(0)
+if cmd in ("start", "restart") and os.path.exists(marker("start-limit-hit")):
+    print("Job for at-gateway.service failed: start request repeated too quickly.", file=sys.stderr)
+    sys.exit(1)
 if cmd == "enable":
     open(marker("enabled"), "w").close()
     sys.exit(0)
@@ -128,6 +135,8 @@ elif cmd == "is-active":
     sys.exit(0 if ok else 3)
 elif cmd == "is-failed":
     failed = pid() is None and os.path.exists(marker("started"))
+    if failed:  # systemd would have restarted it (Restart=on-failure) until StartLimitBurst, then refuse starts
+        open(marker("start-limit-hit"), "w").close()
     if "--quiet" not in flags:
         print("failed" if failed else "active")
     sys.exit(0 if failed else 1)
@@ -187,7 +196,7 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sshd(tmp_path_factory: pytest.TempPathFactory, standin: Path) -> Iterator[SSHServer]:
     missing = [tool for tool in ("ssh", "ssh-keygen") if not shutil.which(tool)]
     if not os.path.isfile(SSHD) or missing:
-        pytest.skip("OpenSSH server/client not installed (apt-get install openssh-server openssh-client)")
+        missing_tool("OpenSSH server/client not installed (apt-get install openssh-server openssh-client)")
     d = tmp_path_factory.mktemp("sshd")
     for name in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "at-gateway-test", "-f", str(d / name)],
@@ -286,7 +295,7 @@ def local_files(tmp_path: Path) -> tuple[Path, Path, int]:
     config = write_config(tmp_path / "config.yaml", port)
     envfile = tmp_path / "local.env"
     envfile.write_text(f"# deploy settings and server secrets\nSSH_HOST=never-sent.example\n"
-                       f"export SSH_KEY=/never/sent\nGATEWAY_API_KEY={API_KEY}\n")
+                       f"export SSH_KEY=/never/sent\n  SSH_OPTS = -v\nGATEWAY_API_KEY={API_KEY}\n")
     return config, envfile, port
 
 
@@ -350,7 +359,7 @@ def test_first_deploy_upgrade_and_failed_upgrade_rolled_back(sshd: SSHServer, py
     assert f"GATEWAY_API_KEY={API_KEY}" in server_env and "SSH_" not in server_env
     unit = (root / "etc/systemd/system/at-gateway.service").read_text()
     assert f"ExecStart={binary} serve --config {etc}/config.yaml" in unit
-    assert calls(root)[:3] == ["daemon-reload", "enable at-gateway", "restart at-gateway"]
+    assert calls(root)[:4] == ["daemon-reload", "enable at-gateway", "reset-failed at-gateway", "restart at-gateway"]
     assert not list((root / "usr/local/bin").glob("*.new")) and not list((root / "usr/local/bin").glob(".*tmp*"))
     first_pid = main_pid(root)
 
@@ -365,19 +374,28 @@ def test_first_deploy_upgrade_and_failed_upgrade_rolled_back(sshd: SSHServer, py
     assert "shutdown_timeout: 40s" in (etc / "config.yaml").read_text()
     assert "deploy-test-upgrade" in version_of(binary)
     assert main_pid(root) != first_pid and healthy(port) and chat(port) == "still here"
-    assert "enable at-gateway" not in calls(root)[3:]  # already installed: daemon-reload and restart
-    assert "daemon-reload" in calls(root)[3:]
+    assert "enable at-gateway" not in calls(root)[4:]  # already installed: daemon-reload and restart
+    assert "daemon-reload" in calls(root)[4:]
+    assert not list(etc.glob("*.prev"))  # the replaced config (a secret) is not kept once the new one is healthy
 
-    # 3. an upgrade that passes check-config but never becomes healthy: rolled back
+    # 3. an upgrade with a new config and a new key that passes check-config but never becomes healthy:
+    #    the previous binary, config, .env (its key) and stop timeout are all put back
+
     broken = repack(pyz, tmp_path / "broken.pyz", {"__main__.py": BROKEN_MAIN})
     broken = with_commit(broken, tmp_path / "broken2.pyz", "deploy-test-broken")
+    write_config(config, port, shutdown_timeout="41s")
+    envfile.write_text("GATEWAY_API_KEY=the-new-key-never-served\n")
     out = deploy(sshd, root, broken, config, envfile, HEALTH_TIMEOUT="20")
     assert out.returncode != 0
     assert "ROLLING BACK" in out.stderr and "is serving again" in out.stderr, out.stderr
     assert "deploy-test-upgrade" in version_of(binary)  # the previous binary is back
-    assert healthy(port) and chat(port) == "still here"
+    assert healthy(port) and chat(port) == "still here"  # with the previous key
+    assert "shutdown_timeout: 40s" in (etc / "config.yaml").read_text()
+    assert f"GATEWAY_API_KEY={API_KEY}" in (etc / ".env").read_text()
+    assert stat.S_IMODE((etc / ".env").stat().st_mode) == 0o600
+    assert "TimeoutStopSec=55s" in dropin.read_text()
     assert "simulated crash" in (root / "standin/service.log").read_text()
-    assert not (root / "usr/local/bin/at-gateway.prev").exists()
+    assert not (root / "usr/local/bin/at-gateway.prev").exists() and not list(etc.glob("*.prev"))
 
 
 def test_config_rejected_by_the_new_binary_changes_nothing(sshd: SSHServer, pyz: Path, remote_root: Path,

@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -212,6 +213,16 @@ def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
     # back to back (not against the session's build) so that a commit in between cannot differ them
     one, two = build_pyz(tmp_path / "one.pyz"), build_pyz(tmp_path / "two.pyz")
     assert hashlib.sha256(one.read_bytes()).hexdigest() == hashlib.sha256(two.read_bytes()).hexdigest()
+    # Two builds a second apart can agree by luck (zip times have a 2 s resolution): also check that
+    # no entry carries the build's own time, only the commit's, and that the entries are sorted.
+    committed = os.environ.get("SOURCE_DATE_EPOCH") or subprocess.run(
+        ["git", "-C", str(REPO), "log", "-1", "--format=%ct"], capture_output=True, text=True).stdout.strip()
+    epoch = max(int(committed), 315532800) if committed.isdigit() else 315532800  # 315532800: 1980, zip's first
+    y, mo, d, h, mi, sec = time.gmtime(epoch)[:6]
+    with zipfile.ZipFile(one) as zf:
+        infos = zf.infolist()
+    assert {i.date_time for i in infos} == {(y, mo, d, h, mi, sec - sec % 2)}
+    assert [i.filename for i in infos] == sorted(i.filename for i in infos)
 
 
 def test_loader_is_inert_in_a_normal_install() -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
-from tests.pyz_support import PYTHON, REPO, pyz_process, session_pyz
+from tests.pyz_support import PYTHON, REPO, missing_tool, pyz_process, session_pyz
 
 UNIT = REPO / "deploy" / "at-gateway.service"
 ANALYZE = shutil.which("systemd-analyze")
@@ -43,6 +44,8 @@ def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def unit_copy(pyz: Path, tmp_path: Path) -> Path:
     """The unit with ExecStart pointing at the built .pyz, so verify can check it is executable."""
+    if ANALYZE is None:
+        missing_tool("systemd-analyze not installed (apt-get install systemd; nothing needs to run)")
     path = tmp_path / "at-gateway.service"
     path.write_text(UNIT.read_text().replace("/usr/local/bin/at-gateway", str(pyz)))
     return path
@@ -77,18 +80,16 @@ def test_sandbox() -> None:
     assert d["UMask"] == ["0077"]
 
 
-@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
 def test_systemd_analyze_verify(unit_copy: Path) -> None:
     out = subprocess.run([str(ANALYZE), "verify", str(unit_copy)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
 
 
-@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
 def test_security_exposure_is_2_or_better(unit_copy: Path) -> None:
     out = subprocess.run([str(ANALYZE), "security", "--offline=true", "--no-pager", str(unit_copy)],
                          capture_output=True, text=True, timeout=60)
     if "--offline" in out.stderr and "unrecognized" in out.stderr:
-        pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
+        missing_tool("this systemd-analyze has no --offline (systemd < 250)")
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
     assert m, out.stdout + out.stderr
     assert float(m[1]) <= 2.0, out.stdout
@@ -161,7 +162,6 @@ def test_config_dropin_only_when_the_config_needs_it() -> None:
     assert "TimeoutStopSec=135s" in slow and "CAP_NET_BIND_SERVICE" not in slow
 
 
-@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
 def test_unit_with_the_low_port_dropin_still_verifies_and_rates_2_or_better(unit_copy: Path) -> None:
     dropins = unit_copy.parent / "at-gateway.service.d"
     dropins.mkdir()
@@ -172,6 +172,26 @@ def test_unit_with_the_low_port_dropin_still_verifies_and_rates_2_or_better(unit
                          capture_output=True, text=True, timeout=60)
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
     if m is None:
-        pytest.skip(f"no security rating from this systemd-analyze: {out.stderr.strip()[:200]}")
+        missing_tool(f"no security rating from this systemd-analyze: {out.stderr.strip()[:200]}")
     assert "CAP_NET_BIND_SERVICE" in out.stdout or float(m[1]) > 1.1  # the drop-in was read
     assert float(m[1]) <= 2.0, out.stdout
+
+
+def test_unit_and_dropin_writes_that_fail_say_so(pyz: Path, tmp_path: Path) -> None:
+    """install_unit and update_config_dropin run as conditions (`set -e` is off inside them): a write that
+    fails must return 2 (deploy then rolls back, install-service stops) instead of passing for "changed"."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory below a regular file cannot be created, not even by root
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "config.yaml").write_text(yaml.safe_dump({
+        "api_key": "k", "port": 80, "providers": [{"name": "echo", "type": "echo"}],
+        "routes": [{"name": "demo", "steps": [{"provider": "echo", "model": "echo-1"}]}]}))
+    script = (f'. "{REPO / "install.sh"}" && SERVICE_USER=$(id -un) BIN="{pyz}" ETC="{etc}" '
+              f'UNIT_DIR="{blocker}/system" UNIT="{blocker}/system/at-gateway.service" DROPIN_DIR="{blocker}/d" '
+              f'CONFIG_DROPIN="{blocker}/d/10-from-config.conf" && '
+              'if install_unit; then echo unit=0; else echo unit=$?; fi && '
+              'if update_config_dropin; then echo dropin=0; else echo dropin=$?; fi')
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["unit=2", "dropin=2"], out.stdout + out.stderr
