@@ -20,7 +20,7 @@ import pytest
 from pydantic import BaseModel
 
 from at_gateway.config import build_config
-from at_gateway.errors import ConfigError
+from at_gateway.errors import ConfigError, StepFailed
 from at_gateway.providers.gemini import (
     SKIP_SIGNATURE,
     SignatureCache,
@@ -494,8 +494,51 @@ def test_golden(path: Path) -> None:
         actual["openai_chunks"] = chunks + tr.close(include_usage=True)
     if case.get("signatures_after") is not None or cache._items:
         actual["signatures_after"] = dict(cache._items)
-    if os.environ.get("AT_GATEWAY_UPDATE_GOLDEN"):
+    if os.environ.get("AT_GATEWAY_UPDATE_GOLDEN") == "1":  # as the anthropic goldens: "0" must not rewrite
         path.write_text(json.dumps({**case, **actual}, indent=2, ensure_ascii=False) + "\n")
         return
     for key, value in actual.items():
         assert value == case.get(key), f"{path.name}: {key} differs from the fixture"
+
+
+def test_malformed_functions_and_finish_reason_are_failed_steps_not_crashes() -> None:
+    """A ``functions`` that is not an array is the client's 400; a ``finishReason`` that is not a string is a
+    failed step. Neither may escape as a TypeError (a bare 500 that skips the route's next step)."""
+    with pytest.raises(StepFailed, match="'functions' must be an array") as exc:
+        build_request({"messages": [USER], "functions": 1.5}, MODEL)
+    assert exc.value.status == 400
+    with pytest.raises(StepFailed, match="finishReason"):
+        completion_from_gemini({"candidates": [{"content": {"parts": [{"text": "x"}]}, "finishReason": ["STOP"]}]},
+                               MODEL)
+    with pytest.raises(StepFailed, match="finishReason"):
+        StreamTranslator(MODEL).feed({"candidates": [{"finishReason": {"r": 1}}]})
+
+
+def test_an_echoed_key_in_a_long_error_page_is_redacted_whole(gemini: GeminiMock) -> None:
+    """A non-JSON error page that echoes our key near the cut-off: the key must reach redaction whole,
+    or its start would leak into the error the client sees and into the log."""
+    gemini.on(MODEL, Reply(status=502, body=("<p>" + "x" * 272 + API_KEY + "</p>").encode()))
+    with run_gateway(config(gemini)) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "g", "messages": [USER]})
+        logs = gw.logs.getvalue()
+    assert r.status_code == 502 and "xxxx" in r.text
+    assert API_KEY[:12] not in r.text and API_KEY[:12] not in logs
+
+
+def test_without_ids_tool_results_follow_the_order_of_the_calls() -> None:
+    """Vertex gets no ids and pairs function responses with calls by position, so tool messages that
+    arrive in another order (OpenAI pairs them by tool_call_id) are put back in the calls' order."""
+    messages = [USER, {"role": "assistant", "tool_calls": [
+        {"id": "c-paris", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+        {"id": "c-nice", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Nice"}'}}]},
+        {"role": "tool", "tool_call_id": "c-nice", "content": "rain"},
+        {"role": "tool", "tool_call_id": "c-paris", "content": "sun"},
+        {"role": "user", "content": "And tomorrow?"}]
+    outputs = [p["functionResponse"]["response"]["output"]
+               for p in build_request({"messages": messages}, MODEL, send_ids=False)["contents"][2]["parts"]]
+    assert outputs == ["sun", "rain"]
+    # With ids (the Gemini API) they pair by id, so the client's order stays.
+    with_ids = build_request({"messages": messages}, MODEL)["contents"][2]["parts"]
+    assert [(p["functionResponse"]["id"], p["functionResponse"]["response"]["output"]) for p in with_ids] == [
+        ("c-nice", "rain"), ("c-paris", "sun")]

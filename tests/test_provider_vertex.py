@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from at_gateway.config import build_config
+from at_gateway.errors import StepFailed
 from at_gateway.providers.vertex import TokenSource, VertexProvider
 from at_gateway.upstream import UpstreamClient
 from tests.conftest import GATEWAY_KEY, base_config, run_gateway
@@ -178,6 +179,67 @@ def test_token_refreshed_shortly_before_expiry(tokens: TokenServer, tmp_path: Pa
     assert tokens.token_requests == 3 and tokens.problems == []
 
 
+async def _until(cond: Any, timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not cond():
+            await anyio.sleep(0.005)
+
+
+def test_a_failed_refresh_is_shared_and_a_cancelled_one_leaves_no_stale_error(tokens: TokenServer,
+                                                                               tmp_path: Path) -> None:
+    info, public_key = make_service_account()
+    path = tmp_path / "sa.json"
+    path.write_text(json.dumps(info))  # its public key is not registered yet: the endpoint refuses the JWT
+    tokens.gate = threading.Event()
+
+    async def main() -> None:
+        client = UpstreamClient()
+        source = TokenSource(client, credentials_file=str(path), token_url=tokens.url)
+        errors: list[str] = []
+
+        async def failing() -> None:
+            with pytest.raises(StepFailed) as exc:
+                await source.token()
+            errors.append(exc.value.message)
+
+        # Five at once against a refusing endpoint: one request reaches it, the others share its error.
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(failing)
+            await _until(lambda: tokens.waiting == 1 and source._lock.statistics().tasks_waiting == 4)
+            tokens.gate.set()
+        assert len(errors) == 5 and len(set(errors)) == 1 and "invalid_grant" in errors[0]
+        assert tokens.token_requests == 1
+
+        # The key is fixed. A refresh whose request gives up midway must not hand that old error to
+        # the request queued behind it: that one fetches for itself.
+        tokens.public_keys[info["client_email"]] = public_key
+        tokens.gate = threading.Event()
+        got: list[str] = []
+        scope = anyio.CancelScope()
+
+        async def gives_up() -> None:
+            with scope:
+                await source.token()
+
+        async def queued() -> None:
+            got.append(await source.token())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gives_up)
+            await _until(lambda: tokens.waiting == 2)
+            tg.start_soon(queued)
+            await _until(lambda: source._lock.statistics().tasks_waiting == 1)
+            scope.cancel()
+            await _until(lambda: tokens.waiting == 3)
+            tokens.gate.set()
+        assert len(got) == 1 and got[0].startswith("ya29.mock-access-token-")
+        await client.aclose()
+
+    anyio.run(main)
+    assert tokens.token_requests == 3
+
+
 def test_a_401_drops_the_cached_token(vertex: GeminiMock, tokens: TokenServer, tmp_path: Path) -> None:
     vertex.on(MODEL, Reply(body=response(text("ok"), meta=usage())))
     with run_gateway(sa_config(vertex, tmp_path, tokens)) as gw:
@@ -209,13 +271,16 @@ def test_authorized_user_is_refreshed_with_its_refresh_token(vertex: GeminiMock,
                                 "client_secret": "client-secret-abc", "refresh_token": "1//refresh-token-xyz",
                                 "quota_project_id": "billing-project"}))
     vertex.on(MODEL, Reply(body=response(text("ok"), meta=usage())))
+    vertex.on(OPENAI_MODEL, Reply(body=chat_completion("ok", model=OPENAI_MODEL)))
     with run_gateway(config(vertex, project="test-project", credentials_file=str(path), token_url=tokens.url)) as gw:
         sdk(gw).chat.completions.create(model="v", messages=[USER])
         sdk(gw).chat.completions.create(model="v", messages=[USER])
+        sdk(gw).chat.completions.create(model="vo", messages=[USER])
     (form,) = token_forms(tokens)
     assert form == {"grant_type": "refresh_token", "client_id": "client-id.apps.googleusercontent.com",
                     "client_secret": "client-secret-abc", "refresh_token": "1//refresh-token-xyz"}
     assert vertex.calls[-1].received.headers["x-goog-user-project"] == "billing-project"
+    assert vertex.openai_calls[-1].headers["x-goog-user-project"] == "billing-project"
 
 
 def test_well_known_gcloud_file_is_found(vertex: GeminiMock, tokens: TokenServer, tmp_path: Path) -> None:
@@ -371,3 +436,5 @@ def test_default_endpoints_and_config_keys() -> None:
     from at_gateway.config import Step
     assert a.uses_openai(Step("a", "meta/llama-3.3-70b-instruct-maas", 1)) and not a.uses_openai(Step("a", MODEL, 1))
     assert b.uses_openai(Step("b", MODEL, 1))
+    # The full resource name of a Gemini model is the Gemini path, not the OpenAI-compatible one.
+    assert not a.uses_openai(Step("a", f"publishers/google/models/{MODEL}", 1))

@@ -458,7 +458,7 @@ def to_anthropic(body: dict[str, Any], model: str, default_max_tokens: int = DEF
 
 def map_usage(u: Mapping[str, Any] | None) -> dict[str, Any]:
     """OpenAI usage from Anthropic's: prompt_tokens include cache reads and writes."""
-    u = u or {}
+    u = u if isinstance(u, Mapping) else {}
 
     def num(key: str) -> int:
         v = u.get(key)
@@ -540,7 +540,8 @@ def error_from_anthropic(status: int | None, data: bytes | dict[str, Any], prefi
     if not isinstance(err, dict) or not isinstance(err.get("message"), str):
         if isinstance(data, (bytes, bytearray)):
             return error_from_body(status or 0, bytes(data), "anthropic")
-        return StepFailed(f"{prefix}upstream error: {_compact(obj)[:200]}", status=status)
+        # Cut generously: routing redacts secrets by value before it shortens (a short cut could split one).
+        return StepFailed(f"{prefix}upstream error: {_compact(obj)[:4096]}", status=status)
     etype = str(err.get("type") or "api_error")
     if status is None:
         status = ERROR_STATUS.get(etype)
@@ -627,7 +628,7 @@ class StreamTranslator:
         elif name == "content_block_delta":
             self._block_delta(data, out)
         elif name == "content_block_stop":
-            block = self.blocks.get(data.get("index", -1))
+            block = self._block(data)
             if block is not None and block.kind == "tool" and not block.args_sent:
                 # A tool without input: clients json.loads the arguments, so send "{}".
                 self._emit(out, {"tool_calls": [{"index": block.tool_index, "function": {"arguments": "{}"}}]})
@@ -680,8 +681,12 @@ class StreamTranslator:
         else:
             self.blocks[idx] = _Block("other")
 
+    def _block(self, data: dict[str, Any]) -> _Block | None:
+        idx = data.get("index")
+        return self.blocks.get(idx) if isinstance(idx, int) else None  # a non-int index is no block, not a crash
+
     def _block_delta(self, data: dict[str, Any], out: list[dict[str, Any]]) -> None:
-        block = self.blocks.get(data.get("index", -1))
+        block = self._block(data)
         if block is None:
             raise StepFailed("anthropic stream: content_block_delta for a block that never started")
         delta = _obj(data.get("delta"))
@@ -756,10 +761,9 @@ class AnthropicProvider(Provider):
     async def complete(self, body: dict[str, Any], step: Step) -> Completion:
         data, json_tool = self._encode(body, step, False)
         async with self.client.stream(b"POST", self.url, self.headers, data, self.cfg.proxy) as resp:
+            if not 200 <= resp.status < 300:
+                raise error_from_anthropic(resp.status, await read_bounded(resp))  # never an unbounded error body
             raw = await resp.read()
-            status = resp.status
-        if not 200 <= status < 300:
-            raise error_from_anthropic(status, raw[:65536])
         obj = _check_message(raw, json_tool, step.model)
         return Completion(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(), obj["usage"])
 

@@ -487,6 +487,8 @@ def build_request(body: dict[str, Any], model: str, *, send_ids: bool = True,
     system: list[dict[str, Any]] = []
     contents = _Contents()
     names: dict[str, str] = {}
+    order: dict[str, int] = {}  # call id -> its place among its model turn's calls
+    ranks: dict[int, int] = {}  # id(functionResponse part) -> its call's place (only when ids are not sent)
     vouch = needs_signature(model)
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
@@ -524,6 +526,7 @@ def build_request(body: dict[str, Any], model: str, *, send_ids: bool = True,
                     signed = True
                 if call_id:
                     names[call_id] = fn["name"]
+                    order[call_id] = j
                 call_parts.append(part)
             if call_parts and vouch and not signed:
                 call_parts[0]["thoughtSignature"] = SKIP_SIGNATURE
@@ -537,10 +540,19 @@ def build_request(body: dict[str, Any], model: str, *, send_ids: bool = True,
             fr: dict[str, Any] = {"name": name, "response": _tool_response(msg.get("content"), where)}
             if send_ids and call_id:
                 fr["id"] = call_id
-            contents.add("user", [{"functionResponse": fr}], "tool")
+            part = {"functionResponse": fr}
+            if not send_ids:
+                ranks[id(part)] = order.get(call_id or "", len(order))
+            contents.add("user", [part], "tool")
         else:
             raise bad_request(f"{where}.role {role!r} is not supported")
 
+    if ranks:
+        # Without ids, responses pair with calls by position: put them in the order of the calls, as the
+        # client's tool messages may come in any order (their tool_call_id pairs them for OpenAI).
+        for item, kind in zip(contents.items, contents._kinds, strict=True):
+            if kind == "tool":
+                item["parts"].sort(key=lambda p: ranks.get(id(p), len(order)))
     req: dict[str, Any] = {}
     if not contents.items:
         # Only instructions: Gemini needs a user turn, so they become it.
@@ -572,9 +584,12 @@ def _build_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise bad_request("'tools' must be an array")
+    functions = body.get("functions")
+    if functions is not None and not isinstance(functions, list):
+        raise bad_request("'functions' must be an array")
     items: list[tuple[str, Any]] = [(f"tools[{i}]", t) for i, t in enumerate(tools or [])]
-    items += [(f"functions[{i}]", {"type": "function", "function": f})
-              for i, f in enumerate(body.get("functions") or []) if not tools]
+    if not tools:
+        items += [(f"functions[{i}]", {"type": "function", "function": f}) for i, f in enumerate(functions or [])]
     for where, t in items:
         if not isinstance(t, dict):
             raise bad_request(f"{where} must be an object")
@@ -716,7 +731,9 @@ async def read_error(resp: Any, limit: int = 65536) -> StepFailed:
     try:
         data: Any = json.loads(raw)
     except ValueError:
-        data = raw[:300].decode("utf-8", "replace").strip() or "(empty body)"
+        # Cut generously: routing redacts secrets by value and only then shortens; a short cut here
+        # could split an echoed key so that redaction misses it and its start leaks.
+        data = raw[:4096].decode("utf-8", "replace").strip() or "(empty body)"
     return error_from_gemini(resp.status, data)
 
 
@@ -742,6 +759,8 @@ def usage_from_gemini(meta: Any) -> dict[str, Any] | None:
 
 def finish_reason(reason: Any, message: Any, has_calls: bool) -> str:
     """Gemini's finishReason as OpenAI's; raises for the reasons that mean the answer is broken."""
+    if not isinstance(reason, str):
+        reason = json.dumps(reason)  # not a reason at all: a failed step below, never a TypeError
     if reason in STOP_REASONS:
         mapped = STOP_REASONS[reason]
         return "tool_calls" if has_calls and mapped == "stop" else mapped
@@ -1021,7 +1040,7 @@ class GeminiProvider(Provider):
                 raise await read_error(resp)
             ctype = resp.header(b"content-type") or b""
             if b"text/event-stream" not in ctype:
-                raw = await resp.read()
+                raw = await read_bounded(resp)
                 try:
                     obj: Any = json.loads(raw)
                 except ValueError:

@@ -186,15 +186,12 @@ class TokenSource:
                 # Another request just tried while we waited: share its answer, don't hammer the endpoint.
                 f = self._failure
                 raise StepFailed(f.message, status=f.status, error=f.error)
+            self._failure = None  # a fetch cancelled midway must not leave an older error for the next waiter
             try:
-                self._token = await self._fetch()
-                self._failure = None
+                self._token = await self._fetch()  # _request turns connection errors into StepFailed
             except StepFailed as exc:
                 self._failure = exc
                 raise
-            except UpstreamError as exc:
-                self._failure = _creds_error(f"cannot reach the token endpoint: {exc}")
-                raise self._failure from None
             finally:
                 self._generation += 1
             return self._token.value
@@ -340,7 +337,9 @@ class VertexProvider(GeminiProvider):
             return True
         if self.api == "gemini":
             return False
-        return "/" in step.model and not step.model.startswith("models/")
+        # ``publisher/model`` is the OpenAI endpoint's naming; ``models/…`` and the full
+        # ``publishers/google/models/…`` name a Gemini model (endpoint() strips them).
+        return "/" in step.model and not step.model.startswith(("models/", "publishers/google/models/"))
 
     async def project(self) -> str:
         if self._project is None:
@@ -358,13 +357,18 @@ class VertexProvider(GeminiProvider):
         return (f"{self.base}/projects/{project}/locations/{quote(self.location, safe='')}"
                 f"/publishers/google/models/{model}:{method}")
 
+    async def quota_project(self) -> str | None:
+        """The project billed for user credentials (``x-goog-user-project``), as gcloud sends it."""
+        creds = await self.tokens.credentials()
+        quota = creds.info.get("quota_project_id")
+        return quota if creds.kind == "authorized_user" and isinstance(quota, str) and quota else None
+
     async def auth_headers(self) -> Headers:
         if self.express:
             return []
         headers = [(b"authorization", b"Bearer " + (await self.tokens.token()).encode())]
-        creds = await self.tokens.credentials()
-        quota = creds.info.get("quota_project_id")
-        if creds.kind == "authorized_user" and isinstance(quota, str) and quota:
+        quota = await self.quota_project()
+        if quota:
             headers.append((b"x-goog-user-project", quota.encode()))
         return headers
 
@@ -385,9 +389,8 @@ class VertexProvider(GeminiProvider):
             project = quote(await self.project(), safe="")
             base = f"{self.base}/projects/{project}/locations/{quote(self.location, safe='')}/endpoints/openapi"
             headers = dict(self.cfg.headers)
-            creds = await self.tokens.credentials()
-            quota = creds.info.get("quota_project_id")
-            if creds.kind == "authorized_user" and isinstance(quota, str) and quota:
+            quota = await self.quota_project()
+            if quota:
                 headers["x-goog-user-project"] = quota
             cfg = dataclasses.replace(self.cfg, type="openai", api_key=token, base_url=base, headers=headers,
                                       options={})
