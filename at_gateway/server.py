@@ -98,12 +98,14 @@ class ClientGone(Exception):
 class Responder:
     """Writes one response: whole (:meth:`send`) or streamed (:meth:`start`, :meth:`write`, :meth:`end`)."""
 
-    __slots__ = ("_conn", "_stream", "_server", "started", "finished", "status")
+    __slots__ = ("_conn", "_stream", "_server", "_head_only", "started", "finished", "status")
 
-    def __init__(self, conn: h11.Connection, stream: anyio.abc.ByteStream, server: Server) -> None:
+    def __init__(self, conn: h11.Connection, stream: anyio.abc.ByteStream, server: Server,
+                 head_only: bool = False) -> None:
         self._conn = conn
         self._stream = stream
         self._server = server
+        self._head_only = head_only  # a HEAD request: the answer's head only (h11 refuses body bytes)
         self.started = False
         self.finished = False
         self.status = 0
@@ -111,10 +113,19 @@ class Responder:
     def _head(self, status: int, headers: Headers) -> bytes:
         if self._server.draining:
             headers = [*headers, (b"connection", b"close")]
+        self._check(headers)
         self.started = True
         self.status = status
         return self._conn.send(h11.Response(status_code=status, headers=headers,
                                             reason=_REASONS.get(status, b"")))
+
+    def _check(self, headers: Headers) -> None:
+        """Refuse an illegal header field before anything is sent, so that the error can still be answered
+        (h11 refuses it too, but only once its connection state is broken for good)."""
+        try:
+            self._server.header_validator.check(headers, "response header")
+        except HTTPError as exc:
+            raise h11.LocalProtocolError(str(exc)) from None
 
     async def _write(self, data: bytes) -> None:
         try:
@@ -125,7 +136,7 @@ class Responder:
     async def send(self, status: int, headers: Headers, body: bytes) -> None:
         headers = [*headers, (b"content-length", str(len(body)).encode())]
         data = self._head(status, headers)
-        if body:
+        if body and not self._head_only:
             data += self._conn.send(h11.Data(data=body))
         data += self._conn.send(h11.EndOfMessage())
         self.finished = True
@@ -138,11 +149,11 @@ class Responder:
         await self._write(self._head(status, headers))
 
     async def write(self, data: bytes) -> None:
-        if data:
+        if data and not self._head_only:
             await self._write(self._conn.send(h11.Data(data=data)))
 
     async def end(self, data: bytes = b"") -> None:
-        out = self._conn.send(h11.Data(data=data)) if data else b""
+        out = self._conn.send(h11.Data(data=data)) if data and not self._head_only else b""
         out += self._conn.send(h11.EndOfMessage())
         self.finished = True
         await self._write(out)
@@ -167,10 +178,7 @@ class RawResponder(Responder):
             raise h11.LocalProtocolError("response already started")
         if self._server.draining:
             headers = [*headers, (b"connection", b"close")]
-        try:
-            self._server.header_validator.check(headers, "response header")
-        except HTTPError as exc:
-            raise h11.LocalProtocolError(str(exc)) from None
+        self._check(headers)
         self.started = True
         self.status = status
         out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
@@ -278,7 +286,7 @@ class Server:
 
     async def _drain(self, conn_tg: anyio.abc.TaskGroup) -> None:
         with anyio.move_on_after(self.settings.shutdown_timeout):
-            while any(st.busy for st in self._conns) or self._conns:
+            while self._conns:
                 self._idle_event = anyio.Event()
                 for st in list(self._conns):
                     if not st.busy and st.idle_scope is not None:
@@ -293,13 +301,22 @@ class Server:
             self._idle_event.set()
 
     async def _accept_loop(self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup) -> None:
+        failing = False
         while True:
             await self._slots.acquire()
             try:
                 stream = await listener.accept()
+            except OSError as exc:  # out of file descriptors (EMFILE) and the like: wait, never stop serving
+                self._slots.release()
+                if not failing:
+                    log.warning("cannot accept connections (%s); retrying every 0.1 s", exc.strerror or exc)
+                failing = True
+                await anyio.sleep(0.1)
+                continue
             except BaseException:
                 self._slots.release()
                 raise
+            failing = False
             tg.start_soon(self._connection, stream)
 
     # -- one connection -------------------------------------------------
@@ -307,11 +324,12 @@ class Server:
         st = _ConnState()
         self._conns.add(st)
         stream: anyio.abc.ByteStream = raw
+        client = "?"
         try:
             try:
                 client = "%s:%s" % raw.extra(anyio.abc.SocketAttribute.remote_address)[:2]
             except Exception:
-                client = "?"
+                pass
             if self.settings.ssl_context is not None:
                 try:
                     with anyio.fail_after(self.settings.header_timeout):
@@ -322,6 +340,8 @@ class Server:
             await self._serve_connection(stream, st, client)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, ClientGone, OSError):
             pass
+        except Exception:  # whatever goes wrong on one connection must not take the server down with it
+            log.exception("unexpected error on the connection from %s; closing it", client)
         finally:
             self._conns.discard(st)
             self._slots.release()
@@ -330,9 +350,12 @@ class Server:
                 await anyio.aclose_forcefully(stream)
 
     async def _receive(self, stream: anyio.abc.ByteStream) -> bytes:
+        """The next bytes from the client; b"" once it is gone. OSError includes ssl.SSLError: a corrupt TLS
+        record (anyio re-raises it as is) ends this connection, nothing else (the watcher runs in a task group,
+        where an escaping error would take down the whole server)."""
         try:
             return await stream.receive(65536)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             return b""
 
     async def _serve_connection(self, stream: anyio.abc.ByteStream, st: _ConnState, client: str) -> None:
@@ -397,21 +420,20 @@ class Server:
                          conn: h11.Connection) -> None:
         """The rest of a connection on h11 (``conn`` already holds the bytes read)."""
         s = self.settings
-        first = False
         while True:
-            # Phase 1: wait (idle) for the first byte of the next request.
+            # Phase 1: wait (idle) for the first byte of the next request (the connection's first request
+            # came on the fast path, so this is always a keep-alive wait).
             if not conn.trailing_data[0] and not conn.trailing_data[1]:
                 with anyio.CancelScope() as idle:
                     st.idle_scope = idle
                     if self.draining:
                         return
-                    idle.deadline = anyio.current_time() + (s.header_timeout if first else s.keepalive_timeout)
+                    idle.deadline = anyio.current_time() + s.keepalive_timeout
                     data = await self._receive(stream)
                     conn.receive_data(data)
                 st.idle_scope = None
                 if idle.cancelled_caught or not data:
                     return
-            first = False
             st.busy = True
             # Phase 2: the rest of the head, within header_timeout (slowloris).
             try:
@@ -482,7 +504,7 @@ class Server:
                 return
             body = body_parts[0] if len(body_parts) == 1 else b"".join(body_parts)
             request = Request(event.method, event.target, request_headers, body, client)
-            responder = Responder(conn, stream, self)
+            responder = Responder(conn, stream, self, head_only=event.method == b"HEAD")
             gone = await self._run_handler(request, responder, conn.receive_data, stream)
             st.busy = False
             self._changed()

@@ -88,29 +88,31 @@ Connector = Callable[[Origin, float], Awaitable[anyio.abc.ByteStream]]
 class Connection:
     """One keep-alive HTTP/1.1 connection to an origin."""
 
-    __slots__ = ("stream", "parser", "idle_since", "requests", "_sock")
+    __slots__ = ("stream", "parser", "idle_since", "requests", "_poll")
 
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         self.parser = ResponseParser()  # replaced for each request
         self.idle_since = 0.0
         self.requests = 0
-        sock = None
+        # poll(), not select(): select() refuses descriptors >= 1024, common in a busy gateway.
+        self._poll: select.poll | None = None
         try:
             sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            poll = select.poll()
+            poll.register(sock, select.POLLIN)
+            self._poll = poll
         except Exception:  # not a socket stream (tests, proxies through wrappers)
-            sock = None
-        self._sock = sock
+            pass
 
     def looks_dropped(self) -> bool:
-        """True when an idle connection is readable: EOF, or bytes nobody asked for."""
-        if self._sock is None:
+        """True when an idle connection is readable: EOF, an error, or bytes nobody asked for."""
+        if self._poll is None:
             return False
         try:
-            readable, _, _ = select.select([self._sock], [], [], 0)
+            return bool(self._poll.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     async def aclose(self) -> None:
         await anyio.aclose_forcefully(self.stream)
@@ -128,10 +130,14 @@ class Pool:
 
     def take_idle(self, dead: list[Connection]) -> Connection | None:
         """The most recently used live idle connection; expired or dropped ones go to ``dead``."""
-        now = time.monotonic()
-        while self.idle:
-            conn = self.idle.pop()  # most recently used first: likeliest alive
-            if now - conn.idle_since > self.idle_timeout or conn.looks_dropped():
+        idle = self.idle  # oldest on the left: put_idle appends
+        # Expired ones leave from the old end, so the expiry holds even while newer connections are reused.
+        expired_before = time.monotonic() - self.idle_timeout
+        while idle and idle[0].idle_since < expired_before:
+            dead.append(idle.popleft())
+        while idle:
+            conn = idle.pop()  # most recently used first: likeliest alive
+            if conn.looks_dropped():
                 dead.append(conn)
                 continue
             return conn
@@ -302,14 +308,12 @@ class UpstreamClient:
             req_headers = [(b"host", target.origin.host_header), *headers]
             if body or method not in (b"GET", b"HEAD"):
                 req_headers.append((b"content-length", str(len(body)).encode()))
-            attempt = 0
+            dead: list[Connection] = []
+            conn = pool.take_idle(dead)
+            for d in dead:
+                await d.aclose()
+            reused = conn is not None
             while True:
-                attempt += 1
-                dead: list[Connection] = []
-                conn = pool.take_idle(dead)
-                for d in dead:
-                    await d.aclose()
-                reused = conn is not None
                 if conn is None:
                     conn = await self._open(target.origin, proxy)
                 try:
@@ -318,9 +322,9 @@ class UpstreamClient:
                 except _StaleConnection as exc:
                     stale, conn = conn, None
                     await stale.aclose()
-                    if reused and attempt < 3:
-                        continue
-                    raise ProtocolError(str(exc)) from None
+                    if not reused:
+                        raise ProtocolError(str(exc)) from None
+                    reused = False  # retried once, on a fresh connection (other idle ones may be stale too)
             conn.requests += 1
             response = Response(status, resp_headers, conn, self, pool)
             yield response

@@ -283,14 +283,29 @@ def test_raw_responder_writes_what_h11_writes(calls: list[tuple], draining: bool
     assert anyio.run(run, RawResponder) == anyio.run(run, h11_responder)
 
 
-def test_raw_responder_refuses_header_injection() -> None:
+@pytest.mark.parametrize("fast", [True, False])
+def test_responders_refuse_header_injection_and_can_still_answer(fast: bool) -> None:
+    """An illegal header is refused before anything is written, on both paths, so the server's 500 still goes
+    out (on the h11 path it used to break h11's state: the client got no answer at all)."""
     import anyio
 
-    from at_gateway.server import RawResponder
+    from at_gateway.server import RawResponder, Responder
 
-    async def run() -> None:
-        r = RawResponder(_Sink(), _Srv())  # type: ignore[arg-type]
-        with pytest.raises(h11.LocalProtocolError):
-            await r.send(200, [(b"x-route", b"a\r\nSet-Cookie: x")], b"")
+    async def run() -> bytes:
+        sink = _Sink()
+        if fast:
+            r: Responder = RawResponder(sink, _Srv())  # type: ignore[arg-type]
+        else:
+            c = h11.Connection(h11.SERVER)
+            c.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.next_event()
+            c.next_event()
+            r = Responder(c, sink, _Srv())  # type: ignore[arg-type]
+        for bad in (b"a\r\nSet-Cookie: x", b"trailing-tab\t"):
+            with pytest.raises(h11.LocalProtocolError):
+                await r.send(200, [(b"x-route", bad)], b"")
+        assert not r.started and sink.data == b""
+        await r.send_json(500, b"{}")
+        return sink.data
 
-    anyio.run(run)
+    assert anyio.run(run).startswith(b"HTTP/1.1 500 Internal Server Error\r\n")

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
+import resource
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import GATEWAY_KEY, RunningGateway, base_config, run_gateway
 from tests.mock_upstream import MockUpstream, Reply, stream_of, wait_until
@@ -101,6 +108,23 @@ def test_http10_closes(gw: RunningGateway) -> None:
         assert status == 200 and closed_by_peer(s)
 
 
+def test_head_request_is_answered_with_a_head_only(gw: RunningGateway) -> None:
+    """An answer to HEAD carries no body (h11 refuses one): the head is sent and the connection lives on."""
+    with connect(gw) as s:
+        s.sendall(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = s.recv(65536)
+            assert data, buf
+            buf += data
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] in (b"200", b"405") and b"content-length: " in head.lower() and rest == b""
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = read_response(s, bytearray())
+        assert status == 200 and body == b'{"status":"healthy"}'
+    assert "unhandled error" not in gw.logs.getvalue()
+
+
 def test_expect_100_continue(gw: RunningGateway) -> None:
     with connect(gw) as s:
         req = chat_request(b"Expect: 100-continue\r\n")
@@ -158,11 +182,26 @@ def test_slow_head_gets_408_and_close(gw: RunningGateway) -> None:
         assert closed_by_peer(s)
 
 
-def test_idle_keep_alive_connection_is_closed(gw: RunningGateway) -> None:
+@pytest.mark.parametrize("first", [b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",  # the fast path
+                                   b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+def test_idle_keep_alive_connection_is_closed(gw: RunningGateway, first: bytes) -> None:
     with connect(gw) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(first)
         read_response(s, bytearray())
         assert closed_by_peer(s)  # after keepalive_timeout (1s) with nothing sent
+
+
+def test_pipelining_after_the_h11_path_took_over(gw: RunningGateway) -> None:
+    """A chunked request moves the connection to h11; requests pipelined behind it are answered in order."""
+    chunked = chat_request(b"Transfer-Encoding: chunked\r\n", body=b"").replace(b"Content-Length: 0\r\n", b"")
+    chunked += b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHAT), CHAT)
+    with connect(gw) as s:
+        s.sendall(chunked + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + chat_request(b"X-Request-Id: three\r\n"))
+        buf = bytearray()
+        r1, r2, r3 = (read_response(s, buf) for _ in range(3))
+        assert r1[0] == 200 and json.loads(r1[2])["choices"][0]["message"]["content"] == "ping pong"
+        assert r2[2] == b'{"status":"healthy"}'
+        assert r3[1]["x-request-id"] == "three"
 
 
 def test_connection_cap(gw: RunningGateway) -> None:
@@ -251,3 +290,69 @@ def test_client_disconnect_cancels_upstream_stream(upstream: MockUpstream) -> No
         assert wait_until(lambda: g.gateway.client.stats() == {"active": 0, "idle": 0}), g.gateway.client.stats()
         line = g.request_logs()[-1]
         assert line["status"] == 200 and line["stream"] is True
+
+
+def test_shutdown_closes_idle_connections_and_cuts_streams_at_shutdown_timeout(upstream: MockUpstream) -> None:
+    upstream.replies["slow"] = Reply(sse=stream_of(*["w"] * 200), sse_delay=0.05)  # ~10 s in all
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "slow"}]}]
+    cfg = base_config(upstream.url, route, shutdown_timeout="0.3s", keepalive_timeout="60s")
+    with run_gateway(cfg) as g:
+        body = json.dumps({"model": "r", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+        with connect(g) as idle, connect(g) as streaming:
+            idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(idle, bytearray())[0] == 200
+            streaming.sendall(chat_request(body=body))
+            data = b""
+            while b"data:" not in data:
+                data += streaming.recv(4096)
+            g.portal.call(g.server.shutdown)
+            assert closed_by_peer(idle)  # at once: waiting for keepalive_timeout would hit the 5 s socket timeout
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", g.port), timeout=1).close()
+                    return False
+                except ConnectionRefusedError:
+                    return True
+
+            assert wait_until(refused)  # no longer accepting
+            while chunk := streaming.recv(65536):  # cut at shutdown_timeout, long before the stream's end
+                data += chunk
+            assert b"[DONE]" not in data and not data.endswith(b"0\r\n\r\n")  # truncated, not finished
+        assert "shutdown timeout reached" in g.logs.getvalue()
+
+
+def test_running_out_of_file_descriptors_does_not_stop_the_server(tmp_path: Path) -> None:
+    """accept() failing with EMFILE (more clients than the descriptor limit) is waited out: the gateway
+    keeps its listener and serves again once descriptors are free (it used to exit)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:9")))
+    log_path = tmp_path / "stderr.log"
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "at_gateway", "serve", "--config", str(path), "--port", "0"],
+                                stderr=log, preexec_fn=low_limit)
+    clients: list[socket.socket] = []
+    try:
+        assert wait_until(lambda: "listening on" in log_path.read_text() or proc.poll() is not None, 15)
+        port = int(re.search(r"listening on [^:]+:(\d+)", log_path.read_text()).group(1))  # type: ignore[union-attr]
+        for _ in range(200):  # more than 128 descriptors' worth: the kernel queues them, accept() fails
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        assert wait_until(lambda: "cannot accept" in log_path.read_text() or proc.poll() is not None)
+        assert proc.poll() is None, log_path.read_text()
+        for c in clients:
+            c.close()
+        clients.clear()
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json() == {"status": "healthy"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert "Traceback" not in log_path.read_text()
+    finally:
+        for c in clients:
+            c.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

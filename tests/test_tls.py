@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import socket
 import ssl
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import GATEWAY_KEY, base_config, run_gateway
-from tests.mock_upstream import MockUpstream
+from tests.mock_upstream import MockUpstream, Reply, stream_of
 
 
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
@@ -70,3 +73,31 @@ def test_https_upstream_with_private_ca(tmp_path: Path) -> None:
             assert "TLS" in r.json()["error"]["attempts"][0]["error"]
     finally:
         up.stop()
+
+
+def test_corrupt_tls_record_mid_request_ends_only_that_connection(upstream: MockUpstream, tmp_path: Path) -> None:
+    """A client whose TLS breaks while its request runs (the server reads on to notice a disconnect) loses
+    its own connection; the server goes on serving everyone else (it used to stop listening altogether)."""
+    cert, key = self_signed(tmp_path)
+    upstream.replies["slow"] = Reply(sse=stream_of(*["w"] * 100), sse_delay=0.05)
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "slow"}]}]
+    with run_gateway(base_config(upstream.url, route, tls={"cert_file": str(cert), "key_file": str(key)})) as gw:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        body = json.dumps({"model": "r", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", gw.port), timeout=5),
+                             server_hostname="localhost") as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + GATEWAY_KEY.encode() +
+                      b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            data = b""
+            while b"data:" not in data:
+                data += s.recv(4096)
+            with socket.socket(fileno=os.dup(s.fileno())) as raw:  # beneath TLS: a record that fails its MAC
+                raw.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+            try:
+                while s.recv(65536):  # the server closes this connection long before the stream's end
+                    pass
+            except (ssl.SSLError, ConnectionError):
+                pass
+        with httpx.Client(verify=ctx) as client:
+            assert client.get(f"https://localhost:{gw.port}/health").json() == {"status": "healthy"}
+        assert "Traceback" not in gw.logs.getvalue()
