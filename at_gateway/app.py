@@ -21,7 +21,7 @@ from .logs import Redactor, access_log
 from .providers import build_provider
 from .providers.base import Provider
 from .routing import Router
-from .server import Request, Responder
+from .server import ClientGone, Request, Responder
 from .upstream import UpstreamClient
 from .usage import UsageMeter
 
@@ -89,6 +89,13 @@ class Gateway:
             ctx.error = exc.message
             if not responder.started:
                 await responder.send_json(exc.status, exc.to_body(), [*exc.headers, *ctx.gateway_headers()])
+        except ClientGone:
+            raise
+        except Exception as exc:  # a bug: the server answers 500 and logs it; the request line must agree
+            if not responder.started:
+                ctx.status = 500
+            ctx.error = f"internal error: {exc.__class__.__name__}"
+            raise
         finally:
             if ctx.status == 0:
                 ctx.status = responder.status or 499  # 499: the client went away first

@@ -15,17 +15,26 @@ from collections.abc import Sequence
 from . import __version__
 
 
+def _port(text: str) -> int:
+    """A port number, or argparse's usage error (never a traceback from bind())."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0..65535)")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="at-gateway", description="A self-hosted LLM API gateway.")
     sub = p.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the gateway (the default command)")
-    for sp in (p, serve):
-        sp.add_argument("--config", help="config file (default: $AT_GATEWAY_CONFIG, ./config.yaml, "
-                                         "/etc/at-gateway/config.yaml)")
-        sp.add_argument("--host", help="listen address (overrides the config)")
-        sp.add_argument("--port", type=int, help="listen port (overrides the config)")
+    # The options are accepted before and after the command. A subcommand's defaults would overwrite what
+    # was given before it (`--config X serve` would lose X), so there they are set only when given.
+    for sp, default in ((p, None), (serve, argparse.SUPPRESS)):
+        sp.add_argument("--config", default=default, help="config file (default: $AT_GATEWAY_CONFIG, "
+                                                          "./config.yaml, /etc/at-gateway/config.yaml)")
+        sp.add_argument("--host", default=default, help="listen address (overrides the config)")
+        sp.add_argument("--port", type=_port, default=default, help="listen port (overrides the config)")
     check = sub.add_parser("check-config", help="validate a config file; exit 0 when valid, 1 otherwise")
-    check.add_argument("--config", help="config file")
+    check.add_argument("--config", default=argparse.SUPPRESS, help="config file")
     sub.add_parser("version", help="print the version and the commit it was built from")
     return p
 

@@ -120,6 +120,9 @@ class Config:
             for k, v in p.headers.items():
                 if k.lower() in ("authorization", "api-key", "x-api-key", "x-goog-api-key"):
                     out.append(v)
+                    scheme, _, token = v.partition(" ")
+                    if token.strip() and scheme.lower() in ("bearer", "basic", "token"):
+                        out.append(token.strip())  # an upstream may quote the token without its scheme
             if p.proxy and "@" in p.proxy:
                 from urllib.parse import unquote
 
@@ -207,15 +210,20 @@ class _Reader:
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
 
-    def duration(self, d: dict[str, Any], key: str, path: str, default: float) -> float:
+    def duration(self, d: dict[str, Any], key: str, path: str, default: float, positive: bool = False) -> float:
+        """``positive``: zero would fail every request at once (a timeout of 0), so it is refused."""
         if d.get(key) is None:
             return default
         try:
-            return parse_duration(d[key])
+            seconds = parse_duration(d[key])
         except ValueError:
             self.problems.append(
                 f"{_join(path, key)}: {d[key]!r} is not a duration (use e.g. 300s, 5m, 1.5s or a number of seconds)")
             return default
+        if positive and seconds <= 0:
+            self.problems.append(f"{_join(path, key)}: must be greater than zero")
+            return default
+        return seconds
 
     def integer(self, d: dict[str, Any], key: str, path: str, default: int, lo: int = 0, hi: int | None = None) -> int:
         if d.get(key) is None:
@@ -309,8 +317,10 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
     default_port = 8080
     if env.get("PORT", "").isdigit():
         default_port = int(env["PORT"])
+        if default_port > 65535 and data.get("port") is None:
+            problems.append(f"port: not set, and $PORT ({default_port}) is out of range (0..65535)")
     port = r.integer(data, "port", "", default_port, 0, 65535)
-    default_timeout = r.duration(data, "default_timeout", "", 300.0)
+    default_timeout = r.duration(data, "default_timeout", "", 300.0, positive=True)
 
     tls = None
     tls_raw = _mapping(data.get("tls"), "tls", problems)
@@ -327,7 +337,7 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
     upstream = UpstreamConfig(
         max_connections_per_origin=r.integer(up_raw, "max_connections_per_origin", "upstream", 256, 1),
         idle_timeout=r.duration(up_raw, "idle_timeout", "upstream", 60.0),
-        connect_timeout=r.duration(up_raw, "connect_timeout", "upstream", 10.0),
+        connect_timeout=r.duration(up_raw, "connect_timeout", "upstream", 10.0, positive=True),
         ca_file=r.string(up_raw, "ca_file", "upstream"),
     )
 
@@ -347,11 +357,11 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
         host=r.string(data, "host", "", "127.0.0.1") or "127.0.0.1",
         port=port,
         default_timeout=default_timeout,
-        stream_idle_timeout=r.duration(data, "stream_idle_timeout", "", 120.0),
+        stream_idle_timeout=r.duration(data, "stream_idle_timeout", "", 120.0, positive=True),
         stream_keepalive_interval=r.duration(data, "stream_keepalive_interval", "", 15.0),
         max_body_size=max_body,
         max_header_size=r.integer(data, "max_header_size", "", 64 * 1024, 1024),
-        header_timeout=r.duration(data, "header_timeout", "", 10.0),
+        header_timeout=r.duration(data, "header_timeout", "", 10.0, positive=True),
         keepalive_timeout=r.duration(data, "keepalive_timeout", "", 75.0),
         max_connections=r.integer(data, "max_connections", "", 10000, 1),
         shutdown_timeout=r.duration(data, "shutdown_timeout", "", 30.0),

@@ -79,8 +79,10 @@ class Router:
             if status is not None and 400 <= status < 500 and status not in (408, 429):
                 # Every step refused the same way: the client's request is the problem.
                 up = attempts[-1].upstream_error or {}
+                # The upstream's own code and type are passed on, like its message: redacted, shortened.
                 code = up.get("code") if isinstance(up.get("code"), str) else "upstream_rejected_request"
                 utype = up.get("type") if isinstance(up.get("type"), str) else "invalid_request_error"
+                code, utype = self.redact(str(code))[:100], self.redact(str(utype))[:100]
                 return GatewayError(attempts[-1].error or "upstream rejected the request", status=status,
                                     type=utype, code=code, extra=extra)
             if status is not None and 400 <= status < 500:
@@ -122,6 +124,7 @@ class Router:
             provider = self.providers[step.provider]
             attempt = Attempt(i, step.provider, step.model)
             ctx.attempts.append(attempt)
+            ctx.provider, ctx.model = step.provider, step.model  # as in complete(): a 502 names the last step
             state = StreamState(include_usage=include_usage)
             agen = cast(AsyncGenerator[bytes, None], provider.stream(prepare_body(body, step), step, state))
             try:
@@ -132,7 +135,6 @@ class Router:
                     continue
                 attempt.ok = True
                 attempt.status = 200
-                ctx.provider, ctx.model = step.provider, step.model
                 if not responder.started:
                     await responder.start(200, [*_SSE_HEADERS, *ctx.gateway_headers()])
                 ctx.status = 200

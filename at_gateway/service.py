@@ -1,12 +1,14 @@
 """Running the gateway as a service: event loop, signals, reload, drain.
 
 SIGTERM/SIGINT start a graceful drain (exit 0 when done); SIGHUP reloads the
-config file in place (routes, providers, keys), keeping the old one when the
-new one is invalid. Listening address changes need a restart.
+config file in place (routes, providers, keys, timeouts of steps and streams,
+logging), keeping the old one when the new one is invalid. Settings of the
+listening server and the upstream pools need a restart (a reload says which).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import signal
@@ -23,6 +25,11 @@ from .logs import Redactor, setup_logging
 from .server import Server, ServerSettings
 
 log = logging.getLogger("at_gateway.service")
+
+# What a SIGHUP reload changes (a new Gateway, and the log set-up); every other setting belongs to the
+# listening server or the upstream pools, which keep running as they started.
+_RELOADED = frozenset({"source", "api_keys", "providers", "routes", "default_timeout", "stream_idle_timeout",
+                       "stream_keepalive_interval", "log_level", "log_bodies"})
 
 
 def server_settings(config: Config) -> ServerSettings:
@@ -89,12 +96,17 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc.render())
             return
-        if (new.host, new.port, new.tls, new.workers) != (config.host, config.port, config.tls, config.workers):
-            log.warning("reload: host, port, tls and workers changes need a restart; other changes applied")
+        kept = [f.name for f in dataclasses.fields(Config)
+                if f.name not in _RELOADED and getattr(new, f.name) != getattr(config, f.name)]
+        if kept:
+            log.warning("reload: changes to %s need a restart; the others are applied", ", ".join(kept))
         old = state["gateway"]
         fresh = Gateway(new, client=old.client)
         state["gateway"] = fresh
         server.handler = fresh.handle
+        # Log lines are redacted by value: the new keys from now on (and the old ones, for requests still
+        # running on the old config). The log level follows the file too.
+        setup_logging(new.log_level, Redactor([*old.config.secrets(), *new.secrets()]))
         log.info("config reloaded from %s (%d routes)", config.source, len(new.routes))
 
     await server.bind()

@@ -32,6 +32,8 @@ class Reply:
     reset: bool = False  # reset before answering at all
     truncate: bool = False  # JSON: announce more bytes than sent, then close
     close: bool = False  # Connection: close after the answer
+    hold: threading.Event | None = None  # SSE: before event number hold_after, wait (at most 10 s) for this
+    hold_after: int = 1
 
 
 def chat_completion(content: str = "hello", model: str = "m", usage: dict[str, int] | None = None,
@@ -85,6 +87,7 @@ class MockUpstream:
         self.default: Reply = Reply(body=chat_completion())
         self.received: list[Received] = []
         self.connections = 0
+        self.hold_timeouts = 0  # holds that nobody released in time
         self._stop = threading.Event()
         mock = self
 
@@ -162,6 +165,8 @@ class MockUpstream:
                     _reset(h.connection)
                     h.close_connection = True
                     return
+                if r.hold is not None and i == r.hold_after and not r.hold.wait(10):
+                    self.hold_timeouts += 1
                 if isinstance(ev, bytes):
                     data = ev
                 elif isinstance(ev, str):

@@ -100,6 +100,11 @@ def test_every_problem_is_listed_with_path_and_hint(tmp_path: Path) -> None:
     ({"api_key": "k", "port": "eighty"}, "port: 'eighty' is not a whole number"),
     ({"api_key": "k", "prot": 1}, "prot: unknown key (did you mean 'port'?)"),
     ({"api_key": "k", "max_body_size": "huge"}, "max_body_size: 'huge' is not a size"),
+    ({"api_key": "k", "stream_idle_timeout": "0s"}, "stream_idle_timeout: must be greater than zero"),
+    ({"api_key": "k", "port": 70000}, "port: 70000 is out of range"),
+    ({"api_key": "k", "default_timeout": 0}, "default_timeout: must be greater than zero"),
+    ({"api_key": "k", "header_timeout": "0"}, "header_timeout: must be greater than zero"),
+    ({"api_key": "k", "upstream": {"connect_timeout": "0ms"}}, "upstream.connect_timeout: must be greater than zero"),
 ])
 def test_problems(raw: dict, problem: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -219,3 +224,25 @@ def test_example_config_loads_with_no_environment() -> None:
     cfg = load_config(Path(__file__).parent.parent / "config.yaml.example", {})
     assert "demo" in cfg.routes and cfg.providers["echo"].type == "echo"
     assert cfg.host == "127.0.0.1" and cfg.port == 8080
+
+
+def test_options_before_the_command_are_kept(tmp_path: Path) -> None:
+    """`--config X check-config` and `--config X serve` use X (a subcommand's defaults must not reset it)."""
+    good = write(tmp_path, GO_EXAMPLE)
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    r = run_cli("--config", str(good), "check-config", env=ENV, cwd=empty)
+    assert r.returncode == 0 and str(good) in r.stdout, r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("api_key: k\nprot: 1\n")
+    r = run_cli("--config", str(bad), "serve", cwd=empty)
+    assert r.returncode == 1 and "prot: unknown key" in r.stderr and str(bad) in r.stderr, r.stderr
+
+
+def test_out_of_range_ports_are_problems_not_tracebacks(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_config({"api_key": "k"}, "c.yaml", {"PORT": "99999"})
+    assert exc.value.problems == ["port: not set, and $PORT (99999) is out of range (0..65535)"]
+    assert build_config({"api_key": "k", "port": 81}, "c.yaml", {"PORT": "99999"}).port == 81
+    r = run_cli("serve", "--config", str(write(tmp_path, "api_key: k\n")), "--port", "70000")
+    assert r.returncode == 2 and "not a port number" in r.stderr and "Traceback" not in r.stderr

@@ -250,3 +250,195 @@ def test_request_id_echoed_and_generated(upstream: MockUpstream) -> None:
         assert r1.headers["x-request-id"] == "abc-123"
         assert len(r2.headers["x-request-id"]) >= 16
         assert r3.status_code == 401 and r3.headers["x-request-id"]
+
+
+def test_stream_502_carries_the_gateway_headers(upstream: MockUpstream) -> None:
+    upstream.replies["first"] = Reply(status=500, body={"error": {"message": "a"}})
+    upstream.replies["second"] = Reply(status=503, body={"error": {"message": "b"}})
+    with run_gateway(base_config(upstream.url, FALLBACK_ROUTE)) as gw:
+        for stream in (False, True):
+            r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                           json={"model": "r", "stream": stream, "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 502
+            assert (r.headers["x-gateway-route"], r.headers["x-gateway-provider"], r.headers["x-gateway-model"],
+                    r.headers["x-gateway-attempts"]) == ("r", "up2", "second", "2"), stream
+
+
+@pytest.mark.parametrize("replies", [
+    [Reply(status=400, body={"error": {"message": "bad"}}), Reply(status=404, body={"error": {"message": "nope"}})],
+    [Reply(status=400, body={"error": {"message": "bad"}}), Reply(status=500, body={"error": {"message": "boom"}})],
+    [Reply(status=400, body={"error": {"message": "bad"}}), Reply(reset=True)],
+])
+def test_different_failures_are_502_not_a_4xx(upstream: MockUpstream, replies: list[Reply]) -> None:
+    upstream.replies["first"], upstream.replies["second"] = replies
+    with run_gateway(base_config(upstream.url, FALLBACK_ROUTE)) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 502
+        assert r.json()["error"]["code"] == "all_steps_failed"
+
+
+def test_malformed_usage_chunk_mid_stream_is_an_error_event(upstream: MockUpstream) -> None:
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "m"}]}]
+    upstream.replies["m"] = Reply(sse=[chunk("", role=True), chunk("a"), b'data: {"usage": {"total_tokens": 1}, x\n\n'])
+    with run_gateway(base_config(upstream.url, route)) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        assert b"[DONE]" not in r.content
+        last = json.loads(r.content.strip().split(b"\n\n")[-1][6:])
+        assert last["error"]["code"] == "stream_interrupted" and "not JSON" in last["error"]["message"]
+        assert "unhandled" not in gw.logs.getvalue()
+
+
+def test_configured_keys_are_redacted_by_value(upstream: MockUpstream) -> None:
+    """A key with no token shape (no sk-, no Bearer) is still never repeated: not in the 502, not in the log."""
+    plain = "plainUpstreamKeyValue42"
+    cfg = base_config(upstream.url, FALLBACK_ROUTE)
+    cfg["providers"][0]["api_key"] = plain
+    upstream.replies["first"] = Reply(status=401, body={"error": {"message": f"key {plain} was revoked"}})
+    # A non-JSON body cut for quoting: the key straddles the cut, and not even its start may leak.
+    upstream.replies["second"] = Reply(status=403, body="x" * 279 + f" {plain} rejected")
+    with run_gateway(cfg) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 502
+        assert plain[:6] not in r.text and "[REDACTED]" in r.json()["error"]["attempts"][0]["error"]
+        log = json.dumps(gw.request_logs()[-1])
+        assert plain[:6] not in log and "[REDACTED]" in log
+
+
+def test_keepalive_then_all_steps_fail_is_an_error_event_without_done(upstream: MockUpstream) -> None:
+    upstream.replies["first"] = Reply(status=500, body={"error": {"message": "a"}}, delay=0.3)
+    upstream.replies["second"] = Reply(status=503, body={"error": {"message": "b"}})
+    with run_gateway(base_config(upstream.url, FALLBACK_ROUTE, stream_keepalive_interval="0.05s")) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 200  # the answer had started: the failure can only be an event now
+        assert r.content.startswith(b": keep-alive\n\n") and b"[DONE]" not in r.content
+        last = json.loads(r.content.strip().split(b"\n\n")[-1][6:])
+        assert last["error"]["code"] == "all_steps_failed" and len(last["error"]["attempts"]) == 2
+
+
+def test_keepalive_then_second_step_answers(upstream: MockUpstream) -> None:
+    upstream.replies["first"] = Reply(status=500, body={"error": {"message": "a"}}, delay=0.3)
+    upstream.replies["second"] = Reply(sse=stream_of("two"))
+    with run_gateway(base_config(upstream.url, FALLBACK_ROUTE, stream_keepalive_interval="0.05s")) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        assert r.content.startswith(b": keep-alive\n\n") and r.content.endswith(b"data: [DONE]\n\n")
+        assert b'"two"' in r.content
+        assert gw.request_logs()[-1]["provider"] == "up2"
+
+
+def test_every_step_429_passes_429_on_and_every_timeout_is_504(upstream: MockUpstream) -> None:
+    upstream.replies["first"] = Reply(status=429, body={"error": {"message": "slow down"}})
+    upstream.replies["second"] = Reply(status=429, body={"error": {"message": "slow down too"}})
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "first"}, {"provider": "up2", "model": "second"}]},
+             {"name": "t", "steps": [{"provider": "up1", "model": "late", "timeout": "0.1s"},
+                                     {"provider": "up2", "model": "late", "timeout": "0.1s"}]}]
+    upstream.replies["late"] = Reply(delay=2, body=chat_completion("late"))
+    with run_gateway(base_config(upstream.url, route)) as gw:
+        msgs = [{"role": "user", "content": "x"}]
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "messages": msgs})
+        assert r.status_code == 429
+        assert r.json()["error"]["type"] == "rate_limit_error" and len(r.json()["error"]["attempts"]) == 2
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "t", "messages": msgs})
+        assert r.status_code == 504
+        err = r.json()["error"]
+        assert err["code"] == "all_steps_timed_out" and [a["status"] for a in err["attempts"]] == [None, None]
+
+
+def test_an_internal_error_is_logged_as_500_not_as_a_disconnect(upstream: MockUpstream) -> None:
+    from at_gateway.providers.base import Completion, Provider
+
+    class Broken(Provider):
+        async def complete(self, body: dict[str, Any], step: Any) -> Completion:
+            raise RuntimeError("a bug")
+
+    with run_gateway(base_config(upstream.url)) as gw:
+        gw.gateway.providers["echo"] = Broken(gw.gateway.config.providers["echo"], gw.gateway.client)
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "demo", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 500 and "a bug" not in r.text and "Traceback" not in r.text
+        line = gw.request_logs()[-1]
+        assert line["status"] == 500 and line["error"] == "internal error: RuntimeError"
+
+
+def test_a_token_configured_in_headers_is_redacted_without_its_scheme(upstream: MockUpstream) -> None:
+    token = "plainEntraToken0042"
+    cfg = base_config(upstream.url, FALLBACK_ROUTE)
+    cfg["providers"][0]["headers"] = {"Authorization": f"Bearer {token}"}
+    upstream.replies["first"] = Reply(status=401, body={"error": {"message": f"token {token} expired"}})
+    upstream.replies["second"] = Reply(status=500, body={"error": {"message": "down"}})
+    with run_gateway(cfg) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 502 and token not in r.text and "token [REDACTED] expired" in r.text
+        assert token not in json.dumps(gw.request_logs()[-1])
+
+
+def test_stream_is_relayed_as_it_comes_not_buffered(upstream: MockUpstream) -> None:
+    """The upstream holds its stream after the first chunks until the client has seen them."""
+    import threading
+
+    hold = threading.Event()
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "m"}]}]
+    upstream.replies["m"] = Reply(sse=stream_of("early", "late"), hold=hold, hold_after=2)
+    with run_gateway(base_config(upstream.url, route)) as gw:
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY}, timeout=20,
+                          json={"model": "r", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+            seen = b""
+            it = r.iter_raw()
+            while b'"early"' not in seen:
+                seen += next(it)
+            hold.set()
+            seen += b"".join(it)
+        assert upstream.hold_timeouts == 0
+        assert b'"late"' in seen and seen.endswith(b"data: [DONE]\n\n")
+
+
+def test_step_timeout_bounds_the_first_chunk_not_the_whole_stream(upstream: MockUpstream) -> None:
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "m", "timeout": "0.5s"}]}]
+    upstream.replies["m"] = Reply(sse=stream_of("a", "b", "c", "d"), sse_delay=0.15)  # >= 0.9 s in all
+    with run_gateway(base_config(upstream.url, route)) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        assert r.content.endswith(b"data: [DONE]\n\n") and r.content.count(b'"content"') == 5
+
+
+def test_log_level_is_configurable(upstream: MockUpstream) -> None:
+    body = {"model": "demo", "messages": [{"role": "user", "content": "x"}]}
+    with run_gateway(base_config(upstream.url)) as gw:
+        httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY}, json=body)
+        line = gw.request_logs()[-1]
+        assert line["level"] == "info" and line["time"].endswith("Z") and "T" in line["time"]
+    with run_gateway(base_config(upstream.url, log_level="warning")) as gw:
+        httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY}, json=body)
+        httpx.get(gw.url + "/nope")
+    assert gw.log_lines() == []  # looked at once the server stopped: every request line would be written by now
+
+
+def test_a_connection_broken_after_done_still_ends_with_done(upstream: MockUpstream) -> None:
+    """[DONE] arrived: the answer is whole, even if the upstream then resets instead of ending the body."""
+    events = [*stream_of("a", "b"), b"data: [DONE]\n\n"]
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "m"}]}]
+    upstream.replies["m"] = Reply(sse=events, done=False, reset_after=len(events))
+    with run_gateway(base_config(upstream.url, route)) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        assert r.content.endswith(b"data: [DONE]\n\n") and b"error" not in r.content
+        assert gw.request_logs()[-1]["status"] == 200
+
+
+def test_passed_on_4xx_code_and_type_are_redacted(upstream: MockUpstream) -> None:
+    bad = Reply(status=400, body={"error": {"message": "no", "code": "sk-abcdefghijklmnop",
+                                            "type": "x" * 5000}})
+    upstream.replies["first"] = upstream.replies["second"] = bad
+    with run_gateway(base_config(upstream.url, FALLBACK_ROUTE)) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert "abcdefghijklmnop" not in r.text and "[REDACTED]" in err["code"] and len(err["type"]) <= 100

@@ -133,3 +133,24 @@ def test_bad_tls_files_fail_at_once_even_with_workers(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "tls: cannot load certificate or key" in r.stderr and str(path) in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_sighup_reload_redacts_the_new_keys_in_logs(upstream: MockUpstream, tmp_path: Path) -> None:
+    """Redaction by value follows a reload: a key added by SIGHUP never reaches the log either."""
+    cfg = base_config(upstream.url, log_bodies=True)
+    with gateway_process(cfg, tmp_path) as (proc, url, path, logfile):
+        new_key = "reloadedPlainKey77"
+        cfg["providers"].append({"name": "added", "type": "openai", "base_url": upstream.url, "api_key": new_key})
+        cfg["routes"].append({"name": "second", "steps": [{"provider": "added", "model": "m"}]})
+        cfg["max_body_size"] = "1MiB"  # a server setting: kept, and the reload says so
+        path.write_text(yaml.safe_dump(cfg))
+        proc.send_signal(signal.SIGHUP)
+        h = {"x-api-key": GATEWAY_KEY}
+        assert wait_until(lambda: len(httpx.get(url + "/v1/models", headers=h).json()["data"]) == 2)
+        r = httpx.post(url + "/v1/chat/completions", headers={**h, "x-request-id": "rid-k"},
+                       json={"model": "demo", "messages": [{"role": "user", "content": f"my key is {new_key}"}]})
+        assert r.status_code == 200
+        assert wait_until(lambda: '"rid-k"' in logfile.read_text())
+        line = next(ln for ln in logfile.read_text().splitlines() if '"rid-k"' in ln)
+        assert new_key not in line and "my key is [REDACTED]" in line
+        assert "changes to max_body_size need a restart" in logfile.read_text()

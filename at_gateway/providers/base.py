@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import ProviderConfig, Step
@@ -36,7 +36,6 @@ class StreamState:
     include_usage: bool = False  # the client asked for a usage chunk
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Provider:
@@ -80,7 +79,9 @@ def error_from_body(status: int, data: bytes, provider: str) -> StepFailed:
         error_obj = obj[0]["error"]
         message = str(error_obj.get("message", ""))
     if not message:
-        message = data[:300].decode("utf-8", "replace").strip() or "(empty body)"
+        # Cut generously: routing redacts, then shortens. Cutting short here first could split a key
+        # that redaction by value would then miss, leaking its start.
+        message = data[:4096].decode("utf-8", "replace").strip() or "(empty body)"
     return StepFailed(f"HTTP {status}: {message}", status=status, error=error_obj)
 
 
@@ -102,10 +103,6 @@ async def read_bounded(resp: Any, limit: int = 65536) -> bytes:
 async def read_error(resp: Any, provider: str, limit: int = 65536) -> StepFailed:
     """Read (a bounded part of) an error body and turn it into StepFailed."""
     return error_from_body(resp.status, await read_bounded(resp, limit), provider)
-
-
-def json_headers(extra: Headers) -> Headers:
-    return [(b"content-type", b"application/json"), (b"accept", b"application/json"), *extra]
 
 
 def config_headers(cfg: ProviderConfig) -> Headers:

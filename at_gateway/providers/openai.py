@@ -16,7 +16,7 @@ from typing import Any
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed
 from ..sse import EventSplitter, event_data, event_name
-from ..upstream import Headers, UpstreamClient
+from ..upstream import Headers, UpstreamClient, UpstreamError
 from .base import Completion, Provider, StreamState, config_headers, read_error
 from .presets import PRESETS  # `preset:` fills base_url for well-known services
 
@@ -51,7 +51,6 @@ class OpenAIProvider(Provider):
         self.url = base.rstrip("/") + "/chat/completions"
         headers = [(b"content-type", b"application/json"), *self.auth_headers()]
         headers += config_headers(cfg)
-        self.headers = headers
         self.stream_headers = [*headers, (b"accept", b"text/event-stream")]
         self.headers = [*headers, (b"accept", b"application/json")]
 
@@ -95,51 +94,63 @@ class OpenAIProvider(Provider):
             splitter = EventSplitter()
             first = True
             done = False
-            async for chunk in resp.aiter_raw():
-                events = splitter.feed(chunk)
-                if not events or done:
-                    continue
-                out: list[bytes] = []
-                try:
-                    for ev in events:
-                        d = event_data(ev)
-                        if d is None:
-                            continue  # comments and keep-alives
-                        if d == b"[DONE]":
-                            done = True
-                            break
-                        if first or b'"error"' in d or (b"event:" in ev and event_name(ev) == b"error"):
-                            _check_chunk(d, ev)
-                            first = False
-                        if b'"usage"' in d and _USAGE_RE.search(d):  # only the usage chunk is decoded
-                            obj = json.loads(d)
-                            if isinstance(obj.get("usage"), dict):
-                                state.usage = obj["usage"]
-                            if strip_usage and not obj.get("choices"):
-                                continue
-                        m = _FINISH_RE.search(d)
-                        if m:
-                            state.finish_reason = m.group(1).decode()
-                        out.append(ev if ev.startswith(b"data: ") else b"data: " + d + b"\n\n")
-                except StepFailed:
-                    if out:  # chunks that arrived together with the error reach the client first
-                        yield b"".join(out)
+            try:
+                async for chunk in resp.aiter_raw():
+                    events = splitter.feed(chunk)
+                    if not events or done:
+                        continue
+                    out: list[bytes] = []
+                    try:
+                        for ev in events:
+                            d = event_data(ev)
+                            if d is None:
+                                continue  # comments and keep-alives
+                            if d == b"[DONE]":
+                                done = True
+                                break
+                            if first or b'"error"' in d or (b"event:" in ev and event_name(ev) == b"error"):
+                                _check_chunk(d, ev)
+                                first = False
+                            if b'"usage"' in d and _USAGE_RE.search(d):  # only the usage chunk is decoded
+                                obj = _decode(d)
+                                if isinstance(obj.get("usage"), dict):
+                                    state.usage = obj["usage"]
+                                if strip_usage and not obj.get("choices"):
+                                    continue
+                            m = _FINISH_RE.search(d)
+                            if m:
+                                state.finish_reason = m.group(1).decode()
+                            out.append(ev if ev.startswith(b"data: ") else b"data: " + d + b"\n\n")
+                    except StepFailed:
+                        if out:  # chunks that arrived together with the error reach the client first
+                            yield b"".join(out)
+                        raise
+                    if out:
+                        yield out[0] if len(out) == 1 else b"".join(out)
+            except UpstreamError:
+                if not done:
                     raise
-                if out:
-                    yield out[0] if len(out) == 1 else b"".join(out)
+                # After [DONE] the answer is whole: a connection that breaks while its end is read
+                # is only not reused, never a broken stream.
             if not done and state.finish_reason is None:
                 if first:
                     raise StepFailed("upstream stream ended before its first chunk")
                 raise StepFailed("upstream stream ended before it was complete")
 
 
-def _check_chunk(d: bytes, ev: bytes) -> None:
+def _decode(d: bytes) -> dict[str, Any]:
+    """One event's JSON object; anything else is a broken stream (StepFailed, never a bare ValueError)."""
     try:
         obj = json.loads(d)
     except ValueError:
         raise StepFailed(f"upstream sent a stream event that is not JSON: {d[:120]!r}") from None
     if not isinstance(obj, dict):
         raise StepFailed("upstream sent a stream event that is not a JSON object")
+    return obj
+
+
+def _check_chunk(d: bytes, ev: bytes) -> None:
+    obj = _decode(d)
     err = obj.get("error")
     if err:
         msg = err.get("message") if isinstance(err, dict) else str(err)
