@@ -9,6 +9,7 @@ SSE error event and no ``[DONE]``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any, cast
@@ -23,7 +24,11 @@ from .server import ClientGone, Responder, call_later
 from .sse import DONE_EVENT, KEEPALIVE, encode
 from .upstream import UpstreamError
 
+log = logging.getLogger("at_gateway.routing")
+
 _MAX_ERROR_TEXT = 300
+# Upstream statuses that say the *gateway's* credentials for that provider are wrong, not the client's.
+_UPSTREAM_AUTH = (401, 403, 407)
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
 
@@ -63,8 +68,14 @@ class Router:
             text = f"timed out after {step.timeout:g}s"
         elif isinstance(exc, StopAsyncIteration):
             text = "upstream stream ended before its first chunk"
-        else:
+        elif isinstance(exc, UpstreamError):
             text = str(exc) or exc.__class__.__name__
+        else:
+            # A bug in an adapter (or an upstream answer it did not foresee): the step fails like any other,
+            # the traceback goes to the server log only, the client sees the exception's type.
+            log.error("provider %s raised while handling step %d", step.provider, attempt.step,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+            text = f"internal error in the {step.provider} adapter ({exc.__class__.__name__})"
         text = self.redact(text)
         if len(text) > _MAX_ERROR_TEXT:
             text = text[:_MAX_ERROR_TEXT] + "…"
@@ -76,6 +87,11 @@ class Router:
         statuses = {a.status for a in attempts}
         if len(statuses) == 1:
             (status,) = statuses
+            if status in _UPSTREAM_AUTH:
+                # Not the client's fault: its gateway key was fine, the providers refused ours.
+                return UpstreamFailed(f"every step's provider refused the gateway's credentials (HTTP {status}); "
+                                      f"check the providers' api_key: {attempts[-1].error}",
+                                      code="upstream_auth_failed", extra=extra)
             if status is not None and 400 <= status < 500 and status not in (408, 429):
                 # Every step refused the same way: the client's request is the problem.
                 up = attempts[-1].upstream_error or {}
@@ -107,7 +123,9 @@ class Router:
             try:
                 with anyio.fail_after(step.timeout):
                     result = await provider.complete(prepare_body(body, step), step)
-            except (StepFailed, UpstreamError, TimeoutError) as exc:
+            except ClientGone:
+                raise
+            except Exception as exc:  # StepFailed, UpstreamError, TimeoutError, or an adapter's bug
                 self._failed(ctx, attempt, exc, step)
                 continue
             attempt.ok = True
@@ -130,7 +148,9 @@ class Router:
             try:
                 try:
                     first = await self._first_chunk(agen, step, responder, ctx)
-                except (StepFailed, UpstreamError, TimeoutError, StopAsyncIteration) as exc:
+                except ClientGone:
+                    raise
+                except Exception as exc:  # StepFailed, UpstreamError, TimeoutError, StopAsyncIteration, a bug
                     self._failed(ctx, attempt, exc, step)
                     continue
                 attempt.ok = True
@@ -142,7 +162,9 @@ class Router:
                 await responder.write(first)
                 try:
                     await self._relay(agen, responder)
-                except (StepFailed, UpstreamError, TimeoutError) as exc:
+                except ClientGone:
+                    raise
+                except Exception as exc:  # after the first chunk: a visible error event, never a clean end
                     self._failed(ctx, attempt, exc, step)
                     if isinstance(exc, TimeoutError):
                         attempt.error = f"no chunk for {self.stream_idle_timeout:g}s (stream_idle_timeout)"

@@ -350,20 +350,59 @@ def test_every_step_429_passes_429_on_and_every_timeout_is_504(upstream: MockUps
         assert err["code"] == "all_steps_timed_out" and [a["status"] for a in err["attempts"]] == [None, None]
 
 
-def test_an_internal_error_is_logged_as_500_not_as_a_disconnect(upstream: MockUpstream) -> None:
+def test_an_adapter_bug_is_a_failed_step_not_a_500(upstream: MockUpstream) -> None:
+    """An exception an adapter did not foresee fails its step; the next step answers."""
     from at_gateway.providers.base import Completion, Provider
 
     class Broken(Provider):
         async def complete(self, body: dict[str, Any], step: Any) -> Completion:
+            raise RuntimeError("a bug with sk-secretsecretsecret inside")
+
+        async def stream(self, body: dict[str, Any], step: Any, state: Any) -> Any:
+            raise RuntimeError("a bug")
+            yield b""  # an async generator
+
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "m"}, {"provider": "echo", "model": "e"}]}]
+    with run_gateway(base_config(upstream.url, route)) as gw:
+        gw.gateway.providers["up1"] = Broken(gw.gateway.config.providers["up1"], gw.gateway.client)
+        for stream in (False, True):
+            r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                           json={"model": "r", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200 and r.headers["x-gateway-attempts"] == "2"
+            assert r.headers["x-gateway-provider"] == "echo"
+            line = gw.request_logs(2 if stream else 1)[-1]
+            assert line["failed_attempts"][0]["error"] == "internal error in the up1 adapter (RuntimeError)"
+        logs = gw.logs.getvalue()
+        assert "provider up1 raised" in logs and "sk-secretsecretsecret" not in logs
+
+
+def test_an_internal_error_is_logged_as_500_not_as_a_disconnect(upstream: MockUpstream) -> None:
+    class BrokenRouter:
+        async def complete(self, *args: Any) -> Any:
             raise RuntimeError("a bug")
 
     with run_gateway(base_config(upstream.url)) as gw:
-        gw.gateway.providers["echo"] = Broken(gw.gateway.config.providers["echo"], gw.gateway.client)
+        gw.gateway.router = BrokenRouter()  # type: ignore[assignment]
         r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
                        json={"model": "demo", "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 500 and "a bug" not in r.text and "Traceback" not in r.text
         line = gw.request_logs()[-1]
         assert line["status"] == 500 and line["error"] == "internal error: RuntimeError"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_upstreams_refusing_the_gateways_credentials_is_502_not_the_clients_401(upstream: MockUpstream,
+                                                                                status: int) -> None:
+    refused = Reply(status=status, body={"error": {"message": "Incorrect API key provided",
+                                                   "type": "invalid_request_error", "code": "invalid_api_key"}})
+    upstream.replies["first"] = refused
+    upstream.replies["second"] = refused
+    with run_gateway(base_config(upstream.url, FALLBACK_ROUTE)) as gw:
+        with pytest.raises(openai.APIStatusError) as exc:
+            sdk(gw).chat.completions.create(model="r", messages=[{"role": "user", "content": "x"}])
+        assert exc.value.status_code == 502
+        assert exc.value.body["code"] == "upstream_auth_failed"
+        assert "gateway's credentials" in exc.value.body["message"]
 
 
 def test_a_token_configured_in_headers_is_redacted_without_its_scheme(upstream: MockUpstream) -> None:
