@@ -31,15 +31,20 @@ _HEALTH = b'{"status":"healthy"}'
 
 class Gateway:
     def __init__(self, config: Config, client: UpstreamClient | None = None,
-                 redactor: Redactor | None = None) -> None:
+                 redactor: Redactor | None = None, usage: UsageMeter | None = None) -> None:
         self.config = config
         self.redact = redactor or Redactor(config.secrets())
         self.client = client or UpstreamClient(config.upstream)
         self.providers: dict[str, Provider] = {
             name: build_provider(pc, self.client) for name, pc in config.providers.items()}
+        # Built now, not on first use: serving must import nothing more from the .pyz, which a deploy
+        # may replace under a process that is still draining.
+        for pc in config.providers.values():
+            if pc.proxy:
+                self.client.connector(pc.proxy)
         self.router = Router(config.routes, self.providers, self.redact, config.stream_idle_timeout,
                              config.stream_keepalive_interval)
-        self.usage = UsageMeter()
+        self.usage = usage or UsageMeter()  # outlives config reloads
         self.log = logging.getLogger("at_gateway.access")
         self._keys = [k.encode() for k in config.api_keys]
         created = int(time.time())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -215,6 +216,11 @@ class RawResponder(Responder):
 
 
 Handler = Callable[[Request, Responder], Awaitable[None]]
+
+
+def _request_id_header() -> tuple[bytes, bytes]:
+    """For answers the server gives itself (protocol errors): every answer carries a request id."""
+    return (b"x-request-id", os.urandom(12).hex().encode())
 
 
 class _ConnState:
@@ -571,12 +577,12 @@ class Server:
         except GatewayError as exc:
             if responder.started:
                 raise ClientGone("error after the response started") from None
-            await responder.send_json(exc.status, exc.to_body(), exc.headers)
+            await responder.send_json(exc.status, exc.to_body(), [*exc.headers, _request_id_header()])
         except Exception:
             log.exception("unhandled error in handler")
             if responder.started:
                 raise ClientGone("error after the response started") from None
-            await responder.send_json(500, GatewayError("internal error").to_body())
+            await responder.send_json(500, GatewayError("internal error").to_body(), [_request_id_header()])
 
     async def _next_event(self, conn: h11.Connection, stream: anyio.abc.ByteStream) -> Any:
         while True:
@@ -591,7 +597,7 @@ class Server:
         """Answer a protocol-level error, then close: the connection's framing can't be trusted."""
         body = GatewayError(message, code=code, type="invalid_request_error").to_body()
         headers = [(b"content-type", _JSON), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
+                   _request_id_header(), (b"connection", b"close")]
         try:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 data = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b"")))

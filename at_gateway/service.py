@@ -101,7 +101,7 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
         if kept:
             log.warning("reload: changes to %s need a restart; the others are applied", ", ".join(kept))
         old = state["gateway"]
-        fresh = Gateway(new, client=old.client)
+        fresh = Gateway(new, client=old.client, usage=old.usage)
         state["gateway"] = fresh
         server.handler = fresh.handle
         # Log lines are redacted by value: the new keys from now on (and the old ones, for requests still

@@ -253,7 +253,7 @@ class UpstreamClient:
         """Proxies (HTTP CONNECT, SOCKS5) plug in here, keyed by their URL."""
         self._connectors[proxy] = connector
 
-    def _connector(self, proxy: str | None) -> Connector | None:
+    def connector(self, proxy: str | None) -> Connector | None:
         """The connector for a proxy URL (built once per URL); None connects directly."""
         if proxy is None:
             return self._connectors.get(None)
@@ -266,7 +266,7 @@ class UpstreamClient:
 
     async def _open(self, origin: Origin, proxy: str | None) -> Connection:
         timeout = self.config.connect_timeout
-        connector = self._connector(proxy)
+        connector = self.connector(proxy)
         try:
             with anyio.fail_after(timeout):
                 if connector is not None:

@@ -75,6 +75,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    raw_headers: list[tuple[str, str]] = field(default_factory=list)  # as sent, repeats included
 
     @property
     def json(self) -> Any:
@@ -110,7 +111,8 @@ class MockUpstream:
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
-                rec = Received(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                rec = Received(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body,
+                               list(self.headers.items()))
                 mock.received.append(rec)
                 key = self.path
                 try:

@@ -481,3 +481,28 @@ def test_passed_on_4xx_code_and_type_are_redacted(upstream: MockUpstream) -> Non
         assert r.status_code == 400
         err = r.json()["error"]
         assert "abcdefghijklmnop" not in r.text and "[REDACTED]" in err["code"] and len(err["type"]) <= 100
+
+
+def test_configured_headers_override_ours(upstream: MockUpstream) -> None:
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "m"}]}]
+    cfg = base_config(upstream.url, route)
+    cfg["providers"][0]["headers"] = {"Authorization": "Bearer entra-token-value", "X-Title": "my-app"}
+    with run_gateway(cfg) as gw:
+        httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                   json={"model": "r", "messages": [{"role": "user", "content": "x"}]})
+    got = upstream.received[-1]
+    raw_auth = [v for k, v in got.raw_headers if k.lower() == "authorization"]
+    assert raw_auth == ["Bearer entra-token-value"]  # one Authorization header: the configured one
+    assert got.headers["x-title"] == "my-app"
+
+
+def test_stream_usage_false_leaves_stream_options_alone(upstream: MockUpstream) -> None:
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "m"}]}]
+    cfg = base_config(upstream.url, route)
+    cfg["providers"][0]["stream_usage"] = False
+    upstream.replies["m"] = Reply(sse=stream_of("a", usage=False))
+    with run_gateway(cfg) as gw:
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        assert r.content.endswith(b"data: [DONE]\n\n")
+    assert "stream_options" not in upstream.received[-1].json

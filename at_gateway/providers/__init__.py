@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 
 # type name -> (module, class, extra config keys allowed for that type)
 PROVIDER_TYPES: dict[str, tuple[str, str, frozenset[str]]] = {
-    "openai": ("openai", "OpenAIProvider", frozenset({"preset"})),
+    "openai": ("openai", "OpenAIProvider", frozenset({"preset", "stream_usage"})),
     "echo": ("echo", "EchoProvider", frozenset()),
-    "azure": ("azure", "AzureProvider", frozenset({"api_version"})),
+    "azure": ("azure", "AzureProvider", frozenset({"api_version", "stream_usage"})),
     "anthropic": ("anthropic", "AnthropicProvider", frozenset({"anthropic_version", "max_tokens"})),
     "gemini": ("gemini", "GeminiProvider", frozenset({"safety_settings"})),
     "vertex": ("vertex", "VertexProvider",

@@ -49,10 +49,14 @@ class OpenAIProvider(Provider):
         super().__init__(cfg, client)
         base = cfg.base_url or PRESETS.get(str(cfg.options.get("preset", "")), "")
         self.url = base.rstrip("/") + "/chat/completions"
-        headers = [(b"content-type", b"application/json"), *self.auth_headers()]
-        headers += config_headers(cfg)
+        configured = config_headers(cfg)  # the config's headers win over ours of the same name
+        names = {name for name, _ in configured}
+        ours = [(b"content-type", b"application/json"), *self.auth_headers()]
+        headers = [h for h in ours if h[0] not in names] + configured
         self.stream_headers = [*headers, (b"accept", b"text/event-stream")]
         self.headers = [*headers, (b"accept", b"application/json")]
+        # Streams ask for usage (accounting needs it) unless the API refuses stream_options.
+        self.stream_usage = cfg.options.get("stream_usage", True) is not False
 
     def auth_headers(self) -> Headers:
         """How this API takes its key (Azure overrides: ``api-key``)."""
@@ -78,8 +82,9 @@ class OpenAIProvider(Provider):
     async def stream(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
         # Ask for usage always (accounting needs it); drop the usage-only
         # chunk again when the client did not ask for it.
-        opts = body.get("stream_options")
-        body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
+        if self.stream_usage:
+            opts = body.get("stream_options")
+            body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
         strip_usage = not state.include_usage
         data = json.dumps(self.body_for(body, step), separators=(",", ":"), ensure_ascii=False).encode()
         async with self.client.stream(b"POST", self.url_for(step), self.stream_headers, data,

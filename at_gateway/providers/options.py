@@ -51,7 +51,16 @@ def _vertex(options: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _openai(options: Mapping[str, Any]) -> list[str]:
+    v = options.get("stream_usage")
+    if v is not None and not isinstance(v, bool):
+        return ["stream_usage: must be true or false"]
+    return []
+
+
 CHECKERS: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {
+    "openai": _openai,
+    "azure": _openai,
     "anthropic": _anthropic,
     "gemini": _safety_settings,
     "vertex": _vertex,

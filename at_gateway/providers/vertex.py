@@ -137,6 +137,20 @@ def load_credentials(path: str, source: str) -> _Credentials:
     raise _creds_error(f"{source} file {path!r} has type {kind!r}; supported: service_account, authorized_user")
 
 
+def _preload_cryptography() -> None:
+    """Import what signing needs at start-up, not at the first token fetch.
+
+    A deploy swaps the .pyz under a process that is still draining, and Python reads each new import
+    from the file at that path; imports done before the swap are safe. Where cryptography is missing,
+    the first token fetch reports it (a failed step with the message saying how to install it).
+    """
+    try:
+        from cryptography.hazmat.primitives import hashes, serialization  # noqa: F401
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: F401
+    except ImportError:
+        pass
+
+
 def sign_jwt(creds: _Credentials, audience: str, now: int, scope: str = SCOPE) -> str:
     """The RS256-signed assertion a service account exchanges for an access token."""
     from cryptography.hazmat.primitives import hashes
@@ -326,6 +340,8 @@ class VertexProvider(GeminiProvider):
             self.base = versioned_base(cfg.base_url, f"https://{host}/{API_VERSION}", API_VERSION)
             # The API key header GeminiProvider added does not belong on ADC requests.
             self.headers = [(b"content-type", b"application/json"), *config_headers(cfg)]
+        if not self.express:
+            _preload_cryptography()
         self.tokens = TokenSource(client, credentials_file=str(credentials_file) if credentials_file else None,
                                   token_url=str(opts["token_url"]) if opts.get("token_url") else None,
                                   proxy=cfg.proxy)
