@@ -192,6 +192,11 @@ def substitute_env(node: Any, env: Mapping[str, str], path: str, problems: list[
     return node
 
 
+def _header_safe(value: str) -> bool:
+    """Names and models travel in response headers: no control characters, no spaces at the ends."""
+    return value == value.strip() and value.isprintable()
+
+
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
@@ -400,6 +405,10 @@ def _build_providers(raw: Any, r: _Reader, problems: list[str]) -> dict[str, Pro
             problems.append(f"{path}.name: required")
         elif name in out:
             problems.append(f"{path}.name: duplicate provider name {name!r}")
+        elif not _header_safe(name):
+            problems.append(f"{path}.name: {name!r} has spaces at its ends or control characters (it is sent "
+                            "back in the x-gateway-provider header)")
+            name = None
         ptype = r.string(p, "type", path, "openai") or "openai"
         if ptype not in PROVIDER_TYPES:
             close = difflib.get_close_matches(ptype, list(PROVIDER_TYPES), n=1)
@@ -466,6 +475,9 @@ def _build_routes(raw: Any, r: _Reader, problems: list[str], providers: Mapping[
             problems.append(f"{path}.name: required")
         elif name in out:
             problems.append(f"{path}.name: duplicate route name {name!r}")
+        elif not _header_safe(name):
+            problems.append(f"{path}.name: {name!r} has spaces at its ends or control characters (it is sent "
+                            "back in the x-gateway-route header)")
         steps: list[Step] = []
         raw_steps = _sequence(rt.get("steps"), f"{path}.steps", problems)
         if not raw_steps:
@@ -486,6 +498,9 @@ def _build_routes(raw: Any, r: _Reader, problems: list[str], providers: Mapping[
             model = r.string(s, "model", spath)
             if not model:
                 problems.append(f"{spath}.model: required")
+            elif not _header_safe(model):
+                problems.append(f"{spath}.model: {model!r} has spaces at its ends or control characters (it is "
+                                "sent back in the x-gateway-model header)")
             timeout = r.duration(s, "timeout", spath, default_timeout)
             if timeout <= 0:
                 problems.append(f"{spath}.timeout: must be greater than zero")

@@ -35,6 +35,10 @@ class HTTPError(Exception):
     """The peer broke HTTP/1.1 (or we were asked to send something that isn't HTTP/1.1)."""
 
 
+# Fields whose value differs on every message: caching them would only crowd out the others.
+_UNIQUE_VALUES = frozenset({b"x-request-id", b"content-length", b"date"})
+
+
 class HeaderValidator:
     """Checks header fields against the RFC 9110 grammar, each distinct field once.
 
@@ -56,7 +60,7 @@ class HeaderValidator:
                 name, value = h
                 if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
                     raise HTTPError(f"illegal {what} {name[:100]!r}")
-                if len(seen) < self._limit:
+                if len(seen) < self._limit and name not in _UNIQUE_VALUES:
                     seen.add(h)
 
 
