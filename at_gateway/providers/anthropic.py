@@ -72,7 +72,7 @@ from ..config import ProviderConfig, Step
 from ..errors import StepFailed
 from ..sse import EventSplitter, encode, event_data, event_name
 from ..upstream import UpstreamClient
-from .base import Completion, Provider, StreamState, config_headers, error_from_body, read_bounded
+from .base import Completion, Provider, StreamState, config_headers, decode_event, error_from_body, read_bounded
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"
@@ -713,12 +713,7 @@ def parse_event(ev: bytes) -> tuple[str, dict[str, Any]] | None:
     d = event_data(ev)
     if d is None or not d.strip():
         return None
-    try:
-        obj = json.loads(d)
-    except ValueError:
-        raise StepFailed(f"anthropic sent a stream event that is not JSON: {d[:120]!r}") from None
-    if not isinstance(obj, dict):
-        raise StepFailed("anthropic sent a stream event that is not a JSON object")
+    obj = decode_event(d, "anthropic")
     name = event_name(ev)
     return (name.decode("latin-1") if name else str(obj.get("type", ""))), obj
 

@@ -85,6 +85,17 @@ def error_from_body(status: int, data: bytes, provider: str) -> StepFailed:
     return StepFailed(f"HTTP {status}: {message}", status=status, error=error_obj)
 
 
+def decode_event(d: bytes, who: str = "upstream") -> dict[str, Any]:
+    """One stream event's JSON object; anything else is a broken stream (StepFailed, never a bare ValueError)."""
+    try:
+        obj = json.loads(d)
+    except ValueError:
+        raise StepFailed(f"{who} sent a stream event that is not JSON: {d[:120]!r}") from None
+    if not isinstance(obj, dict):
+        raise StepFailed(f"{who} sent a stream event that is not a JSON object")
+    return obj
+
+
 async def read_bounded(resp: Any, limit: int = 65536) -> bytes:
     """At most ``limit`` bytes of a body (error bodies: enough to quote, never unbounded)."""
     parts: list[bytes] = []

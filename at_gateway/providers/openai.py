@@ -17,7 +17,7 @@ from ..config import ProviderConfig, Step
 from ..errors import StepFailed
 from ..sse import EventSplitter, event_data, event_name
 from ..upstream import Headers, UpstreamClient, UpstreamError
-from .base import Completion, Provider, StreamState, config_headers, read_error
+from .base import Completion, Provider, StreamState, config_headers, decode_event, read_error
 from .presets import PRESETS  # `preset:` fills base_url for well-known services
 
 _FINISH_RE = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
@@ -117,7 +117,7 @@ class OpenAIProvider(Provider):
                                 _check_chunk(d, ev)
                                 first = False
                             if b'"usage"' in d and _USAGE_RE.search(d):  # only the usage chunk is decoded
-                                obj = _decode(d)
+                                obj = decode_event(d)
                                 if isinstance(obj.get("usage"), dict):
                                     state.usage = obj["usage"]
                                 if strip_usage and not obj.get("choices"):
@@ -143,19 +143,8 @@ class OpenAIProvider(Provider):
                 raise StepFailed("upstream stream ended before it was complete")
 
 
-def _decode(d: bytes) -> dict[str, Any]:
-    """One event's JSON object; anything else is a broken stream (StepFailed, never a bare ValueError)."""
-    try:
-        obj = json.loads(d)
-    except ValueError:
-        raise StepFailed(f"upstream sent a stream event that is not JSON: {d[:120]!r}") from None
-    if not isinstance(obj, dict):
-        raise StepFailed("upstream sent a stream event that is not a JSON object")
-    return obj
-
-
 def _check_chunk(d: bytes, ev: bytes) -> None:
-    obj = _decode(d)
+    obj = decode_event(d)
     err = obj.get("error")
     if err:
         msg = err.get("message") if isinstance(err, dict) else str(err)
