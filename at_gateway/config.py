@@ -40,7 +40,8 @@ TOP_KEYS = frozenset({
 STEP_KEYS = frozenset({"provider", "model", "timeout", "conflict_resolution"})
 ROUTE_KEYS = frozenset({"name", "steps"})
 TLS_KEYS = frozenset({"cert_file", "key_file"})
-UPSTREAM_KEYS = frozenset({"max_connections_per_origin", "idle_timeout", "connect_timeout", "ca_file"})
+UPSTREAM_KEYS = frozenset({"max_connections_per_origin", "idle_timeout", "connect_timeout", "ca_file",
+                           "max_response_size"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CONFLICT_MODES = ("tools", "format")
 LOOPS = ("auto", "asyncio", "uvloop")
@@ -84,6 +85,7 @@ class UpstreamConfig:
     idle_timeout: float = 60.0
     connect_timeout: float = 10.0
     ca_file: str | None = None  # extra CA bundle for upstreams behind a private CA
+    max_response_size: int = 64 * 2**20  # a whole (non-stream) upstream answer larger than this fails the step
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,16 @@ class _Reader:
         return default
 
 
+def _size(d: dict[str, Any], key: str, path: str, default: int, problems: list[str]) -> int:
+    if d.get(key) is None:
+        return default
+    try:
+        return parse_size(d[key])
+    except ValueError:
+        problems.append(f"{_join(path, key)}: {d[key]!r} is not a size (e.g. 64MiB)")
+        return default
+
+
 def _mapping(v: Any, path: str, problems: list[str]) -> dict[str, Any]:
     if v is None:
         return {}
@@ -344,6 +356,7 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
         idle_timeout=r.duration(up_raw, "idle_timeout", "upstream", 60.0),
         connect_timeout=r.duration(up_raw, "connect_timeout", "upstream", 10.0, positive=True),
         ca_file=r.string(up_raw, "ca_file", "upstream"),
+        max_response_size=_size(up_raw, "max_response_size", "upstream", 64 * 2**20, problems),
     )
 
     max_body = 10 * 2**20

@@ -199,7 +199,15 @@ class Response:
             p.feed(chunk)
 
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.aiter_raw()]
+        """The whole body, up to ``upstream.max_response_size`` (a larger one is a ProtocolError)."""
+        limit = self._client.config.max_response_size
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.aiter_raw():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(f"upstream answer larger than {limit} bytes (upstream.max_response_size)")
+            parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     @property

@@ -270,3 +270,12 @@ async def test_thousand_cancelled_streams_leak_nothing(upstream: MockUpstream) -
     assert status == 200
     assert client.stats() == {"active": 0, "idle": 1}
     await client.aclose()
+
+
+async def test_whole_answers_are_bounded(upstream: MockUpstream) -> None:
+    upstream.default = Reply(body=chat_completion("x" * 5000))
+    client = UpstreamClient(UpstreamConfig(max_response_size=4096))
+    with pytest.raises(ProtocolError, match="max_response_size"):
+        await client.request(b"POST", upstream.url + "/x", H, b"{}")
+    assert client.stats() == {"active": 0, "idle": 0}  # the half-read connection was closed, not pooled
+    await client.aclose()
