@@ -17,12 +17,12 @@ from typing import Any
 from .config import Config
 from .context import RequestContext
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unauthorized
+from .http.pool import UpstreamClient
+from .http.server import ClientGone, Request, Responder
 from .logs import Redactor, access_log
 from .providers import build_provider
 from .providers.base import Provider
 from .routing import Router
-from .server import ClientGone, Request, Responder
-from .upstream import UpstreamClient
 from .usage import UsageMeter
 
 _JSON_CT = (b"content-type", b"application/json")

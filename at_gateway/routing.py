@@ -19,10 +19,10 @@ import anyio
 from .config import Route, Step
 from .context import Attempt, RequestContext
 from .errors import GatewayError, StepFailed, UpstreamFailed, UpstreamTimedOut
+from .http.errors import UpstreamError
+from .http.server import ClientGone, Responder, call_later
+from .http.sse import DONE_EVENT, KEEPALIVE, encode
 from .providers.base import Completion, Provider, StreamState
-from .server import ClientGone, Responder, call_later
-from .sse import DONE_EVENT, KEEPALIVE, encode
-from .upstream import UpstreamError
 
 log = logging.getLogger("at_gateway.routing")
 

@@ -21,8 +21,8 @@ import anyio
 from .app import Gateway
 from .config import Config, load_config
 from .errors import ConfigError
+from .http.server import Server, ServerSettings
 from .logs import Redactor, setup_logging
-from .server import Server, ServerSettings
 
 log = logging.getLogger("at_gateway.service")
 

@@ -138,7 +138,7 @@ _GROUPS = [
     ("logging/", "request log (logging)"),
     ("at_gateway/logs.py", "request log (logging)"),
     ("json/", "json"),
-    ("at_gateway/http1.py", "our HTTP/1.1 framing"),
+    ("at_gateway/http/framing.py", "our HTTP/1.1 framing"),
     ("at_gateway/", "gateway code (server, app, routing, providers, upstream)"),
     ("contextlib.py", "contextlib (context managers)"),
 ]

@@ -15,8 +15,8 @@ import pytest
 
 from at_gateway.app import Gateway
 from at_gateway.config import build_config
+from at_gateway.http.server import Server
 from at_gateway.logs import Redactor, setup_logging
-from at_gateway.server import Server
 from at_gateway.service import server_settings
 from tests.mock_upstream import MockUpstream
 

@@ -192,7 +192,7 @@ def test_no_config_found_is_clear(tmp_path: Path) -> None:
 
 def test_version_does_not_import_server() -> None:
     code = ("import sys; from at_gateway.cli import main; main(['version']); "
-            "bad = [m for m in ('at_gateway.server', 'at_gateway.upstream', 'cryptography', 'anyio') "
+            "bad = [m for m in ('at_gateway.http.server', 'at_gateway.http.pool', 'cryptography', 'anyio') "
             "if m in sys.modules]; print('IMPORTED', bad)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert "at-gateway" in r.stdout and "IMPORTED []" in r.stdout
@@ -201,7 +201,7 @@ def test_version_does_not_import_server() -> None:
 def test_check_config_does_not_import_server(tmp_path: Path) -> None:
     p = write(tmp_path, GO_EXAMPLE)
     code = ("import sys; from at_gateway.cli import main; main(['check-config', '--config', %r]); "
-            "bad = [m for m in ('at_gateway.server', 'at_gateway.upstream', 'cryptography', 'anyio') "
+            "bad = [m for m in ('at_gateway.http.server', 'at_gateway.http.pool', 'cryptography', 'anyio') "
             "if m in sys.modules]; print('IMPORTED', bad)") % str(p)
     import os
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,

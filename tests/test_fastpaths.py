@@ -50,7 +50,7 @@ def test_redactor_examples() -> None:
 import h11  # noqa: E402
 import pytest  # noqa: E402
 
-from at_gateway.http1 import HeaderValidator, HTTPError, ResponseParser, request_bytes  # noqa: E402
+from at_gateway.http.framing import HeaderValidator, HTTPError, ResponseParser, request_bytes  # noqa: E402
 
 RESPONSES = [
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\nhello world",
@@ -190,7 +190,7 @@ def test_request_bytes_validates_like_h11() -> None:
 
 # -- the server's fast path: what it accepts, h11 parses the same way; what it writes, h11 would write ---
 
-from at_gateway.http1 import parse_request  # noqa: E402
+from at_gateway.http.fastpath import parse_request  # noqa: E402
 
 _REQ_LINES = [b"POST /v1/chat/completions HTTP/1.1", b"GET /health HTTP/1.1", b"GET /v1/models?x=1 HTTP/1.1",
               b"HEAD / HTTP/1.1", b"POST / HTTP/1.0", b"PUT / HTTP/1.1", b"GET  / HTTP/1.1", b"GET /\x01 HTTP/1.1"]
@@ -261,7 +261,7 @@ class _Srv:
 def test_raw_responder_writes_what_h11_writes(calls: list[tuple], draining: bool) -> None:
     import anyio
 
-    from at_gateway.server import RawResponder, Responder
+    from at_gateway.http.server import RawResponder, Responder
 
     async def run(make: Any) -> bytes:
         sink = _Sink()
@@ -289,7 +289,7 @@ def test_responders_refuse_header_injection_and_can_still_answer(fast: bool) -> 
     out (on the h11 path it used to break h11's state: the client got no answer at all)."""
     import anyio
 
-    from at_gateway.server import RawResponder, Responder
+    from at_gateway.http.server import RawResponder, Responder
 
     async def run() -> bytes:
         sink = _Sink()

@@ -9,9 +9,9 @@ import pytest
 
 from at_gateway.config import build_config
 from at_gateway.errors import ConfigError
+from at_gateway.http.pool import UpstreamClient
 from at_gateway.providers import build_provider
 from at_gateway.providers.presets import PRESETS
-from at_gateway.upstream import UpstreamClient
 from tests.conftest import GATEWAY_KEY, base_config, run_gateway
 from tests.mock_upstream import MockUpstream, Reply, chat_completion
 

@@ -19,6 +19,7 @@ import pytest
 
 from at_gateway.config import build_config
 from at_gateway.errors import StepFailed
+from at_gateway.http.pool import UpstreamClient
 from at_gateway.providers import build_provider
 from at_gateway.providers.anthropic import (
     StreamTranslator,
@@ -26,7 +27,6 @@ from at_gateway.providers.anthropic import (
     from_anthropic,
     to_anthropic,
 )
-from at_gateway.upstream import UpstreamClient
 from tests.conftest import GATEWAY_KEY, base_config, run_gateway
 from tests.mock_anthropic import (
     API_KEY,

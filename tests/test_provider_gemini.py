@@ -445,8 +445,8 @@ def test_config_defaults_and_keys(tmp_path: Path) -> None:
                                                                             "threshold": "BLOCK_NONE"}]}],
                         "routes": [{"name": "r", "steps": [{"provider": "g", "model": MODEL}]}]}, "t")
     assert cfg.providers["g"].base_url is None
+    from at_gateway.http.pool import UpstreamClient
     from at_gateway.providers.gemini import GeminiProvider
-    from at_gateway.upstream import UpstreamClient
     p = GeminiProvider(cfg.providers["g"], UpstreamClient())
     assert p.base == "https://generativelanguage.googleapis.com/v1beta"
     with pytest.raises(ConfigError) as exc:

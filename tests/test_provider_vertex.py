@@ -18,8 +18,8 @@ import pytest
 
 from at_gateway.config import build_config
 from at_gateway.errors import StepFailed
+from at_gateway.http.pool import UpstreamClient
 from at_gateway.providers.vertex import TokenSource, VertexProvider
-from at_gateway.upstream import UpstreamClient
 from tests.conftest import GATEWAY_KEY, base_config, run_gateway
 from tests.mock_google import (
     GeminiMock,

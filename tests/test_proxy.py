@@ -32,8 +32,9 @@ from cryptography.x509.oid import NameOID
 
 from at_gateway.config import UpstreamConfig, build_config
 from at_gateway.errors import ConfigError
-from at_gateway.proxy import ProxyConnector, parse_proxy_url
-from at_gateway.upstream import ConnectError, UpstreamClient
+from at_gateway.http.errors import ConnectError
+from at_gateway.http.pool import UpstreamClient
+from at_gateway.http.proxy import ProxyConnector, parse_proxy_url
 from tests.conftest import GATEWAY_KEY, base_config, run_gateway
 from tests.mock_upstream import MockUpstream, Reply, chat_completion, stream_of
 

@@ -92,7 +92,7 @@ def test_version_names_the_commit(pyz: Path) -> None:
 
 
 def test_version_and_check_config_import_neither_server_nor_cryptography(pyz: Path) -> None:
-    heavy = ("at_gateway.server", "at_gateway.service", "at_gateway.upstream", "anyio", "h11", "cryptography",
+    heavy = ("at_gateway.http.server", "at_gateway.service", "at_gateway.http.pool", "anyio", "h11", "cryptography",
              "_cffi_backend", "cffi")
     for args in (["version"], ["check-config", "--config", str(REPO / "config.yaml.example")]):
         out = run([PYTHON, "-I", "-S", "-X", "importtime", str(pyz), *args])

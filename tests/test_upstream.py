@@ -7,7 +7,8 @@ import anyio.abc
 import pytest
 
 from at_gateway.config import UpstreamConfig
-from at_gateway.upstream import ConnectError, ProtocolError, UpstreamClient
+from at_gateway.http.errors import ConnectError, ProtocolError
+from at_gateway.http.pool import UpstreamClient
 from tests.mock_upstream import MockUpstream, Reply, chat_completion, stream_of
 
 pytestmark = pytest.mark.anyio

@@ -70,8 +70,8 @@ from typing import Any
 
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed
-from ..sse import EventSplitter, encode, event_data, event_name
-from ..upstream import UpstreamClient
+from ..http.pool import UpstreamClient
+from ..http.sse import EventSplitter, encode, event_data, event_name
 from .base import Completion, Provider, StreamState, config_headers, decode_event, error_from_body, read_bounded
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"

@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..config import ProviderConfig, Step
-from ..upstream import Headers, UpstreamClient
+from ..http.pool import Headers, UpstreamClient
 from .base import StreamState
 from .openai import OpenAIProvider
 

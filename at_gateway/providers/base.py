@@ -20,7 +20,8 @@ from typing import Any
 
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed
-from ..upstream import Headers, UpstreamClient, UpstreamError
+from ..http.errors import UpstreamError
+from ..http.pool import Headers, UpstreamClient
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..config import Step
-from ..sse import encode
+from ..http.sse import encode
 from .base import Completion, Provider, StreamState
 
 

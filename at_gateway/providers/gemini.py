@@ -65,8 +65,8 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed
-from ..sse import EventSplitter, encode, event_data
-from ..upstream import Headers, UpstreamClient
+from ..http.pool import Headers, UpstreamClient
+from ..http.sse import EventSplitter, encode, event_data
 from .base import Completion, Provider, StreamState, config_headers, read_bounded
 
 API_VERSION = "v1beta"

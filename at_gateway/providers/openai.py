@@ -15,8 +15,9 @@ from typing import Any
 
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed
-from ..sse import EventSplitter, event_data, event_name
-from ..upstream import Headers, UpstreamClient, UpstreamError
+from ..http.errors import UpstreamError
+from ..http.pool import Headers, UpstreamClient
+from ..http.sse import EventSplitter, event_data, event_name
 from .base import Completion, Provider, StreamState, config_headers, decode_event, read_error
 from .presets import PRESETS  # `preset:` fills base_url for well-known services
 

@@ -45,7 +45,8 @@ import anyio
 
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed
-from ..upstream import Headers, UpstreamClient, UpstreamError
+from ..http.errors import UpstreamError
+from ..http.pool import Headers, UpstreamClient
 from .base import Completion, StreamState, config_headers
 from .gemini import GeminiProvider, model_path, versioned_base
 from .openai import OpenAIProvider

@@ -1,4 +1,4 @@
-"""Our pooled HTTP/1.1 client for upstream APIs, on anyio (framing: :mod:`.http1`).
+"""Our pooled HTTP/1.1 client for upstream APIs, on anyio (framing: :mod:`.framing`).
 
 Modelled on httpcore: one pool per origin with explicit checkout and return,
 keep-alive expiry, and one exception hierarchy. The rules that matter:
@@ -20,65 +20,17 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
 
-from .config import UpstreamConfig
-from .http1 import HeaderValidator, HTTPError, ResponseParser, request_bytes
+from ..config import UpstreamConfig
+from .errors import ConnectError, ProtocolError, ReadError, UpstreamError
+from .framing import HeaderValidator, HTTPError, ResponseParser, request_bytes
+from .origin import Origin, Target, parse_url
+from .proxy import ProxyConnector
 
 Headers = list[tuple[bytes, bytes]]
-
-
-class UpstreamError(Exception):
-    """Any failure talking to an upstream."""
-
-
-class ConnectError(UpstreamError):
-    """Could not open a connection (DNS, refused, TLS handshake, proxy)."""
-
-
-class ProtocolError(UpstreamError):
-    """The upstream broke HTTP/1.1, or closed the connection mid-message."""
-
-
-class ReadError(UpstreamError):
-    """The connection failed while reading the response."""
-
-
-class WriteError(UpstreamError):
-    """The connection failed while sending the request."""
-
-
-@dataclass(frozen=True)
-class Origin:
-    scheme: str
-    host: str
-    port: int
-
-    @property
-    def host_header(self) -> bytes:
-        default = 443 if self.scheme == "https" else 80
-        return (self.host if self.port == default else f"{self.host}:{self.port}").encode()
-
-
-@dataclass(frozen=True)
-class Target:
-    origin: Origin
-    path: bytes
-
-
-def parse_url(url: str) -> Target:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConnectError(f"unsupported URL {url!r}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    return Target(Origin(parts.scheme, parts.hostname, port), path.encode())
 
 
 # A connector opens a byte stream to an origin (directly, or through a proxy).
@@ -267,8 +219,6 @@ class UpstreamClient:
             return self._connectors.get(None)
         connector = self._connectors.get(proxy)
         if connector is None:
-            from .proxy import ProxyConnector  # only configs with a proxy need it
-
             connector = self._connectors[proxy] = ProxyConnector(proxy, lambda: self.ssl_context)
         return connector
 

@@ -38,7 +38,8 @@ import anyio
 import anyio.abc
 from anyio.streams.tls import TLSStream
 
-from .upstream import ConnectError, Origin
+from .errors import ConnectError
+from .origin import Origin
 
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}

@@ -28,8 +28,9 @@ import h11
 from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
-from .errors import GatewayError, HeadersTooLarge, PayloadTooLarge
-from .http1 import HeaderValidator, HTTPError, parse_request
+from ..errors import GatewayError, HeadersTooLarge, PayloadTooLarge
+from .fastpath import parse_request
+from .framing import HeaderValidator, HTTPError
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -365,7 +366,7 @@ class Server:
             return b""
 
     async def _serve_connection(self, stream: anyio.abc.ByteStream, st: _ConnState, client: str) -> None:
-        """Serve requests of the common shape on the fast path (:func:`.http1.parse_request`: our own
+        """Serve requests of the common shape on the fast path (:func:`.fastpath.parse_request`: our own
         parsing and framing, a fraction of h11's cost); at the first request of any other shape, hand
         the connection and the bytes read so far to h11 for good (:meth:`_serve_h11`)."""
         s = self.settings

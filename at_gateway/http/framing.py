@@ -22,8 +22,8 @@ _MAX_CHUNK_LINE = 4096
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?")
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-_FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?)?")
+TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?)?")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
 
@@ -58,7 +58,7 @@ class HeaderValidator:
         for h in headers:
             if h not in seen:
                 name, value = h
-                if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
+                if TOKEN.fullmatch(name) is None or FIELD_VALUE.fullmatch(value) is None:
                     raise HTTPError(f"illegal {what} {name[:100]!r}")
                 if len(seen) < self._limit and name not in _UNIQUE_VALUES:
                     seen.add(h)
@@ -66,7 +66,7 @@ class HeaderValidator:
 
 def request_bytes(method: bytes, target: bytes, headers: Headers, body: bytes, validator: HeaderValidator) -> bytes:
     """Serialise one request; header fields are validated first (never sent unchecked)."""
-    if _TARGET.fullmatch(target) is None or _TOKEN.fullmatch(method) is None:
+    if _TARGET.fullmatch(target) is None or TOKEN.fullmatch(method) is None:
         raise HTTPError(f"illegal request target or method: {target[:100]!r}")
     validator.check(headers)
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
@@ -271,7 +271,7 @@ def _parse_head(raw: bytes) -> tuple[int, Headers, bool]:
             headers[-1] = (k, (v + b" " + line.strip(b" \t")).strip(b" \t"))
             continue
         name, sep, value = line.partition(b":")
-        if not sep or _TOKEN.fullmatch(name) is None:
+        if not sep or TOKEN.fullmatch(name) is None:
             raise HTTPError(f"bad header line {line[:80]!r}")
         value = value.strip(b" \t")
         if b"\r" in value or b"\x00" in value:
@@ -296,50 +296,3 @@ def _parse_head(raw: bytes) -> tuple[int, Headers, bool]:
             seen_te = True
         headers.append((name, value))
     return int(m.group(2)), headers, m.group(1) == b"0"
-
-
-# -- the server's fast path ---------------------------------------------------------------------------
-_REQUEST_LINE = re.compile(rb"(GET|POST) ([\x21-\x7e]+) HTTP/1\.1")
-_FALLBACK_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-
-
-def parse_request(buf: bytes, max_head: int, max_body: int) -> tuple[bytes, bytes, Headers, int, int] | None:
-    """``(method, target, headers, content_length, body_start)`` of the plain request at the start of ``buf``.
-
-    Only the common shape is taken: a complete head, HTTP/1.1, GET or POST, valid header lines, at most one
-    Content-Length within ``max_body``, a Host, no Transfer-Encoding, Expect, Upgrade or Connection other
-    than keep-alive. Anything else returns None and the server lets h11 handle (and answer) it, so this
-    never accepts a request h11 would refuse, and parses what it accepts the way h11 does.
-    """
-    end = buf.find(b"\r\n\r\n", 0, max_head + 4)
-    if end < 0:
-        return None
-    lines = buf[:end].split(b"\r\n")
-    m = _REQUEST_LINE.fullmatch(lines[0])
-    if m is None:
-        return None
-    headers: Headers = []
-    length = -1
-    host = False
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or _TOKEN.fullmatch(name) is None:
-            return None
-        value = value.strip(b" \t")
-        if _FIELD_VALUE.fullmatch(value) is None:
-            return None
-        name = name.lower()
-        if name == b"content-length":
-            if length >= 0 or not value.isdigit() or len(value) > 18:
-                return None
-            length = int(value)
-        elif name == b"host":
-            if host:
-                return None  # h11 refuses several Host headers
-            host = True
-        elif name in _FALLBACK_HEADERS or (name == b"connection" and value.lower() != b"keep-alive"):
-            return None
-        headers.append((name, value))
-    if not host or length > max_body:
-        return None
-    return m.group(1), m.group(2), headers, max(length, 0), end + 4
