@@ -34,12 +34,13 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m
 TOP_KEYS = frozenset({
     "api_key", "api_keys", "host", "port", "default_timeout", "stream_idle_timeout",
     "stream_keepalive_interval", "max_body_size", "max_header_size", "header_timeout",
-    "keepalive_timeout", "max_connections", "shutdown_timeout", "tls", "log_level",
+    "body_timeout", "keepalive_timeout", "cors", "max_connections", "shutdown_timeout", "tls", "log_level",
     "log_bodies", "upstream", "workers", "loop", "state_dir", "providers", "routes",
 })
 STEP_KEYS = frozenset({"provider", "model", "timeout", "conflict_resolution"})
 ROUTE_KEYS = frozenset({"name", "steps"})
 TLS_KEYS = frozenset({"cert_file", "key_file"})
+CORS_KEYS = frozenset({"allow_origins", "allow_headers", "expose_headers", "max_age", "allow_credentials"})
 UPSTREAM_KEYS = frozenset({"max_connections_per_origin", "idle_timeout", "connect_timeout", "ca_file",
                            "max_response_size"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -80,6 +81,22 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class CORSConfig:
+    """Cross-origin access for browser clients to the client endpoints (never the admin API).
+
+    ``allow_origins`` lists exact origins (``https://app.example``) or ``"*"``; with credentials allowed
+    the matching origin is echoed back, never ``*`` (browsers refuse ``*`` with credentials).
+    """
+
+    allow_origins: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ("authorization", "content-type", "x-api-key", "x-request-id")
+    expose_headers: tuple[str, ...] = ("x-request-id", "x-gateway-route", "x-gateway-provider",
+                                       "x-gateway-model", "x-gateway-attempts")
+    max_age: int = 600
+    allow_credentials: bool = False
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     max_connections_per_origin: int = 256
     idle_timeout: float = 60.0
@@ -100,6 +117,7 @@ class Config:
     max_body_size: int = 10 * 2**20
     max_header_size: int = 64 * 1024
     header_timeout: float = 10.0
+    body_timeout: float = 60.0  # the whole request body must arrive within this, however it trickles
     keepalive_timeout: float = 75.0
     max_connections: int = 10000
     shutdown_timeout: float = 30.0
@@ -110,6 +128,7 @@ class Config:
     workers: int = 1
     loop: str = "auto"
     state_dir: str | None = None
+    cors: CORSConfig | None = None  # off unless allow_origins is set
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     routes: Mapping[str, Route] = field(default_factory=dict)
 
@@ -366,6 +385,7 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
         except ValueError:
             problems.append(f"max_body_size: {data['max_body_size']!r} is not a size (e.g. 10MiB)")
 
+    cors = _build_cors(data.get("cors"), r, problems)
     providers = _build_providers(data.get("providers"), r, problems)
     routes = _build_routes(data.get("routes"), r, problems, providers, default_timeout)
 
@@ -380,6 +400,7 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
         max_body_size=max_body,
         max_header_size=r.integer(data, "max_header_size", "", 64 * 1024, 1024),
         header_timeout=r.duration(data, "header_timeout", "", 10.0, positive=True),
+        body_timeout=r.duration(data, "body_timeout", "", 60.0, positive=True),
         keepalive_timeout=r.duration(data, "keepalive_timeout", "", 75.0),
         max_connections=r.integer(data, "max_connections", "", 10000, 1),
         shutdown_timeout=r.duration(data, "shutdown_timeout", "", 30.0),
@@ -390,12 +411,53 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
         workers=r.integer(data, "workers", "", 1, 1, 256),
         loop=r.string(data, "loop", "", "auto", LOOPS) or "auto",
         state_dir=r.string(data, "state_dir", ""),
+        cors=cors,
         providers=providers,
         routes=routes,
     )
     if problems:
         raise ConfigError(source, problems)
     return cfg
+
+
+def _build_cors(raw: Any, r: _Reader, problems: list[str]) -> CORSConfig | None:
+    if raw is None:
+        return None
+    data = _mapping(raw, "cors", problems)
+    _unknown_keys(data, CORS_KEYS, "cors", problems)
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in ("allow_origins", "allow_headers", "expose_headers"):
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            problems.append(f"cors.{key}: must be a list of strings")
+            continue
+        items = [v.strip() for v in value]
+        if key == "allow_origins":
+            for v in items:
+                if v != "*" and not re.match(r"^https?://[^/\s]+$", v):
+                    problems.append(f"cors.allow_origins: {v[:80]!r} is not an origin (scheme://host[:port], "
+                                    "no path) or \"*\"")
+        elif any(not re.fullmatch(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+", v) for v in items):
+            problems.append(f"cors.{key}: header names only (letters, digits, '-')")
+        lists[key] = tuple(v if key == "allow_origins" else v.lower() for v in items)
+    credentials = r.boolean(data, "allow_credentials", "cors", False)
+    if credentials and "*" in lists.get("allow_origins", ()):
+        problems.append("cors.allow_credentials: cannot be combined with allow_origins \"*\" "
+                        "(list the origins instead)")
+    if not lists.get("allow_origins"):
+        return None  # cors: {} or no origins: off
+    base = CORSConfig()
+    return CORSConfig(
+        allow_origins=lists["allow_origins"],
+        allow_headers=lists.get("allow_headers", base.allow_headers),
+        expose_headers=lists.get("expose_headers", base.expose_headers),
+        max_age=r.integer(data, "max_age", "cors", 600, 0, 86400),
+        allow_credentials=credentials,
+    )
 
 
 def _valid_port(url: str) -> bool:

@@ -40,6 +40,7 @@ def server_settings(config: Config) -> ServerSettings:
     return ServerSettings(
         host=config.host, port=config.port, max_body_size=config.max_body_size,
         max_header_size=config.max_header_size, header_timeout=config.header_timeout,
+        body_timeout=config.body_timeout,
         keepalive_timeout=config.keepalive_timeout, max_connections=config.max_connections,
         shutdown_timeout=config.shutdown_timeout, ssl_context=ctx, reuse_port=config.workers > 1,
     )

@@ -63,6 +63,7 @@ class ServerSettings:
     max_body_size: int = 10 * 2**20
     max_header_size: int = 64 * 1024
     header_timeout: float = 10.0
+    body_timeout: float = 60.0  # one deadline for the whole request body
     keepalive_timeout: float = 75.0
     max_connections: int = 10000
     shutdown_timeout: float = 30.0
