@@ -6,13 +6,21 @@ CONFIG ?= $(if $(wildcard config.yaml),config.yaml,config.yaml.example)
 
 .PHONY: run test lint pyz bench soak clean
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+# `run` installs only what serving needs (h11, anyio, pyyaml, cryptography); `test`, `lint` and `bench` add the
+# test extras. Each stamp is redone when pyproject.toml changes.
+$(VENV)/.installed-run: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
 	touch $@
 
-run: $(VENV)/.installed
+$(VENV)/.installed: $(VENV)/.installed-run
+	$(PIP) --upgrade pip
+	$(PIP) -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed-run
 	$(PY) -m at_gateway serve --config $(CONFIG)
 
 test: $(VENV)/.installed
