@@ -12,7 +12,10 @@ The cache directory is ``$AT_GATEWAY_CACHE``, else systemd's
 ``$STATE_DIRECTORY``, else ``$XDG_CACHE_HOME/at-gateway`` (``~/.cache/at-gateway``).
 Each set of wheels is extracted into a temporary directory beside its final
 place and renamed into it in one step, so two processes starting at once never
-see a half-written set: the loser of the race throws its copy away.
+see a half-written set: the loser of the race throws its copy away. The set is
+used only while no other local user can change it or any directory on the way to
+it (imports read it by path long after the check); otherwise it goes to a private
+temporary directory instead (:func:`extract_cached`).
 
 Where no embedded wheel fits (another OS, CPU, libc or Python), a system
 ``cryptography`` is used if importable; if none is, the import fails with a
@@ -23,6 +26,7 @@ does nothing at all.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from importlib.machinery import PathFinder
 from typing import TYPE_CHECKING, Any
@@ -199,22 +203,23 @@ def cache_root(env: Mapping[str, str] | None = None) -> Path:
 def extract_cached(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: WheelSet, root: Path) -> Path:
     """The extracted set under ``root/wheels``; extracted there now if missing.
 
-    Falls back to a private temporary directory (removed at exit) when the cache
-    cannot be written or is not safely ours, so a read-only home never stops the
-    gateway from starting.
+    Python imports submodules by path long after this returns, so the path must stay ours: the
+    set is used only when every directory from ``/`` down to it (as given and as resolved) and
+    everything inside it is out of other users' reach (:func:`_check_path`, :func:`_check_tree`),
+    and the resolved path is what goes on ``sys.path``. Otherwise, or when the cache cannot be
+    written, the set goes to a private temporary directory (removed at exit), so a read-only or
+    shared home never stops the gateway from starting.
     """
     import logging
     import shutil
     import tempfile
     from pathlib import Path
 
-    parent = root / "wheels"
-    final = parent / f"{wset.key}-{wset.digest[:16]}"
     try:
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _check_private(parent)
-        if (final / MARKER).is_file():
-            _check_private(final)
+        parent = _safe_directory(root / "wheels")
+        final = parent / f"{wset.key}-{wset.digest[:16]}"
+        if os.path.lexists(final / MARKER):
+            _check_tree(final)  # found there: whoever made it, it must still be out of others' reach
             _touch(final)
             return final
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
@@ -223,29 +228,133 @@ def extract_cached(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: Wheel
             os.rename(tmp, final)  # atomic: either our complete copy or another process's
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-            if not (final / MARKER).is_file():
+            if not os.path.lexists(final / MARKER):
                 raise
-            _check_private(final)  # lost the race to another process: use its copy
         else:
             _fsync_dir(parent)
+        _check_tree(final)  # ours, or the copy of a process that won the race
         _prune(parent, keep=final.name)
         return final
     except (OSError, WheelError) as exc:
         logging.getLogger("at_gateway.wheels").warning(
-            "wheel cache %s unusable (%s); extracting into a temporary directory", parent, exc)
-    import atexit
+            "wheel cache %s unusable (%s); extracting into a temporary directory", root / "wheels", exc)
+    return _extract_temporary(zf, manifest, wset)
 
-    tmp = Path(tempfile.mkdtemp(prefix="at-gateway-wheels-"))
+
+def _extract_temporary(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: WheelSet) -> Path:
+    """A fresh 0700 directory in the first safe temporary directory, removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    tmp = Path(tempfile.mkdtemp(prefix="at-gateway-wheels-", dir=_temporary_base()))
     atexit.register(shutil.rmtree, tmp, True)
     _extract_into(zf, manifest, wset, tmp)
+    _check_tree(tmp)
     return tmp
 
 
+def _temporary_base() -> str:
+    """``$TMPDIR`` (or ``$TEMP``, ``$TMP``) if safe, else ``/tmp`` or ``/var/tmp``.
+
+    Not :func:`tempfile.gettempdir`: it takes whatever it can write to, the current directory
+    included, and a temporary set under a directory others can rename is as unsafe as the cache.
+    """
+    from pathlib import Path
+
+    candidates = [os.environ[v] for v in ("TMPDIR", "TEMP", "TMP") if os.environ.get(v)] + ["/tmp", "/var/tmp"]
+    reasons = []
+    for candidate in dict.fromkeys(candidates):
+        try:
+            real = Path(os.path.realpath(candidate))
+            _check_path(Path(os.path.abspath(candidate)), links=True)
+            _check_path(real, links=False)
+            return str(real)
+        except (OSError, WheelError) as exc:
+            reasons.append(str(exc))
+    raise WheelError("no safe temporary directory for the embedded wheels: " + "; ".join(reasons))
+
+
+def _safe_directory(path: Path) -> Path:
+    """``path`` resolved, created (mode 0700) where missing, once it and every directory above it is safe."""
+    from pathlib import Path
+
+    path = Path(os.path.abspath(path))
+    missing = []
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):  # not Path.mkdir(parents=True): its parents get 0777 minus the umask
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+    real = Path(os.path.realpath(path))
+    _check_path(path, links=True)  # as given: a symlink on the way is a swap point for its owner
+    _check_path(real, links=False)  # as resolved: what later imports walk through
+    _check_owned(real, os.lstat(real))  # the cache's own directory: no sticky exception
+    return real
+
+
+def _check_path(path: Path, links: bool) -> None:
+    """Refuse ``path`` if anyone but us or root could replace it or a directory above it.
+
+    Every directory up to ``/`` counts: a root-owned 0755 directory is no barrier when its own
+    parent lets others rename it away. A directory others may write to is accepted only when
+    sticky (like /tmp), where they cannot rename or remove entries that are not theirs: the entry
+    below it is checked to be ours or root's. Group write counts as others' (it also reflects
+    POSIX ACLs, whose mask shows in the group bits).
+    """
+    trusted = (os.geteuid(), 0)
+    for p in (path, *path.parents):
+        st = os.lstat(p)
+        if st.st_uid not in trusted:
+            raise WheelError(f"{p} is owned by another user (uid {st.st_uid})")
+        if stat.S_ISLNK(st.st_mode):
+            if links:
+                continue  # its target is checked as part of the resolved path
+            raise WheelError(f"{p} became a symlink while being checked")
+        if not stat.S_ISDIR(st.st_mode):
+            raise WheelError(f"{p} is not a directory")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise WheelError(f"{p} is writable by others (group or world) and not sticky")
+
+
+def _check_owned(path: Path | str, st: os.stat_result) -> None:
+    if st.st_uid not in (os.geteuid(), 0) or stat.S_ISLNK(st.st_mode):
+        raise WheelError(f"{path} is not owned by this user or is a symlink")
+    if st.st_mode & 0o022:
+        raise WheelError(f"{path} is writable by others (group or world)")
+
+
+def _check_tree(top: Path) -> None:
+    """Refuse an extracted set unless everything in it is ours (or root's) and nobody else may write it.
+
+    A package directory others can write lets them plant a submodule, a writable file lets them
+    change one: either works long after the set was put on sys.path. No symlinks either (we never
+    extract any). About 200 entries: a millisecond, once per process.
+    """
+    st = os.lstat(top)
+    _check_owned(top, st)
+    if not stat.S_ISDIR(st.st_mode):
+        raise WheelError(f"{top} is not a directory")
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for dirpath, dirnames, filenames in os.walk(top, onerror=fail):
+        for name in (*dirnames, *filenames):
+            p = os.path.join(dirpath, name)
+            _check_owned(p, os.lstat(p))
+
+
 def _extract_into(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: WheelSet, target: Path) -> None:
+    """Write the set's files into ``target`` (a fresh private directory): dirs 0755, files 0644, whatever the umask."""
     import hashlib
     import io
     import json
-    import shutil
     import zipfile
 
     for name in wset.wheels:
@@ -259,14 +368,29 @@ def _extract_into(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: WheelS
                 if info.is_dir():
                     continue
                 rel = _safe_member(info.filename)
-                dest = target.joinpath(*rel.parts)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with wheel.open(info) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out)
-                    out.flush()
-                    os.fsync(out.fileno())
-    (target / MARKER).write_text(json.dumps({"key": wset.key, "digest": wset.digest, "wheels": wset.wheels}) + "\n")
+                directory = target
+                for part in rel.parts[:-1]:
+                    directory = directory / part
+                    if not directory.is_dir():
+                        os.mkdir(directory, 0o755)
+                        os.chmod(directory, 0o755)  # the umask may have been 0
+                with wheel.open(info) as src:
+                    _write_file(directory / rel.parts[-1], src)
+    _write_file(target / MARKER, io.BytesIO(
+        (json.dumps({"key": wset.key, "digest": wset.digest, "wheels": wset.wheels}) + "\n").encode()))
     _fsync_dir(target)
+
+
+def _write_file(dest: Path, src: Any) -> None:
+    """A new file (never through an existing name or symlink), mode 0644, synced."""
+    import shutil
+
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with open(fd, "wb") as out:
+        os.fchmod(fd, 0o644)  # the umask may have been 0
+        shutil.copyfileobj(src, out)
+        out.flush()
+        os.fsync(fd)
 
 
 def _safe_member(name: str) -> PurePosixPath:
@@ -276,13 +400,6 @@ def _safe_member(name: str) -> PurePosixPath:
     if rel.is_absolute() or ".." in rel.parts or "\\" in name or not rel.parts:
         raise WheelError(f"unsafe path in an embedded wheel: {name!r}")
     return rel
-
-
-def _check_private(path: Path) -> None:
-    """Refuse a directory others could write to: it would let them plant code we then import."""
-    st = path.stat()
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise WheelError(f"{path} is not owned by this user or is writable by others")
 
 
 def _touch(path: Path) -> None:

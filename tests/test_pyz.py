@@ -161,6 +161,9 @@ def test_cryptography_through_the_loader(pyz: Path, python: str, tmp_path: Path)
     sets = os.listdir(cache / "wheels")
     assert len(sets) == 1 and not sets[0].startswith(".tmp")
     assert not stat.S_IMODE((cache / "wheels").stat().st_mode) & 0o077
+    for path in [cache, *cache.rglob("*")]:  # nothing in it another user could change before an import
+        st = path.lstat()
+        assert st.st_uid == os.geteuid() and not st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode), path
 
 
 def test_concurrent_first_starts_extract_once(pyz: Path, tmp_path: Path) -> None:
@@ -189,6 +192,18 @@ def test_unsafe_cache_falls_back_to_a_private_temporary_directory(pyz: Path, tmp
     assert "writable by others" in out.stderr
     assert not out.stdout.startswith(str(tmp_path))
     assert os.listdir(tmp_path / "cache" / "wheels") == []
+
+
+def test_cache_below_a_directory_others_can_write_is_refused(pyz: Path, tmp_path: Path) -> None:
+    # the cache itself is private, but others could rename it away and put their own in its place
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o777)
+    cache = tmp_path / "open" / "cache"
+    out = run([PYTHON, "-I", "-S", "-c", CRYPTO_CHECK, str(pyz)], env={"AT_GATEWAY_CACHE": str(cache)})
+    assert out.returncode == 0, out.stderr
+    assert f"{tmp_path / 'open'} is writable by others (group or world) and not sticky" in out.stderr
+    assert not out.stdout.startswith(str(tmp_path))
+    assert os.listdir(cache / "wheels") == []
 
 
 def test_without_a_fitting_wheel_system_cryptography_else_a_clear_message(pyz: Path, tmp_path: Path) -> None:
