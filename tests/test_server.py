@@ -206,11 +206,15 @@ def test_pipelining_after_the_h11_path_took_over(gw: RunningGateway) -> None:
 
 
 def test_connection_cap(gw: RunningGateway) -> None:
+    """Connections in the middle of a request (here: of its body) count against max_connections; idle
+    keep-alive ones make room for a newcomer instead (tests/test_server_limits.py)."""
     conns = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(3)]
     try:
         for c in conns:  # each is accepted and served
             c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_response(c, bytearray())[0] == 200
+            c.sendall(chat_request()[:-5])  # and busy again: the body is not complete
+        assert wait_until(lambda: gw.server.idle_connections == 0)  # the server saw them busy
         extra = socket.create_connection(("127.0.0.1", gw.port), timeout=0.5)
         extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         with pytest.raises(TimeoutError):
@@ -226,7 +230,7 @@ def test_connection_cap(gw: RunningGateway) -> None:
 
 @pytest.mark.parametrize(("method", "path", "status", "allow"), [
     ("GET", "/v1/chat/completions", 405, "POST"),
-    ("DELETE", "/v1/models", 405, "GET"),
+    ("DELETE", "/v1/models", 405, "GET, HEAD"),
     ("GET", "/nope", 404, None),
     ("POST", "/v2/whatever", 404, None),
 ])

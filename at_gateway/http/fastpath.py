@@ -18,12 +18,13 @@ _FALLBACK_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 def parse_request(buf: bytes, max_head: int, max_body: int) -> tuple[bytes, bytes, Headers, int, int] | None:
     """``(method, target, headers, content_length, body_start)`` of the plain request at the start of ``buf``.
 
-    Only the common shape is taken: a complete head, HTTP/1.1, GET or POST, valid header lines, at most one
-    Content-Length within ``max_body``, a Host, no Transfer-Encoding, Expect, Upgrade or Connection other
-    than keep-alive. Anything else returns None and the server lets h11 handle (and answer) it, so this
+    Only the common shape is taken: a complete head of at most ``max_head`` raw bytes (every byte up to and
+    including the empty line that ends it, as the h11 path counts), HTTP/1.1, GET or POST, valid header lines,
+    at most one Content-Length within ``max_body``, a Host, no Transfer-Encoding, Expect, Upgrade or Connection
+    other than keep-alive. Anything else returns None and the server lets h11 handle (and answer) it, so this
     never accepts a request h11 would refuse, and parses what it accepts the way h11 does.
     """
-    end = buf.find(b"\r\n\r\n", 0, max_head + 4)
+    end = buf.find(b"\r\n\r\n", 0, max_head)  # found only if the whole head, \r\n\r\n included, is within max_head
     if end < 0:
         return None
     lines = buf[:end].split(b"\r\n")

@@ -6,6 +6,12 @@ either start the next cycle (keep-alive, pipelining) or close. While the
 handler runs, a watcher reads ahead on the socket so that a client that goes
 away cancels the handler and with it the upstream request.
 
+Limits: a request head within ``header_timeout`` and ``max_header_size`` raw
+bytes, a whole body within ``body_timeout`` and ``max_body_size``. At most
+``max_connections`` connections; when they are all open, the one idle longest
+between requests is closed for a newcomer, which waits only while every
+connection is in the middle of a request.
+
 Graceful shutdown: stop accepting, close idle keep-alive connections, let
 requests in flight (streams too) finish within ``shutdown_timeout``, then
 cancel what is left.
@@ -40,7 +46,7 @@ _REASONS = {
     200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
     405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large",
     429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
 _JSON = b"application/json"
 # Seconds a handler runs before a watcher task starts reading the socket to notice a client that left.
@@ -101,20 +107,21 @@ class ClientGone(Exception):
 class Responder:
     """Writes one response: whole (:meth:`send`) or streamed (:meth:`start`, :meth:`write`, :meth:`end`)."""
 
-    __slots__ = ("_conn", "_stream", "_server", "_head_only", "started", "finished", "status")
+    __slots__ = ("_conn", "_stream", "_server", "_head_only", "close", "started", "finished", "status")
 
     def __init__(self, conn: h11.Connection, stream: anyio.abc.ByteStream, server: Server,
-                 head_only: bool = False) -> None:
+                 head_only: bool = False, close: bool = False) -> None:
         self._conn = conn
         self._stream = stream
         self._server = server
         self._head_only = head_only  # a HEAD request: the answer's head only (h11 refuses body bytes)
+        self.close = close  # the connection closes after this answer: say so (Connection: close)
         self.started = False
         self.finished = False
         self.status = 0
 
     def _head(self, status: int, headers: Headers) -> bytes:
-        if self._server.draining:
+        if self._server.draining or self.close:
             headers = [*headers, (b"connection", b"close")]
         self._check(headers)
         self.started = True
@@ -169,11 +176,10 @@ class RawResponder(Responder):
     connection loop to close after this response (draining, or the handler said so).
     """
 
-    __slots__ = ("close", "_chunked")
+    __slots__ = ("_chunked",)
 
     def __init__(self, stream: anyio.abc.ByteStream, server: Server) -> None:
         super().__init__(None, stream, server)  # type: ignore[arg-type]
-        self.close = False
         self._chunked = False
 
     def _head(self, status: int, headers: Headers) -> bytes:
@@ -226,11 +232,12 @@ def _request_id_header() -> tuple[bytes, bytes]:
 
 
 class _ConnState:
-    __slots__ = ("idle_scope", "busy")
+    __slots__ = ("idle_scope", "busy", "evicted")
 
     def __init__(self) -> None:
         self.idle_scope: anyio.CancelScope | None = None
         self.busy = False
+        self.evicted = False  # closed while idle to make room for a newcomer
 
 
 class Server:
@@ -243,7 +250,15 @@ class Server:
         self._conns: set[_ConnState] = set()
         self._accept_scope: anyio.CancelScope | None = None
         self._conn_tg: anyio.abc.TaskGroup | None = None
-        self._slots = anyio.Semaphore(settings.max_connections)
+        # The connection cap. Newcomers are accepted first and then wait here for room, so that an idle
+        # connection is closed only when someone actually needs its slot.
+        self._open = 0  # connections counted against max_connections
+        self._closing = 0  # of them, evicted ones not closed yet
+        self._wanting = 0  # accepted newcomers waiting for room
+        self._room: anyio.Event | None = None  # set when a connection closes or goes idle, while newcomers wait
+        # Keep-alive connections between requests, in the order they went idle (dicts keep insertion order):
+        # the first is the one idle longest.
+        self._idle: dict[_ConnState, None] = {}
         self._idle_event: anyio.Event | None = None
         self._listener: Any = None  # anyio MultiListener of SocketListeners
 
@@ -308,23 +323,65 @@ class Server:
         if self._idle_event is not None:
             self._idle_event.set()
 
+    @property
+    def idle_connections(self) -> int:
+        """Keep-alive connections waiting for their next request (the ones a newcomer may displace)."""
+        return len(self._idle)
+
+    def _wake_newcomers(self) -> None:
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    def _go_idle(self, st: _ConnState) -> None:
+        """``st`` waits for its next request: it may be closed for a newcomer from now on."""
+        self._idle[st] = None
+        if self._room is not None:  # a newcomer is waiting for exactly this
+            self._wake_newcomers()
+
+    async def _make_room(self) -> None:
+        """Wait until a newcomer (already accepted) fits under max_connections: close the connection idle
+        longest for it, or, while every connection is in the middle of a request, wait for one to end or to
+        go idle. A connection mid-head, mid-body or mid-answer is never closed for a newcomer."""
+        limit = self.settings.max_connections
+        self._wanting += 1
+        try:
+            while self._open >= limit:
+                # Close one more only if the closings under way do not already make room for every newcomer.
+                if self._idle and self._open - self._closing + self._wanting > limit:
+                    st = next(iter(self._idle))
+                    del self._idle[st]
+                    st.evicted = True
+                    self._closing += 1
+                    if st.idle_scope is not None:
+                        st.idle_scope.cancel()
+                    continue
+                if self._room is None:
+                    self._room = anyio.Event()
+                await self._room.wait()
+        finally:
+            self._wanting -= 1
+
     async def _accept_loop(self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup) -> None:
         failing = False
         while True:
-            await self._slots.acquire()
             try:
                 stream = await listener.accept()
             except OSError as exc:  # out of file descriptors (EMFILE) and the like: wait, never stop serving
-                self._slots.release()
                 if not failing:
                     log.warning("cannot accept connections (%s); retrying every 0.1 s", exc.strerror or exc)
                 failing = True
                 await anyio.sleep(0.1)
                 continue
-            except BaseException:
-                self._slots.release()
-                raise
             failing = False
+            if self._open >= self.settings.max_connections:
+                try:
+                    await self._make_room()
+                except BaseException:  # shutting down: the newcomer never gets served
+                    with anyio.CancelScope(shield=True):
+                        await anyio.aclose_forcefully(stream)
+                    raise
+            self._open += 1
             tg.start_soon(self._connection, stream)
 
     # -- one connection -------------------------------------------------
@@ -352,7 +409,11 @@ class Server:
             log.exception("unexpected error on the connection from %s; closing it", client)
         finally:
             self._conns.discard(st)
-            self._slots.release()
+            self._idle.pop(st, None)
+            self._open -= 1
+            if st.evicted:
+                self._closing -= 1
+            self._wake_newcomers()
             self._changed()
             with anyio.CancelScope(shield=True):
                 await anyio.aclose_forcefully(stream)
@@ -379,10 +440,17 @@ class Server:
                     st.idle_scope = idle
                     if self.draining:
                         return
-                    idle.deadline = anyio.current_time() + (s.header_timeout if first else s.keepalive_timeout)
+                    if first:  # a new connection's first request is not a keep-alive wait: never displaced
+                        idle.deadline = anyio.current_time() + s.header_timeout
+                    else:
+                        idle.deadline = anyio.current_time() + s.keepalive_timeout
+                        self._idle[st] = None  # (_go_idle, inlined on the hot path)
+                        if self._room is not None:
+                            self._wake_newcomers()
                     buf = await self._receive(stream)
                 st.idle_scope = None
-                if idle.cancelled_caught or not buf:
+                self._idle.pop(st, None)
+                if idle.cancelled_caught or not buf or st.evicted:
                     return
             first = False
             parsed = parse_request(buf, s.max_header_size, s.max_body_size)
@@ -396,21 +464,20 @@ class Server:
             end = start + length
             if len(buf) >= end:
                 body, buf = buf[start:end], buf[end:]
-            else:  # the rest of the body, each read within header_timeout (as on the h11 path)
+            else:  # the rest of the body, all of it within body_timeout however slowly it trickles in
                 parts = [buf[start:]]
                 size = len(parts[0])
-                while size < length:
-                    try:
-                        with anyio.fail_after(s.header_timeout):
-                            data = await self._receive(stream)
-                    except TimeoutError:
-                        await self._error_and_close(h11.Connection(h11.SERVER), stream, 408,
-                                                    "request body not received in time", "request_timeout")
-                        return
-                    if not data:
-                        return
-                    parts.append(data)
-                    size += len(data)
+                with anyio.move_on_after(s.body_timeout) as late:
+                    while size < length:
+                        data = await self._receive(stream)
+                        if not data:
+                            return
+                        parts.append(data)
+                        size += len(data)
+                if late.cancelled_caught:
+                    await self._error_and_close(h11.Connection(h11.SERVER), stream, 408,
+                                                "request body not received in time", "request_timeout")
+                    return
                 whole = b"".join(parts)
                 body, buf = whole[:length], whole[length:]
             responder = RawResponder(stream, self)
@@ -430,25 +497,37 @@ class Server:
         s = self.settings
         while True:
             # Phase 1: wait (idle) for the first byte of the next request (the connection's first request
-            # came on the fast path, so this is always a keep-alive wait).
-            if not conn.trailing_data[0] and not conn.trailing_data[1]:
+            # came on the fast path, so this is always a keep-alive wait). ``avail``: the bytes h11 holds,
+            # to count the raw size of the head it takes from them.
+            pending, closed = conn.trailing_data
+            if pending or closed:
+                avail = len(pending)
+            else:
+                data = b""
                 with anyio.CancelScope() as idle:
                     st.idle_scope = idle
                     if self.draining:
                         return
                     idle.deadline = anyio.current_time() + s.keepalive_timeout
+                    self._go_idle(st)
                     data = await self._receive(stream)
                     conn.receive_data(data)
                 st.idle_scope = None
-                if idle.cancelled_caught or not data:
+                self._idle.pop(st, None)
+                if idle.cancelled_caught or not data or st.evicted:
                     return
+                avail = len(data)
             st.busy = True
             # Phase 2: the rest of the head, within header_timeout (slowloris).
             try:
                 event = conn.next_event()  # the whole head usually came with the first read: no timer then
                 if event is h11.NEED_DATA:
                     with anyio.fail_after(s.header_timeout):
-                        event = await self._next_event(conn, stream)
+                        while event is h11.NEED_DATA:
+                            data = await self._receive(stream)
+                            conn.receive_data(data)
+                            avail += len(data)
+                            event = conn.next_event()
             except TimeoutError:
                 await self._error_and_close(conn, stream, 408, "request head not received in time", "request_timeout")
                 return
@@ -465,19 +544,27 @@ class Server:
                 return
             if not isinstance(event, h11.Request):
                 return
-            request_headers = list(event.headers)
-            # h11 bounds only an *incomplete* head; a complete one that arrived at once is checked here.
-            head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in request_headers)
-            if head_size > s.max_header_size:
+            # The head's raw size (request line, names, values, whitespace, folded lines, line ends): what h11
+            # took of the bytes it held. h11 itself bounds only a head still incomplete.
+            if avail - len(conn.trailing_data[0]) > s.max_header_size:
                 await self._error_and_close(conn, stream, 431, f"request head larger than {s.max_header_size} bytes",
                                             HeadersTooLarge.code)
                 return
-            # Body: bounded in size; Expect: 100-continue answered only if we'll read it.
+            request_headers = list(event.headers)
             clen = None
+            chunked = False
             for k, v in request_headers:
                 if k == b"content-length":
                     clen = int(v)
-                    break
+                elif k == b"transfer-encoding":
+                    chunked = True
+            # Both Content-Length and Transfer-Encoding: h11 reads the body by Transfer-Encoding, but something
+            # in front of us may have framed it by Content-Length, so the bytes after it cannot be trusted to
+            # start a request: answer, then close (RFC 9112 section 6.1).
+            close = chunked and clen is not None
+            if chunked:
+                clen = None  # not this body's length; its size is bounded while it is read
+            # Body: bounded in size; Expect: 100-continue answered only if we'll read it.
             if clen is not None and clen > s.max_body_size:
                 await self._error_and_close(conn, stream, 413, f"request body larger than {s.max_body_size} bytes",
                                             PayloadTooLarge.code)
@@ -486,11 +573,14 @@ class Server:
                 await stream.send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
             body_parts: list[bytes] = []
             size = 0
+            deadline = None
             try:
                 while True:
                     ev = conn.next_event()
                     if ev is h11.NEED_DATA:
-                        with anyio.fail_after(s.header_timeout):
+                        if deadline is None:  # one deadline for the whole body, however slowly it trickles in
+                            deadline = anyio.current_time() + s.body_timeout
+                        with anyio.fail_after(deadline - anyio.current_time()):
                             ev = await self._next_event(conn, stream)
                     if isinstance(ev, h11.Data):
                         size += len(ev.data)
@@ -512,11 +602,14 @@ class Server:
                 return
             body = body_parts[0] if len(body_parts) == 1 else b"".join(body_parts)
             request = Request(event.method, event.target, request_headers, body, client)
-            responder = Responder(conn, stream, self, head_only=event.method == b"HEAD")
+            responder = Responder(conn, stream, self, head_only=event.method == b"HEAD", close=close)
             gone = await self._run_handler(request, responder, conn.receive_data, stream)
             st.busy = False
             self._changed()
             if gone or not responder.finished:
+                return
+            if close:  # what follows may be a smuggled request: never read it, let the answer arrive intact
+                await self._linger_close(stream)
                 return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE or self.draining:
                 return
@@ -613,13 +706,19 @@ class Server:
         try:
             with anyio.fail_after(5):
                 await stream.send(data)
-            # Lingering close: stop sending, then drop what the client is still sending for a moment.
-            # Closing with unread input makes the kernel send RST, which can destroy the answer in flight.
+        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return
+        await self._linger_close(stream)
+
+    async def _linger_close(self, stream: anyio.abc.ByteStream) -> None:
+        """Stop sending, then drop what the client is still sending for a moment (the connection closes next).
+        Closing with unread input makes the kernel send RST, which can destroy the answer in flight."""
+        try:
             await stream.send_eof()  # type: ignore[attr-defined]
             with anyio.move_on_after(1.0):
                 drained = 0
                 while drained < 1 << 20:
                     drained += len(await stream.receive(65536))
-        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
                 NotImplementedError, AttributeError, OSError):
             pass
