@@ -11,12 +11,15 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import unquote_to_bytes
 
 from .config import Config
 from .context import RequestContext
-from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unauthorized
+from .cors import CORSPolicy
+from .errors import BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound, Unauthorized
 from .http.pool import UpstreamClient
 from .http.server import ClientGone, Request, Responder
 from .logs import Redactor, access_log
@@ -27,6 +30,77 @@ from .usage import UsageMeter
 
 _JSON_CT = (b"content-type", b"application/json")
 _HEALTH = b'{"status":"healthy"}'
+
+MAX_JSON_DEPTH = 128
+"""The deepest nesting a chat body may have. Far beyond real requests (tool schemas included) and far
+below the depth where json's C encoder or an adapter's recursion would fail further down the stack:
+a body accepted at the door can be encoded again by every adapter."""
+
+# What 401s say: OpenAI's wording, which clients (litellm, SDKs) classify errors by. Never the key.
+_NO_KEY = ("You didn't provide an API key. Send it as an X-Api-Key header (X-Api-Key: KEY) or with "
+           "Bearer auth (Authorization: Bearer KEY).")
+_BAD_KEY = ("Incorrect API key provided. Send a key this gateway is configured with (api_key/api_keys) as "
+            "X-Api-Key: KEY or Authorization: Bearer KEY.")
+_WWW_AUTH = (b"www-authenticate", b'Bearer realm="at-gateway"')  # RFC 9110 §11.6.1: every 401 names a scheme
+
+# Client endpoint kinds (see Gateway._endpoint).
+_CHAT, _MODELS, _MODEL, _HEALTH_EP = range(4)
+_MODEL_PREFIXES = (b"/v1/models/", b"/models/")
+_GET_HEAD = frozenset((b"GET", b"HEAD"))  # HEAD is GET without the body (RFC 9110 §9.3.2); the server drops it
+
+
+class _Endpoint(NamedTuple):
+    """A client endpoint: its kind, the methods it answers, and their Allow header for a 405."""
+
+    kind: int
+    methods: frozenset[bytes]
+    allow: bytes
+
+
+_CONTAINERS = frozenset((dict, list))  # what json decodes containers to
+# Deeper than MAX_JSON_DEPTH takes an opening and a closing bracket per level: shorter texts need no check.
+_DEPTH_MIN_TEXT = 2 * MAX_JSON_DEPTH + 1
+# Up to here counting brackets first is cheaper than the walk; beyond, the walk (per value) beats the count
+# (per character) on real conversations, which always have more brackets than the limit.
+_DEPTH_COUNT_TEXT = 16 * 1024
+# Where a body could hold a surrogate escape (backslash, u, d or D). One precompiled search: a substring
+# test for it is several times slower on bodies with many escapes (newlines) followed by common letters.
+_SURROGATE_HINT = re.compile(r"\\u[dD]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Whether decoded JSON nests more than ``limit`` containers deep.
+
+    Level by level, without recursion (nothing to overflow) and without a tuple per node: it runs on
+    every long conversation (more brackets than the limit), so it is kept to one type lookup per value.
+    """
+    level = [obj] if type(obj) in _CONTAINERS else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list[Any] = []
+        add = below.append
+        for node in level:
+            for v in node.values() if type(node) is dict else node:
+                if type(v) in _CONTAINERS:
+                    add(v)
+        level = below
+    return False
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    """Whether a decoded string (or key) holds an unpaired surrogate, which no UTF-8 encoder accepts."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class Gateway:
@@ -48,9 +122,22 @@ class Gateway:
         self.log = logging.getLogger("at_gateway.access")
         self._keys = [k.encode() for k in config.api_keys]
         created = int(time.time())
-        self._models_body = json.dumps({"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "at-gateway"}
-            for name in config.routes]}, separators=(",", ":")).encode()
+        models = [{"id": name, "object": "model", "created": created, "owned_by": "at-gateway"}
+                  for name in config.routes]
+        self._models_body = json.dumps({"object": "list", "data": models}, separators=(",", ":")).encode()
+        # GET /v1/models/{id}: one answer per route, encoded once. Every key may use every route.
+        self._model_bodies = {m["id"]: json.dumps(m, separators=(",", ":")).encode() for m in models}
+        # The client endpoints. Only these ever get CORS: an admin API must get a table of its own.
+        chat = _Endpoint(_CHAT, frozenset((b"POST",)), b"POST")
+        listing = _Endpoint(_MODELS, _GET_HEAD, b"GET, HEAD")
+        self._endpoints = {b"/v1/chat/completions": chat, b"/chat/completions": chat,
+                           b"/v1/models": listing, b"/models": listing,
+                           b"/health": _Endpoint(_HEALTH_EP, _GET_HEAD, b"GET, HEAD")}
+        self._model_endpoint = _Endpoint(_MODEL, _GET_HEAD, b"GET, HEAD")
+        self._cors = None if config.cors is None else CORSPolicy(
+            config.cors, {ep.allow for ep in (*self._endpoints.values(), self._model_endpoint)})
+        # Built once: json.loads with options would build a decoder per call.
+        self._json_decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
 
     async def aclose(self) -> None:
         for p in self.providers.values():
@@ -59,20 +146,24 @@ class Gateway:
 
     # -- helpers ------------------------------------------------------------
     def _authenticate(self, request: Request) -> str:
-        """Return the caller's identity (the key's index), or raise 401."""
+        """Return the caller's identity (the key's index), or raise 401.
+
+        A non-empty X-Api-Key wins: Authorization is then not looked at, whatever it holds (an SDK may
+        send its own). An empty X-Api-Key counts as absent.
+        """
         presented = request.header(b"x-api-key")
-        if presented is None:
+        if not presented:
             auth = request.header(b"authorization")
             if auth is not None and auth[:7].lower() == b"bearer ":
                 presented = auth[7:].strip()
         if not presented:
-            raise Unauthorized("missing API key: send it as X-Api-Key or Authorization: Bearer")
+            raise Unauthorized(_NO_KEY, headers=[_WWW_AUTH])
         found = -1
         for i, key in enumerate(self._keys):  # no early exit: constant time over the key list
             if hmac.compare_digest(presented, key) and found < 0:
                 found = i
         if found < 0:
-            raise Unauthorized("invalid API key")
+            raise Unauthorized(_BAD_KEY, headers=[_WWW_AUTH])
         return f"key{found}"
 
     @staticmethod
@@ -88,6 +179,13 @@ class Gateway:
         ctx = RequestContext(self._request_id(request), method=request.method.decode("latin-1"),
                              path=request.path.decode("latin-1"))
         try:
+            if self._cors is not None and (ep := self._endpoint(request.path)) is not None:
+                origin = request.header(b"origin")
+                if (origin is not None and request.method == b"OPTIONS"
+                        and request.header(b"access-control-request-method") is not None):
+                    await self._preflight(ctx, self._cors, origin, ep, responder)
+                    return
+                responder = self._cors.wrap(responder, origin)  # errors below carry the headers too
             await self._dispatch(ctx, request, responder)
         except GatewayError as exc:
             ctx.status = exc.status
@@ -108,38 +206,91 @@ class Gateway:
                 ctx.error = "client disconnected before the response ended"
             self.finish(ctx, request)
 
+    def _endpoint(self, path: bytes) -> _Endpoint | None:
+        """The client endpoint at ``path``; None for any other path (which never gets CORS)."""
+        ep = self._endpoints.get(path)
+        if ep is None and path.startswith(_MODEL_PREFIXES):
+            return self._model_endpoint
+        return ep
+
     async def _dispatch(self, ctx: RequestContext, request: Request, responder: Responder) -> None:
         path = request.path
-        if path == b"/v1/chat/completions" or path == b"/chat/completions":
-            if request.method != b"POST":
-                raise MethodNotAllowed(f"{request.method.decode()} is not allowed here; use POST",
-                                       headers=[(b"allow", b"POST")])
+        ep = self._endpoint(path)
+        if ep is None:
+            raise NotFound(f"no such endpoint: {request.method.decode('latin-1')} {path.decode('latin-1')[:200]}",
+                           code="unknown_url")
+        if request.method not in ep.methods:
+            raise MethodNotAllowed(f"{request.method.decode('latin-1')} is not allowed here; use "
+                                   f"{ep.allow.decode()}", headers=[(b"allow", ep.allow)])
+        kind = ep.kind
+        if kind == _CHAT:
             ctx.client = self._authenticate(request)
             await self.chat(ctx, request, responder)
             return
-        if path == b"/health":
-            if request.method != b"GET":
-                raise MethodNotAllowed(f"{request.method.decode('latin-1')} is not allowed here; use GET",
-                                       headers=[(b"allow", b"GET")])
-            ctx.status = 200
-            await responder.send(200, [_JSON_CT, (b"x-request-id", ctx.request_id.encode())], _HEALTH)
-            return
-        if path == b"/v1/models" or path == b"/models":
-            if request.method != b"GET":
-                raise MethodNotAllowed(f"{request.method.decode('latin-1')} is not allowed here; use GET",
-                                       headers=[(b"allow", b"GET")])
-            ctx.client = self._authenticate(request)
-            ctx.status = 200
-            await responder.send(200, [_JSON_CT, (b"x-request-id", ctx.request_id.encode())], self._models_body)
-            return
-        raise NotFound(f"no such endpoint: {request.method.decode('latin-1')} {path.decode('latin-1')[:200]}",
-                       code="unknown_url")
+        if kind == _HEALTH_EP:
+            body = _HEALTH
+        else:
+            ctx.client = self._authenticate(request)  # before the lookup: no probing for route names
+            body = self._models_body if kind == _MODELS else self._model_body(path)
+        ctx.status = 200
+        # For HEAD the responder writes this head (with the GET body's Content-Length) and no body.
+        await responder.send(200, [_JSON_CT, (b"x-request-id", ctx.request_id.encode())], body)
+
+    def _model_body(self, path: bytes) -> bytes:
+        """The model object of ``/v1/models/{id}``: the rest of the path, percent-decoded, is the id
+        (route names may hold '/', sent raw or as %2F)."""
+        raw = unquote_to_bytes(path.partition(b"/models/")[2])
+        try:
+            body = self._model_bodies.get(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            body = None
+        if body is None:
+            raise NotFound(f"the model {raw.decode('utf-8', 'replace')[:200]!r} does not exist (no route of that "
+                           "name; GET /v1/models lists them)", code="model_not_found")
+        return body
+
+    async def _preflight(self, ctx: RequestContext, cors: CORSPolicy, origin: bytes, ep: _Endpoint,
+                         responder: Responder) -> None:
+        """A CORS preflight: no key needed (browsers send none); 204, or 403 for an origin not allowed."""
+        headers = cors.preflight_headers(origin, ep.allow)
+        if headers is None:
+            raise Forbidden(f"the origin {origin.decode('latin-1')[:200]!r} is not allowed (cors.allow_origins)",
+                            code="origin_not_allowed", headers=list(cors.vary_only))
+        ctx.status = 204
+        # start/end, not send: a 204 has no Content-Length (RFC 9110 §8.6) and no body.
+        await responder.start(204, [*headers, (b"x-request-id", ctx.request_id.encode())])
+        await responder.end()
+
+    def decode_body(self, raw: bytes) -> Any:
+        """The JSON body, or 400 ``invalid_json`` for anything that can't be decoded, however it fails, or
+        that no upstream could be sent: nesting deeper than :data:`MAX_JSON_DEPTH`, NaN/Infinity, and
+        strings with an unpaired surrogate. The two extra checks run only when the raw text could hold
+        what they look for (more brackets than the limit; a ``\\uD`` escape), so common bodies pay a few
+        C-speed scans."""
+        try:
+            # json.loads(bytes), but strict: it would let raw UTF-8-encoded surrogates through (surrogatepass).
+            text = raw.decode(json.detect_encoding(raw))
+            body = self._json_decode(text)
+        except RecursionError:
+            raise BadRequest(f"request body is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels",
+                             code="invalid_json") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity, integers too long
+            raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        except Exception as exc:  # whatever else decoding raises is the body's fault, never a traceback
+            raise BadRequest(f"request body is not valid JSON ({exc.__class__.__name__})",
+                             code="invalid_json") from None
+        if len(text) > _DEPTH_MIN_TEXT and (len(text) > _DEPTH_COUNT_TEXT or text.count("[") + text.count("{")
+                                            > MAX_JSON_DEPTH) and _too_deep(body, MAX_JSON_DEPTH):
+            raise BadRequest(f"request body is not valid JSON: nested deeper than {MAX_JSON_DEPTH} levels",
+                             code="invalid_json")
+        if _SURROGATE_HINT.search(text) is not None and _has_lone_surrogate(body):
+            raise BadRequest("request body is not valid JSON: a string holds an unpaired UTF-16 surrogate escape "
+                             "(such as \\ud800), which is not Unicode text and cannot be sent upstream; a character "
+                             "beyond U+FFFF is written as a pair (\\ud83d\\ude00)", code="invalid_json")
+        return body
 
     def parse_chat(self, request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(request.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        body = self.decode_body(request.body)
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object", code="invalid_json")
         model = body.get("model")
@@ -197,8 +348,11 @@ class Gateway:
             failed = [a for a in ctx.attempts if not a.ok]
             if failed:
                 fields["failed_attempts"] = [a.public() for a in failed]
+        if ctx.outcome is not None:  # the client got a 200 head and an error event: the status it stood for
+            fields["outcome"] = ctx.outcome
         if ctx.error:
             fields["error"] = ctx.error
         if self.config.log_bodies and request.body:
-            fields["request_body"] = request.body[:4096].decode("utf-8", "replace")
+            # Redacted whole, then cut: a key the 4 KiB cut split would otherwise leak its start.
+            fields["request_body"] = self.redact.quote(request.body, 4096)
         access_log(self.log, fields)
