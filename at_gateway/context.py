@@ -38,7 +38,8 @@ class RequestContext:
     provider: str | None = None
     model: str | None = None
     stream: bool = False
-    status: int = 0
+    status: int = 0  # what the client got (a stream whose head went out is a 200, whatever followed)
+    outcome: int | None = None  # the status that would have been answered, when the client got 200 and an error event
     attempts: list[Attempt] = field(default_factory=list)
     usage: dict[str, Any] | None = None
     error: str | None = None
@@ -56,3 +57,20 @@ class RequestContext:
         if self.attempts:
             h.append((b"x-gateway-attempts", str(len(self.attempts)).encode()))
         return h
+
+    def early_headers(self) -> list[tuple[bytes, bytes]]:
+        """The gateway headers of a head that goes out before a step answered (a stream's keep-alive):
+        only what cannot turn out false. The answering step follows as :meth:`step_comment`."""
+        h = [(b"x-request-id", self.request_id.encode())]
+        if self.route is not None:
+            h.append((b"x-gateway-route", self.route.encode()))
+        return h
+
+    def step_comment(self) -> bytes:
+        """The step headers an early head left out, as one SSE comment block in header syntax.
+
+        Comment lines (``:`` first) are ignored by SSE clients and SDKs; provider and model names are
+        checked at config load to hold no control characters, so they cannot break the framing.
+        """
+        return b": x-gateway-provider: %s\n: x-gateway-model: %s\n: x-gateway-attempts: %d\n\n" % (
+            (self.provider or "").encode(), (self.model or "").encode(), len(self.attempts))

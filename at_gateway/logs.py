@@ -3,6 +3,9 @@
 Redaction works on values, not field names: every configured key, and
 anything shaped like a bearer token or an ``sk-...`` key, is replaced before
 a line is written, wherever it appears (upstream error texts included).
+
+Text is redacted whole and only then shortened (:func:`quote`): a cut made
+first can split a key so that its start no longer matches and leaks.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 _TOKEN_PATTERNS = [
@@ -23,16 +26,26 @@ _TOKEN_PATTERNS = [
 ]
 # "token" is in every line with usage ("tokens", "prompt_tokens"): only an assignment needs the full pattern.
 _TOKEN_ASSIGN_HINT = re.compile(r"token[\"']?\s*[:=]")
+# The longest part of a token-shaped secret that a cut can leave unrecognised at a text's end (an
+# ``AIza`` key cut before its 20th character is 23): quote() keeps this much past what it shows.
+_PATTERN_REACH = 32
 
 
 class Redactor:
     """Replaces known secrets and token-shaped strings with ``[REDACTED]``."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        parts = [re.escape(s) for s in sorted(set(secrets), key=len, reverse=True) if s]
+        values = sorted({s for s in secrets if s}, key=len, reverse=True)
+        parts = [re.escape(s) for s in values]
+        # How far the start of a secret cut off at a text's end can reach back from that end.
+        self.reach = max(_PATTERN_REACH, len(values[0]) if values else 0)
         self._values = re.compile("|".join(parts)) if parts else None
         self._tokens = re.compile("|".join(f"(?:{p})" for p in _TOKEN_PATTERNS[:3]))
         self._assign = re.compile(_TOKEN_PATTERNS[3])
+
+    def quote(self, data: bytes | str, limit: int) -> str:
+        """:func:`quote` with this redactor: for callers that hold the redactor and not this module."""
+        return quote(self, data, limit)
 
     def __call__(self, text: str) -> str:
         if self._values is not None:
@@ -57,6 +70,33 @@ def _keep_name(m: re.Match[str]) -> str:
     return f"{m.group(1)}{m.group(2)}[REDACTED]"
 
 
+def quote(redact: Callable[[str], str], data: bytes | str, limit: int) -> str:
+    """``data`` made fit to show: redacted whole, then shortened to ``limit`` characters ("…" included).
+
+    The one way upstream bytes (or a client's) are quoted: redacting after a cut would miss a key
+    the cut split, and leak its start. Only as much as can matter is redacted: a text far longer
+    than ``limit`` is redacted in a growing prefix until what it redacts to reaches ``limit`` plus
+    the redactor's ``reach`` (the most a secret split at the prefix's end can leave unrecognised),
+    so whatever such a split leaves lies beyond the cut. Bytes are decoded as UTF-8 (bad bytes
+    replaced).
+    """
+    reach = getattr(redact, "reach", None)
+    size = len(data)
+    if reach is None or size <= 2 * (limit + reach):
+        text = redact(data.decode("utf-8", "replace") if isinstance(data, bytes) else data)
+    else:
+        window = 2 * (limit + reach)
+        while True:
+            part = data[:window]
+            text = redact(part.decode("utf-8", "replace") if isinstance(part, bytes) else part)
+            if window >= size or len(text) >= limit + reach:
+                break
+            window *= 4  # redaction shrank the prefix (long tokens become ten characters): take more
+    if len(text) <= limit:
+        return text
+    return text[:limit - 1] + "…"
+
+
 class JSONFormatter(logging.Formatter):
     """Formats records as one JSON object per line; the message and fields are redacted."""
 
@@ -79,7 +119,7 @@ class JSONFormatter(logging.Formatter):
         if fields:
             out.update(fields)
         else:
-            out["message"] = record.getMessage()
+            out["msg"] = record.getMessage()  # the request lines' field name too: "msg": "request"
         if record.exc_info and record.exc_info[0] is not None:
             # The type and message only: tracebacks may carry request content.
             exc = record.exc_info[1]

@@ -5,6 +5,11 @@ any non-2xx status, a 2xx that is not a chat completion, or a stream that
 errors or ends before its first chunk. Once a stream's first chunk reached
 the client there is no going back: a later failure ends the stream with an
 SSE error event and no ``[DONE]``.
+
+Keep-alive comments may send a stream's head before any step answered: that
+head names no step (it would be a guess), the answering step follows as an
+SSE comment, and a failure can then only be an error event carrying the
+status it stands for (the request log records the 200 and that ``outcome``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from .errors import GatewayError, StepFailed, UpstreamFailed, UpstreamTimedOut
 from .http.errors import UpstreamError
 from .http.server import ClientGone, Responder, call_later
 from .http.sse import DONE_EVENT, KEEPALIVE, encode
-from .providers.base import Completion, Provider, StreamState
+from .logs import quote
+from .providers.base import Completion, Provider, QuotedFailure, StreamState
 
 log = logging.getLogger("at_gateway.routing")
 
@@ -63,6 +69,8 @@ class Router:
             attempt.timeout = exc.timeout
             attempt.upstream_error = exc.error
             text = exc.message
+            if isinstance(exc, QuotedFailure):  # the upstream's bytes, whole: redacted, then shortened
+                text = f"{text}: {quote(self.redact, exc.quoted, _MAX_ERROR_TEXT)}"
         elif isinstance(exc, TimeoutError):
             attempt.timeout = True
             text = f"timed out after {step.timeout:g}s"
@@ -76,10 +84,9 @@ class Router:
             log.error("provider %s raised while handling step %d", step.provider, attempt.step,
                       exc_info=(type(exc), exc, exc.__traceback__))
             text = f"internal error in the {step.provider} adapter ({exc.__class__.__name__})"
-        text = self.redact(text)
-        if len(text) > _MAX_ERROR_TEXT:
-            text = text[:_MAX_ERROR_TEXT] + "…"
-        attempt.error = text
+        # Redacted whole, then shortened: upstream texts (and the upstream client's messages about
+        # malformed answers) reach this point uncut, so no cut can split a key before redaction.
+        attempt.error = quote(self.redact, text, _MAX_ERROR_TEXT)
 
     def all_failed(self, ctx: RequestContext) -> GatewayError:
         attempts = ctx.attempts
@@ -98,7 +105,7 @@ class Router:
                 # The upstream's own code and type are passed on, like its message: redacted, shortened.
                 code = up.get("code") if isinstance(up.get("code"), str) else "upstream_rejected_request"
                 utype = up.get("type") if isinstance(up.get("type"), str) else "invalid_request_error"
-                code, utype = self.redact(str(code))[:100], self.redact(str(utype))[:100]
+                code, utype = quote(self.redact, str(code), 100), quote(self.redact, str(utype), 100)
                 return GatewayError(attempts[-1].error or "upstream rejected the request", status=status,
                                     type=utype, code=code, extra=extra)
             if status is not None and 400 <= status < 500:
@@ -157,6 +164,10 @@ class Router:
                 attempt.status = 200
                 if not responder.started:
                     await responder.start(200, [*_SSE_HEADERS, *ctx.gateway_headers()])
+                else:
+                    # A keep-alive sent the head before this step answered, without the step's headers:
+                    # they come now, as a comment, before the first chunk.
+                    first = ctx.step_comment() + first
                 ctx.status = 200
                 ctx.first_byte = time.perf_counter()
                 await responder.write(first)
@@ -168,11 +179,13 @@ class Router:
                     self._failed(ctx, attempt, exc, step)
                     if isinstance(exc, TimeoutError):
                         attempt.error = f"no chunk for {self.stream_idle_timeout:g}s (stream_idle_timeout)"
-                    ctx.error = attempt.error
-                    ctx.status = 502
+                    # The client got a 200 and gets this event: the log says so, and what would have been
+                    # answered (502) is the outcome, in the log and in the event.
+                    ctx.outcome = 502
                     ctx.usage = state.usage
-                    err = {"error": {"message": f"upstream stream interrupted: {attempt.error}",
-                                     "type": "upstream_error", "code": "stream_interrupted"}}
+                    ctx.error = f"upstream stream interrupted: {attempt.error}"
+                    err = {"error": {"message": ctx.error, "type": "upstream_error", "code": "stream_interrupted",
+                                     "status": 502}}
                     await responder.end(encode(err))  # no [DONE]: a broken stream never looks finished
                     return
                 ctx.usage = state.usage
@@ -183,9 +196,14 @@ class Router:
         err_obj = self.all_failed(ctx)
         if not responder.started:
             raise err_obj
-        ctx.status = err_obj.status
+        # Keep-alives sent a 200 head: the failure can only be an error event now. It carries the status
+        # that would have been answered; the log records the 200 the client got and that outcome.
+        ctx.status = 200
+        ctx.outcome = err_obj.status
         ctx.error = err_obj.message
-        await responder.end(encode(err_obj.to_dict()))
+        event = err_obj.to_dict()
+        event["error"]["status"] = err_obj.status
+        await responder.end(encode(event))
 
     async def _relay(self, agen: AsyncIterator[bytes], responder: Responder) -> None:
         idle = self.stream_idle_timeout
@@ -213,7 +231,8 @@ class Router:
                     await anyio.sleep(delay)
                     delay = interval
                     if not responder.started:
-                        await responder.start(200, [*_SSE_HEADERS, *ctx.gateway_headers()])
+                        # Which step answers is not known yet: the head names none (see step_comment).
+                        await responder.start(200, [*_SSE_HEADERS, *ctx.early_headers()])
                     await responder.write(KEEPALIVE)
             except ClientGone:
                 tg.cancel_scope.cancel()

@@ -83,7 +83,7 @@ def pyz_process(pyz: Path, config: Path, tmp_path: Path, env: dict[str, str] | N
             nonlocal port
             for line in logpath.read_text().splitlines():
                 if "listening on" in line:
-                    port = int(json.loads(line)["message"].rsplit(":", 1)[1])
+                    port = int(json.loads(line)["msg"].rsplit(":", 1)[1])
                     return True
             return proc.poll() is not None
 

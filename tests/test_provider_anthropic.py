@@ -27,6 +27,7 @@ from at_gateway.providers.anthropic import (
     from_anthropic,
     to_anthropic,
 )
+from at_gateway.providers.base import QuotedFailure
 from tests.conftest import GATEWAY_KEY, base_config, run_gateway
 from tests.mock_anthropic import (
     API_KEY,
@@ -557,7 +558,7 @@ def test_malformed_upstream_fields_are_failed_steps_not_crashes() -> None:
     assert odd["choices"][0]["message"]["content"] == "hi" and odd["usage"]["total_tokens"] == 0
     # An odd error event keeps an echoed key whole, so that routing's redaction by value still finds it.
     echoed = error_from_anthropic(None, {"type": "error", "error": "x" * 190 + API_KEY})
-    assert API_KEY in echoed.message
+    assert isinstance(echoed, QuotedFailure) and API_KEY in echoed.quoted and API_KEY not in echoed.message
 
 
 def test_validate_options() -> None:

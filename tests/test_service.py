@@ -32,7 +32,7 @@ def gateway_process(cfg: dict, tmp_path: Path, extra_env: dict[str, str] | None 
             nonlocal port
             for line in (tmp_path / "stderr.log").read_text().splitlines():
                 if "listening on" in line:
-                    port = int(json.loads(line)["message"].rsplit(":", 1)[1])
+                    port = int(json.loads(line)["msg"].rsplit(":", 1)[1])
                     return True
             return proc.poll() is not None
 

@@ -72,7 +72,16 @@ from ..config import ProviderConfig, Step
 from ..errors import StepFailed
 from ..http.pool import UpstreamClient
 from ..http.sse import EventSplitter, encode, event_data, event_name
-from .base import Completion, Provider, StreamState, config_headers, decode_event, error_from_body, read_bounded
+from .base import (
+    Completion,
+    Provider,
+    QuotedFailure,
+    StreamState,
+    config_headers,
+    decode_event,
+    error_from_body,
+    read_bounded,
+)
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"
@@ -540,8 +549,8 @@ def error_from_anthropic(status: int | None, data: bytes | dict[str, Any], prefi
     if not isinstance(err, dict) or not isinstance(err.get("message"), str):
         if isinstance(data, (bytes, bytearray)):
             return error_from_body(status or 0, bytes(data), "anthropic")
-        # Cut generously: routing redacts secrets by value before it shortens (a short cut could split one).
-        return StepFailed(f"{prefix}upstream error: {_compact(obj)[:4096]}", status=status)
+        # Whole: routing redacts secrets by value before it shortens (a cut here could split one).
+        return QuotedFailure(f"{prefix}upstream error", _compact(obj), status=status)
     etype = str(err.get("type") or "api_error")
     if status is None:
         status = ERROR_STATUS.get(etype)
@@ -554,8 +563,7 @@ def _check_message(raw: bytes, json_tool: str | None, model: str) -> dict[str, A
     try:
         obj = json.loads(raw)
     except ValueError:
-        snippet = raw[:120].decode("utf-8", "replace")
-        raise StepFailed(f"anthropic answered 2xx with a body that is not JSON: {snippet!r}") from None
+        raise QuotedFailure("anthropic answered 2xx with a body that is not JSON", raw) from None
     if isinstance(obj, dict) and obj.get("type") == "error":
         raise error_from_anthropic(None, obj, "anthropic answered 2xx with an error: ")
     if not isinstance(obj, dict) or obj.get("type") != "message" or not isinstance(obj.get("content"), list):

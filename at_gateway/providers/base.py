@@ -9,6 +9,11 @@ broken stream can never look like a finished one.
 
 Adapters must not yield inside a cancel scope or task group: routing applies
 timeouts around each ``__anext__`` and closes the generator explicitly.
+
+Adapters never cut an upstream's text to quote it: they do not know the
+secrets, and a cut made before redaction can split a key so that its start
+leaks. A failure that quotes upstream bytes is a :class:`QuotedFailure`
+carrying them whole; routing redacts them whole and only then shortens them.
 """
 
 from __future__ import annotations
@@ -59,6 +64,20 @@ class Provider:
         """Release anything the provider holds (token caches, ...)."""
 
 
+class QuotedFailure(StepFailed):
+    """A failed step that quotes an upstream's own bytes (``quoted``), kept whole and not yet redacted.
+
+    ``message`` holds only the gateway's words; routing appends the quoted text once it has
+    redacted the whole of it and shortened it (``logs.quote``). ``QuotedFailure(message)`` alone
+    must stay valid: ``copy.copy`` rebuilds an exception from its message.
+    """
+
+    def __init__(self, message: str, quoted: bytes | str = b"", *, status: int | None = None,
+                 timeout: bool = False, error: dict[str, Any] | None = None) -> None:
+        super().__init__(message, status=status, timeout=timeout, error=error)
+        self.quoted = quoted
+
+
 def error_from_body(status: int, data: bytes, provider: str) -> StepFailed:
     """A failed step from an upstream error answer, keeping its message."""
     message = ""
@@ -80,9 +99,9 @@ def error_from_body(status: int, data: bytes, provider: str) -> StepFailed:
         error_obj = obj[0]["error"]
         message = str(error_obj.get("message", ""))
     if not message:
-        # Cut generously: routing redacts, then shortens. Cutting short here first could split a key
-        # that redaction by value would then miss, leaking its start.
-        message = data[:4096].decode("utf-8", "replace").strip() or "(empty body)"
+        if not data.strip():
+            return StepFailed(f"HTTP {status}: (empty body)", status=status, error=error_obj)
+        return QuotedFailure(f"HTTP {status}", data.strip(), status=status, error=error_obj)
     return StepFailed(f"HTTP {status}: {message}", status=status, error=error_obj)
 
 
@@ -91,7 +110,7 @@ def decode_event(d: bytes, who: str = "upstream") -> dict[str, Any]:
     try:
         obj = json.loads(d)
     except ValueError:
-        raise StepFailed(f"{who} sent a stream event that is not JSON: {d[:120]!r}") from None
+        raise QuotedFailure(f"{who} sent a stream event that is not JSON", d) from None
     if not isinstance(obj, dict):
         raise StepFailed(f"{who} sent a stream event that is not a JSON object")
     return obj

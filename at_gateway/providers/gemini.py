@@ -67,7 +67,7 @@ from ..config import ProviderConfig, Step
 from ..errors import StepFailed
 from ..http.pool import Headers, UpstreamClient
 from ..http.sse import EventSplitter, encode, event_data
-from .base import Completion, Provider, StreamState, config_headers, read_bounded
+from .base import Completion, Provider, QuotedFailure, StreamState, config_headers, read_bounded
 
 API_VERSION = "v1beta"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/" + API_VERSION
@@ -731,9 +731,12 @@ async def read_error(resp: Any, limit: int = 65536) -> StepFailed:
     try:
         data: Any = json.loads(raw)
     except ValueError:
-        # Cut generously: routing redacts secrets by value and only then shortens; a short cut here
-        # could split an echoed key so that redaction misses it and its start leaks.
-        data = raw[:4096].decode("utf-8", "replace").strip() or "(empty body)"
+        if not raw.strip():
+            return error_from_gemini(resp.status, "(empty body)")
+        # Whole: routing redacts secrets by value and only then shortens; a cut here could split an
+        # echoed key so that redaction misses it and its start leaks.
+        return QuotedFailure(f"HTTP {resp.status}", raw.strip(), status=resp.status, error={
+            "message": "error body is not JSON", "type": _error_type(resp.status), "code": "upstream_error"})
     return error_from_gemini(resp.status, data)
 
 
@@ -767,9 +770,10 @@ def finish_reason(reason: Any, message: Any, has_calls: bool) -> str:
     if reason in FILTER_REASONS:
         return "content_filter"
     text = f"Gemini stopped with finishReason {reason}"
+    error = {"message": text, "type": "upstream_error", "code": str(reason).lower()}
     if isinstance(message, str) and message:
-        text += f": {message[:300]}"
-    raise StepFailed(text, error={"message": text, "type": "upstream_error", "code": str(reason).lower()})
+        raise QuotedFailure(text, message, error=error)  # whole: routing redacts it, then shortens it
+    raise StepFailed(text, error=error)
 
 
 def check_prompt_blocked(obj: dict[str, Any]) -> None:
@@ -1022,8 +1026,7 @@ class GeminiProvider(Provider):
         try:
             obj = json.loads(raw)
         except ValueError:
-            snippet = raw[:120].decode("utf-8", "replace")
-            raise StepFailed(f"Gemini answered 2xx with a body that is not JSON: {snippet!r}") from None
+            raise QuotedFailure("Gemini answered 2xx with a body that is not JSON", raw) from None
         out = completion_from_gemini(obj, step.model, signatures=self.signatures)
         return Completion(_dumps(out), out.get("usage"))
 
@@ -1084,7 +1087,7 @@ def _translate_events(tr: StreamTranslator, events: list[bytes]) -> tuple[bytes,
         try:
             obj = json.loads(d)
         except ValueError:
-            return b"".join(out), StepFailed(f"Gemini sent a stream event that is not JSON: {d[:120]!r}")
+            return b"".join(out), QuotedFailure("Gemini sent a stream event that is not JSON", d)
         try:
             out.extend(encode(c) for c in tr.feed(obj))
         except StepFailed as exc:

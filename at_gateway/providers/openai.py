@@ -18,7 +18,7 @@ from ..errors import StepFailed
 from ..http.errors import UpstreamError
 from ..http.pool import Headers, UpstreamClient
 from ..http.sse import EventSplitter, event_data, event_name
-from .base import Completion, Provider, StreamState, config_headers, decode_event, read_error
+from .base import Completion, Provider, QuotedFailure, StreamState, config_headers, decode_event, read_error
 from .presets import PRESETS  # `preset:` fills base_url for well-known services
 
 _FINISH_RE = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
@@ -30,8 +30,7 @@ def validate_chat_completion(raw: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(raw)
     except ValueError:
-        snippet = raw[:120].decode("utf-8", "replace")
-        raise StepFailed(f"upstream answered 2xx with a body that is not JSON: {snippet!r}") from None
+        raise QuotedFailure("upstream answered 2xx with a body that is not JSON", raw) from None
     if not isinstance(obj, dict):
         raise StepFailed("upstream answered 2xx with JSON that is not an object")
     if obj.get("error"):

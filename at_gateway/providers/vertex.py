@@ -31,6 +31,7 @@ token (or its error). A 401 from Vertex drops the cached token.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import json
 import os
@@ -47,7 +48,7 @@ from ..config import ProviderConfig, Step
 from ..errors import StepFailed
 from ..http.errors import UpstreamError
 from ..http.pool import Headers, UpstreamClient
-from .base import Completion, StreamState, config_headers
+from .base import Completion, QuotedFailure, StreamState, config_headers
 from .gemini import GeminiProvider, model_path, versioned_base
 from .openai import OpenAIProvider
 
@@ -65,10 +66,14 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _creds_error(message: str) -> StepFailed:
-    """Our credentials, not the client's request: a 502-class failure that falls through."""
+def _creds_error(message: str, quoted: bytes = b"") -> StepFailed:
+    """Our credentials, not the client's request: a 502-class failure that falls through.
+
+    ``quoted`` is the token endpoint's own answer, kept whole for routing to redact and then shorten.
+    """
     text = f"Vertex credentials: {message}"
-    return StepFailed(text, error={"message": text, "type": "upstream_error", "code": "upstream_auth_failed"})
+    error = {"message": text, "type": "upstream_error", "code": "upstream_auth_failed"}
+    return QuotedFailure(text, quoted, error=error) if quoted else StepFailed(text, error=error)
 
 
 @dataclass
@@ -199,8 +204,7 @@ class TokenSource:
                 return value
             if self._generation != generation and self._failure is not None:
                 # Another request just tried while we waited: share its answer, don't hammer the endpoint.
-                f = self._failure
-                raise StepFailed(f.message, status=f.status, error=f.error)
+                raise copy.copy(self._failure)  # a fresh exception: same message, status and quote
             self._failure = None  # a fetch cancelled midway must not leave an older error for the next waiter
             try:
                 self._token = await self._fetch()  # _request turns connection errors into StepFailed
@@ -298,6 +302,7 @@ class TokenSource:
             obj = None
         if status != 200 or not isinstance(obj, dict):
             detail = ""
+            quoted = b""
             if isinstance(obj, dict):
                 err = obj.get("error")
                 if isinstance(err, dict):  # Google API style
@@ -307,9 +312,9 @@ class TokenSource:
                     if obj.get("error_description"):
                         detail += f": {obj['error_description']}"
             else:
-                detail = data[:200].decode("utf-8", "replace").strip()
+                quoted = data.strip()  # not JSON: quoted whole, redacted and shortened by routing
             raise _creds_error(f"the token endpoint ({creds.kind}) answered HTTP {status}"
-                               + (f": {detail}" if detail else ""))
+                               + (f": {detail}" if detail else ""), quoted)
         value = obj.get("access_token")
         if not isinstance(value, str) or not value:
             raise _creds_error("the token endpoint's answer has no access_token")
