@@ -16,7 +16,7 @@ import socket
 import socketserver
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,9 @@ class ProxyServer:
     password: str | None = None
     tls: ssl.SSLContext | None = None  # serve the proxy itself over TLS (https:// proxies)
     tunnels: list[Tunnel] = field(default_factory=list)
+    relayed_down: int = 0  # bytes relayed from upstreams to clients (tests wait on it: the bytes are delivered)
     _socks: list[socket.socket] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> ProxyServer:
         proxy = self
@@ -73,7 +75,7 @@ class ProxyServer:
                     upstream = proxy._http(sock) if proxy.kind == "http" else proxy._socks5(sock)
                     if upstream is not None:
                         proxy._socks.append(upstream)
-                        _relay(sock, upstream)
+                        _relay(sock, upstream, proxy._count_down)
                 except (OSError, ValueError):
                     pass
 
@@ -95,6 +97,13 @@ class ProxyServer:
             except OSError:
                 pass
         self._thread.join(5)
+
+    def sockets(self) -> list[socket.socket]:
+        return list(self._socks)
+
+    def _count_down(self, n: int) -> None:
+        with self._lock:
+            self.relayed_down += n
 
     def url(self, scheme: str | None = None, creds: str | None = None) -> str:
         userinfo = f"{creds}@" if creds else ""
@@ -185,8 +194,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def _relay(a: socket.socket, b: socket.socket) -> None:
-    """Copy bytes both ways until either side closes."""
+def _relay(a: socket.socket, b: socket.socket, count_down: Callable[[int], None]) -> None:
+    """Copy bytes both ways until either side closes; ``count_down`` hears of each delivery from b to a."""
     a.settimeout(None)
     b.settimeout(None)
     try:
@@ -198,7 +207,11 @@ def _relay(a: socket.socket, b: socket.socket) -> None:
                 data = src.recv(65536)
                 if not data:
                     return
-                (b if src is a else a).sendall(data)
+                if src is a:
+                    b.sendall(data)
+                else:
+                    a.sendall(data)
+                    count_down(len(data))
     finally:
         for s in (a, b):
             try:

@@ -7,8 +7,11 @@ side talks to servers we chose, with requests we build, so a small parser is
 enough: it reads a response head, then the body by its framing (Content-Length,
 chunked, or until close), and hands out everything that arrived together as
 one piece. It stays strict where it matters for a proxy: invalid heads,
-conflicting lengths, unsupported transfer codings, bad chunk sizes and
-truncated bodies are protocol errors, never silently accepted.
+conflicting lengths, unsupported transfer codings, bad chunk sizes, chunked
+framing without its CRLFs (RFC 9112 section 7.1: a bare LF ends no chunk-size
+line and no chunk; trailers are a field section, where a bare LF ends a line as
+in the head) and truncated bodies are protocol errors, never silently
+accepted. h11 is the reference: tests/test_fastpaths.py compares the two.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ Headers = list[tuple[bytes, bytes]]
 MAX_HEAD = 256 * 1024  # a response head larger than this is refused
 _MAX_CHUNK_LINE = 4096
 
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# The empty line ending a head or trailers, searched for as h11 does: from the LF that ends the last line
+# (whose CR, like every line's, is stripped later, once: "X: a\r\r\n" keeps a CR in its value and is refused).
+_HEAD_END = re.compile(rb"\n\r?\n")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?")
 TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?)?")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,20})[ \t]*(?:;[^\r\n]*)?")  # 20 digits, as h11 (leading zeros)
 
 # Framings of a response body.
 NONE, LENGTH, CHUNKED, CLOSE = 0, 1, 2, 3
@@ -59,7 +64,7 @@ class HeaderValidator:
             if h not in seen:
                 name, value = h
                 if TOKEN.fullmatch(name) is None or FIELD_VALUE.fullmatch(value) is None:
-                    raise HTTPError(f"illegal {what} {name[:100]!r}")
+                    raise HTTPError(f"illegal {what} {name!r}")
                 if len(seen) < self._limit and name not in _UNIQUE_VALUES:
                     seen.add(h)
 
@@ -67,7 +72,7 @@ class HeaderValidator:
 def request_bytes(method: bytes, target: bytes, headers: Headers, body: bytes, validator: HeaderValidator) -> bytes:
     """Serialise one request; header fields are validated first (never sent unchecked)."""
     if _TARGET.fullmatch(target) is None or TOKEN.fullmatch(method) is None:
-        raise HTTPError(f"illegal request target or method: {target[:100]!r}")
+        raise HTTPError(f"illegal request target or method: {target!r}")
     validator.check(headers)
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     for name, value in headers:
@@ -184,22 +189,23 @@ class ResponseParser:
         n = len(buf)
         try:
             while pos < n:
-                if self._in_trailers:
-                    end = buf.find(b"\n", pos)
-                    if end < 0:
-                        if n - pos > MAX_HEAD:
-                            raise HTTPError("chunked trailers too large")
-                        return
-                    line = buf[pos:end].rstrip(b"\r")
-                    pos = end + 1
-                    if not line:
-                        buf = buf[pos:]
-                        pos, n = 0, len(buf)
-                        self._in_trailers = False
-                        self.buf = buf
-                        self._finish()
-                        return
-                    continue
+                if self._in_trailers:  # a field section, ended by an empty line
+                    if buf.startswith(b"\n", pos) or buf.startswith(b"\r\n", pos):
+                        pos += 1 if buf[pos] == 10 else 2
+                    else:
+                        m = _HEAD_END.search(buf, pos)
+                        if m is None:
+                            if n - pos > MAX_HEAD:
+                                raise HTTPError("chunked trailers too large")
+                            return
+                        _parse_fields(buf[pos:m.start()])  # checked, then dropped
+                        pos = m.end()
+                    buf = buf[pos:]
+                    pos, n = 0, len(buf)
+                    self._in_trailers = False
+                    self.buf = buf
+                    self._finish()
+                    return
                 left = self._chunk_left
                 if left < 0:  # a chunk-size line
                     end = buf.find(b"\n", pos)
@@ -207,9 +213,11 @@ class ResponseParser:
                         if n - pos > _MAX_CHUNK_LINE:
                             raise HTTPError("chunk-size line too long")
                         return
-                    m = _CHUNK_SIZE.fullmatch(buf, pos, end - 1 if end > pos and buf[end - 1] == 13 else end)
+                    if end == pos or buf[end - 1] != 13:
+                        raise HTTPError(f"chunk-size line not ended by CRLF {buf[pos:end + 1]!r}")
+                    m = _CHUNK_SIZE.fullmatch(buf, pos, end - 1)
                     if m is None:
-                        raise HTTPError(f"bad chunk-size line {buf[pos:end][:40]!r}")
+                        raise HTTPError(f"bad chunk-size line {buf[pos:end]!r}")
                     size = int(m.group(1), 16)
                     pos = end + 1
                     if size == 0:
@@ -226,16 +234,12 @@ class ResponseParser:
                         return
                 # the CRLF after a chunk's data
                 if n - pos < 2:
-                    if n - pos == 1 and buf[pos] == 10:  # bare LF
-                        pos += 1
-                        self._chunk_left = -1
+                    if n - pos == 1 and buf[pos] != 13:
+                        raise HTTPError("chunk data not followed by CRLF")
                     return
-                if buf[pos:pos + 2] == b"\r\n":
-                    pos += 2
-                elif buf[pos] == 10:
-                    pos += 1
-                else:
+                if buf[pos] != 13 or buf[pos + 1] != 10:
                     raise HTTPError("chunk data not followed by CRLF")
+                pos += 2
                 self._chunk_left = -1
         finally:
             if not self.done:
@@ -252,30 +256,58 @@ class ResponseParser:
         raise HTTPError("upstream closed the connection before the response ended")
 
 
+def _check_controls(raw: bytes) -> None:
+    """NUL, VT and FF are in no status line or field (h11 refuses them too); CR is checked per line."""
+    if b"\x00" in raw or b"\x0b" in raw or b"\x0c" in raw:
+        raise HTTPError("control character in a response head or trailer")
+
+
 def _parse_head(raw: bytes) -> tuple[int, Headers, bool]:
-    lines = raw.split(b"\n")
-    first = lines[0].rstrip(b"\r")
+    first, _, fields = raw.partition(b"\n")
+    if first.endswith(b"\r"):
+        first = first[:-1]
     m = _STATUS_LINE.fullmatch(first)
-    if m is None:
-        raise HTTPError(f"bad status line {first[:80]!r}")
+    if m is None or b"\x00" in first or b"\x0b" in first or b"\x0c" in first:
+        raise HTTPError(f"bad status line {first!r}")
+    return int(m.group(2)), _parse_fields(fields) if fields else [], m.group(1) == b"0"
+
+
+def _unfold(lines: list[bytes]) -> list[bytes]:
+    """Obsolete line folding undone first, as h11 does: a continuation is part of the line it continues
+    (its value is checked whole: "Content-Length: 7" continued by " x" is a bad length, not 7)."""
+    out: list[bytes] = []
+    for line in lines:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if line[:1] in (b" ", b"\t"):
+            if not out:
+                raise HTTPError("continuation line before any header")
+            out[-1] += b" " + line.lstrip(b" \t")
+        else:
+            out.append(line)
+    return out
+
+
+def _parse_fields(raw: bytes) -> Headers:
+    """The field lines of a head or of chunked trailers (LF-separated, CRs not yet stripped), normalised
+    the way h11 does it."""
+    _check_controls(raw)
+    lines = raw.split(b"\n")
+    folded = b"\n " in raw or b"\n\t" in raw or raw[:1] in (b" ", b"\t")
+    if folded:
+        lines = _unfold(lines)  # CRs stripped there
     headers: Headers = []
     seen_length: bytes | None = None
     seen_te = False
-    for line in lines[1:]:
-        if line.endswith(b"\r"):
+    for line in lines:
+        if line.endswith(b"\r") and not folded:
             line = line[:-1]
-        if line[:1] in (b" ", b"\t"):  # obsolete line folding: part of the previous value
-            if not headers:
-                raise HTTPError("continuation line before any header")
-            k, v = headers[-1]
-            headers[-1] = (k, (v + b" " + line.strip(b" \t")).strip(b" \t"))
-            continue
         name, sep, value = line.partition(b":")
         if not sep or TOKEN.fullmatch(name) is None:
-            raise HTTPError(f"bad header line {line[:80]!r}")
+            raise HTTPError(f"bad header line {line!r}")
         value = value.strip(b" \t")
-        if b"\r" in value or b"\x00" in value:
-            raise HTTPError(f"bad header value for {name[:40]!r}")
+        if b"\r" in value:
+            raise HTTPError(f"bad header value for {name!r}")
         name = name.lower()
         if name == b"content-length":  # normalised the way h11 does it
             lengths = {x.strip() for x in value.split(b",")}
@@ -283,7 +315,7 @@ def _parse_head(raw: bytes) -> tuple[int, Headers, bool]:
                 raise HTTPError("conflicting Content-Length headers")
             value = lengths.pop()
             if not value.isdigit() or len(value) > 18:
-                raise HTTPError(f"bad Content-Length {value[:30]!r}")
+                raise HTTPError(f"bad Content-Length {value!r}")
             if seen_length is not None:
                 if value != seen_length:
                     raise HTTPError("conflicting Content-Length headers")
@@ -292,7 +324,7 @@ def _parse_head(raw: bytes) -> tuple[int, Headers, bool]:
         elif name == b"transfer-encoding":
             value = value.lower()
             if seen_te or value != b"chunked":
-                raise HTTPError(f"unsupported Transfer-Encoding {value[:60]!r}")
+                raise HTTPError(f"unsupported Transfer-Encoding {value!r}")
             seen_te = True
         headers.append((name, value))
-    return int(m.group(2)), headers, m.group(1) == b"0"
+    return headers

@@ -5,10 +5,24 @@ keep-alive expiry, and one exception hierarchy. The rules that matter:
 
 * A connection goes back to the pool only when the response was read to
   its end and allows keep-alive; anything else closes it.
+* The reuse rule: a connection is reused only while *nothing* is buffered in
+  it at any layer: our parser's buffer, every stream layer between us and the
+  socket (TLS records not yet decrypted and decrypted bytes not yet read, for
+  each TLS layer: an https proxy means TLS inside TLS; the bytes a proxy sent
+  after its handshake; the event loop's own queue of bytes read from the
+  socket) and the socket itself (readable: bytes, EOF or an error).
+  :meth:`Connection.unread` is that one check; it runs when the response ends
+  (a connection that received bytes nobody asked for is closed, never pooled;
+  the socket's poll is left to checkout, as nothing reads an idle socket) and
+  again at checkout (bytes that arrived while it sat idle). An HTTP/1.1
+  server never sends anything unasked, so such bytes can only be garbage or an
+  answer meant for another request; handing them to the next request would
+  give one client another's answer. A layer the check cannot see into makes
+  the connection single-use.
 * A pooled connection that the server closed while it sat idle is detected
-  at checkout, and a request that fails on a *reused* connection before any
-  response byte arrives is retried once on a fresh one, so a stale socket
-  never counts as a failed route step.
+  at checkout (the same check), and a request that fails on a *reused*
+  connection before any response byte arrives is retried once on a fresh one,
+  so a stale socket never counts as a failed route step.
 * Cancellation anywhere closes the connection and frees its pool slot.
 """
 
@@ -20,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -29,6 +44,7 @@ from .errors import ConnectError, ProtocolError, ReadError, UpstreamError
 from .framing import HeaderValidator, HTTPError, ResponseParser, request_bytes
 from .origin import Origin, Target, parse_url
 from .proxy import ProxyConnector
+from .tls import LayeredStream, TLSStream
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -37,16 +53,38 @@ Headers = list[tuple[bytes, bytes]]
 Connector = Callable[[Origin, float], Awaitable[anyio.abc.ByteStream]]
 
 
+def _loop_queue(stream: anyio.abc.ByteStream) -> Any | None:
+    """The object holding the bytes the event loop read from the socket for this stream and nobody received yet.
+
+    anyio's asyncio backend (uvloop too) reads into ``_protocol.read_queue`` (a deque; a 64 KiB receive()
+    leaves the rest of a larger read there). This is the one place that relies on anyio internals; when
+    they are not there, None: the connection is then never reused, which costs speed, never correctness.
+    """
+    protocol = getattr(stream, "_protocol", None)
+    if isinstance(getattr(protocol, "read_queue", None), deque) and isinstance(getattr(protocol, "is_at_eof", None),
+                                                                              bool):
+        return protocol
+    return None
+
+
 class Connection:
     """One keep-alive HTTP/1.1 connection to an origin."""
 
-    __slots__ = ("stream", "parser", "idle_since", "requests", "_poll")
+    __slots__ = ("stream", "parser", "idle_since", "requests", "_poll", "_layers", "_loop")
 
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         self.parser = ResponseParser()  # replaced for each request
         self.idle_since = 0.0
         self.requests = 0
+        # The layers between us and the socket, found once: TLS (maybe twice), a proxy's leftover bytes.
+        layers: list[LayeredStream] = []
+        base = stream
+        while isinstance(base, LayeredStream):
+            layers.append(base)
+            base = base.transport_stream
+        self._layers = tuple(layers)
+        self._loop = _loop_queue(base)
         # poll(), not select(): select() refuses descriptors >= 1024, common in a busy gateway.
         self._poll: select.poll | None = None
         try:
@@ -54,12 +92,25 @@ class Connection:
             poll = select.poll()
             poll.register(sock, select.POLLIN)
             self._poll = poll
-        except Exception:  # not a socket stream (tests, proxies through wrappers)
+        except Exception:  # not a socket stream: unread() says so, and the connection is never reused
             pass
 
-    def looks_dropped(self) -> bool:
-        """True when an idle connection is readable: EOF, an error, or bytes nobody asked for."""
-        if self._poll is None:
+    def unread(self, poll: bool = True) -> bool:
+        """True when anything is buffered at any layer, or the socket is readable (EOF, an error, bytes
+        nobody asked for). The pool's reuse rule: only a connection for which this is False is reused.
+
+        ``poll=False`` skips the one system call, for the check when a response ends: nothing reads an
+        idle socket, so what arrives there is still there for the check at checkout.
+        """
+        if self.parser.buf:
+            return True
+        for layer in self._layers:
+            if layer.buffered():
+                return True
+        loop = self._loop
+        if loop is None or loop.read_queue or loop.is_at_eof or self._poll is None:
+            return True
+        if not poll:
             return False
         try:
             return bool(self._poll.poll(0))
@@ -89,7 +140,7 @@ class Pool:
             dead.append(idle.popleft())
         while idle:
             conn = idle.pop()  # most recently used first: likeliest alive
-            if conn.looks_dropped():
+            if conn.unread():  # dropped while idle, or bytes nobody asked for arrived
                 dead.append(conn)
                 continue
             return conn
@@ -229,16 +280,22 @@ class UpstreamClient:
             with anyio.fail_after(timeout):
                 if connector is not None:
                     stream = await connector(origin, timeout)
-                elif origin.scheme == "https":
-                    stream = await anyio.connect_tcp(origin.host, origin.port, ssl_context=self.ssl_context,
-                                                     tls_standard_compatible=False)
                 else:
                     stream = await anyio.connect_tcp(origin.host, origin.port)
+                    if origin.scheme == "https":
+                        try:
+                            stream = await TLSStream.wrap(stream, origin.host, self.ssl_context)
+                        except BaseException:
+                            await anyio.aclose_forcefully(stream)
+                            raise
         except TimeoutError:
             via = f" through proxy {getattr(connector, 'display', '(proxy)')}" if proxy else ""
             raise ConnectError(f"connect to {origin.host}:{origin.port}{via} timed out after {timeout:g}s") from None
         except ssl.SSLError as exc:
             raise ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: {exc.reason or exc}") from None
+        except anyio.EndOfStream:  # only the TLS handshake reads while connecting
+            raise ConnectError(f"TLS handshake with {origin.host}:{origin.port} failed: "
+                               "the server closed the connection") from None
         except (OSError, anyio.BrokenResourceError) as exc:
             msg = getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
             raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {msg}") from None
@@ -286,7 +343,8 @@ class UpstreamClient:
             conn.requests += 1
             response = Response(status, resp_headers, conn, self, pool)
             yield response
-            reusable = response._done and conn.parser.keep_alive
+            # The reuse rule (module docstring): read to its end, keep-alive, and nothing else received.
+            reusable = response._done and conn.parser.keep_alive and not conn.unread(poll=False)
         finally:
             # Bookkeeping first, synchronously: in a cancelled scope every await raises.
             pool.active -= 1

@@ -36,10 +36,10 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.abc
-from anyio.streams.tls import TLSStream
 
 from .errors import ConnectError
 from .origin import Origin
+from .tls import LayeredStream, TLSStream
 
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}
@@ -127,31 +127,34 @@ class _Reader:
             await self._fill()
 
 
-class _PrefixedStream(anyio.abc.ByteStream):
-    """A stream that first returns bytes already read past a handshake."""
+class _PrefixedStream(LayeredStream):
+    """A stream that first returns bytes already read past a handshake (buffered until then)."""
 
     def __init__(self, inner: anyio.abc.ByteStream, prefix: bytes) -> None:
-        self._inner = inner
+        self.transport_stream = inner
         self._prefix = prefix
+
+    def buffered(self) -> bool:
+        return bool(self._prefix)
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         if self._prefix:
             data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
             return data
-        return await self._inner.receive(max_bytes)
+        return await self.transport_stream.receive(max_bytes)
 
     async def send(self, item: bytes) -> None:
-        await self._inner.send(item)
+        await self.transport_stream.send(item)
 
     async def send_eof(self) -> None:
-        await self._inner.send_eof()
+        await self.transport_stream.send_eof()
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        await self.transport_stream.aclose()
 
     @property
     def extra_attributes(self) -> Any:
-        return self._inner.extra_attributes
+        return self.transport_stream.extra_attributes
 
 
 def _authority(origin: Origin) -> str:
@@ -198,8 +201,7 @@ class ProxyConnector:
         try:
             if p.scheme == "https":
                 try:
-                    stream = await TLSStream.wrap(stream, hostname=p.host, ssl_context=self._ssl_context(),
-                                                  standard_compatible=False)
+                    stream = await TLSStream.wrap(stream, p.host, self._ssl_context())
                 except ssl.SSLError as exc:
                     raise _Failure(f"TLS handshake with the proxy failed: {_reason(exc)}") from None
             phase = "the SOCKS5 handshake" if p.scheme.startswith("socks") else "CONNECT"
@@ -213,8 +215,7 @@ class ProxyConnector:
             if origin.scheme == "https":
                 phase = f"the TLS handshake with {_authority(origin)} through the proxy"
                 try:
-                    stream = await TLSStream.wrap(stream, hostname=origin.host,
-                                                  ssl_context=self._ssl_context(), standard_compatible=False)
+                    stream = await TLSStream.wrap(stream, origin.host, self._ssl_context())
                 except ssl.SSLError as exc:
                     raise _Failure(f"TLS handshake with {_authority(origin)} through the proxy failed: "
                                    f"{_reason(exc)}") from None
@@ -247,7 +248,8 @@ class ProxyConnector:
         status = int(m.group(1))
         if 200 <= status < 300:
             return
-        reason = re.sub(r"[^ -~]", "?", (m.group(2) or b"").decode("latin-1"))[:100]
+        # Whole (the head is bounded): routing redacts the message, then cuts it; a cut here could split a secret.
+        reason = re.sub(r"[^ -~]", "?", (m.group(2) or b"").decode("latin-1"))
         if status == 407:
             hint = ("the configured username/password was rejected" if p.username is not None
                     else "it requires authentication: put user:password@ in the proxy URL")
