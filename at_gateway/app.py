@@ -22,7 +22,7 @@ from .cors import CORSPolicy
 from .errors import BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound, Unauthorized
 from .http.pool import UpstreamClient
 from .http.server import ClientGone, Request, Responder
-from .logs import Redactor, access_log
+from .logs import Redactor, access_log, quote
 from .providers import build_provider
 from .providers.base import Provider
 from .routing import Router
@@ -65,11 +65,19 @@ _DEPTH_MIN_TEXT = 2 * MAX_JSON_DEPTH + 1
 _DEPTH_COUNT_TEXT = 16 * 1024
 # Where a body could hold a surrogate escape (backslash, u, d or D). One precompiled search: a substring
 # test for it is several times slower on bodies with many escapes (newlines) followed by common letters.
-_SURROGATE_HINT = re.compile(r"\\u[dD]")
+_SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")  # D800-DFFF; not the Hangul syllables D000-D7FF
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one too large for a float (``1e999``) would go upstream as ``Infinity``."""
+    value = float(text)
+    if value - value != 0.0:  # inf (nan cannot come from a JSON number)
+        raise ValueError(f"the number {text[:40]} is out of range for a double (RFC 8259 §6)")
+    return value
 
 
 def _too_deep(obj: Any, limit: int) -> bool:
@@ -137,7 +145,7 @@ class Gateway:
         self._cors = None if config.cors is None else CORSPolicy(
             config.cors, {ep.allow for ep in (*self._endpoints.values(), self._model_endpoint)})
         # Built once: json.loads with options would build a decoder per call.
-        self._json_decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
+        self._json_decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
 
     async def aclose(self) -> None:
         for p in self.providers.values():
@@ -183,7 +191,7 @@ class Gateway:
                 origin = request.header(b"origin")
                 if (origin is not None and request.method == b"OPTIONS"
                         and request.header(b"access-control-request-method") is not None):
-                    await self._preflight(ctx, self._cors, origin, ep, responder)
+                    await self._preflight(ctx, self._cors, origin, ep, request, responder)
                     return
                 responder = self._cors.wrap(responder, origin)  # errors below carry the headers too
             await self._dispatch(ctx, request, responder)
@@ -217,8 +225,8 @@ class Gateway:
         path = request.path
         ep = self._endpoint(path)
         if ep is None:
-            raise NotFound(f"no such endpoint: {request.method.decode('latin-1')} {path.decode('latin-1')[:200]}",
-                           code="unknown_url")
+            shown = quote(self.redact, f"{request.method.decode('latin-1')} {path.decode('latin-1')}", 200)
+            raise NotFound(f"no such endpoint: {shown}", code="unknown_url")
         if request.method not in ep.methods:
             raise MethodNotAllowed(f"{request.method.decode('latin-1')} is not allowed here; use "
                                    f"{ep.allow.decode()}", headers=[(b"allow", ep.allow)])
@@ -245,16 +253,18 @@ class Gateway:
         except UnicodeDecodeError:
             body = None
         if body is None:
-            raise NotFound(f"the model {raw.decode('utf-8', 'replace')[:200]!r} does not exist (no route of that "
-                           "name; GET /v1/models lists them)", code="model_not_found")
+            shown = quote(self.redact, raw.decode("utf-8", "replace"), 200)
+            raise NotFound(f"the model {shown!r} does not exist (no route of that name; GET /v1/models lists them)",
+                           code="model_not_found")
         return body
 
     async def _preflight(self, ctx: RequestContext, cors: CORSPolicy, origin: bytes, ep: _Endpoint,
-                         responder: Responder) -> None:
+                         request: Request, responder: Responder) -> None:
         """A CORS preflight: no key needed (browsers send none); 204, or 403 for an origin not allowed."""
-        headers = cors.preflight_headers(origin, ep.allow)
+        headers = cors.preflight_headers(origin, ep.allow, request.header(b"access-control-request-headers"))
         if headers is None:
-            raise Forbidden(f"the origin {origin.decode('latin-1')[:200]!r} is not allowed (cors.allow_origins)",
+            raise Forbidden(f"the origin {quote(self.redact, origin.decode('latin-1'), 200)!r} is not allowed "
+                            "(cors.allow_origins)",
                             code="origin_not_allowed", headers=list(cors.vary_only))
         ctx.status = 204
         # start/end, not send: a 204 has no Content-Length (RFC 9110 §8.6) and no body.
@@ -308,7 +318,7 @@ class Gateway:
         model = body["model"]
         route = self.config.routes.get(model)
         if route is None:
-            raise NotFound(f"the model {model[:200]!r} does not exist (no route of that name; "
+            raise NotFound(f"the model {quote(self.redact, model, 200)!r} does not exist (no route of that name; "
                            "GET /v1/models lists them)", code="model_not_found")
         ctx.route = route.name
         if body.get("stream"):

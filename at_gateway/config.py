@@ -89,7 +89,9 @@ class CORSConfig:
     """
 
     allow_origins: tuple[str, ...] = ()
-    allow_headers: tuple[str, ...] = ("authorization", "content-type", "x-api-key", "x-request-id")
+    # None: a preflight's Access-Control-Request-Headers are allowed as asked (SDKs send their own, such as
+    # openai-node's x-stainless-*); a list allows just those names.
+    allow_headers: tuple[str, ...] | None = None
     expose_headers: tuple[str, ...] = ("x-request-id", "x-gateway-route", "x-gateway-provider",
                                        "x-gateway-model", "x-gateway-attempts")
     max_age: int = 600
@@ -445,6 +447,9 @@ def _build_cors(raw: Any, r: _Reader, problems: list[str]) -> CORSConfig | None:
             problems.append(f"cors.{key}: header names only (letters, digits, '-')")
         lists[key] = tuple(v if key == "allow_origins" else v.lower() for v in items)
     credentials = r.boolean(data, "allow_credentials", "cors", False)
+    if credentials and "*" in lists.get("allow_headers", ()):
+        problems.append("cors.allow_headers: \"*\" is a plain header name to browsers when allow_credentials is "
+                        "on; list the names, or leave allow_headers out to allow what a preflight asks for")
     if credentials and "*" in lists.get("allow_origins", ()):
         problems.append("cors.allow_credentials: cannot be combined with allow_origins \"*\" "
                         "(list the origins instead)")

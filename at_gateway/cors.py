@@ -16,6 +16,7 @@ Every answer to a request with an ``Origin`` carries ``Vary: Origin``, since the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import cast
 
@@ -23,7 +24,12 @@ from .config import CORSConfig
 from .http.server import Headers, Responder
 
 _ACAO = b"access-control-allow-origin"
+_ACAH = b"access-control-allow-headers"
 _VARY = (b"vary", b"Origin")
+_VARY_PREFLIGHT = (b"vary", b"Origin, Access-Control-Request-Headers")
+# A preflight's Access-Control-Request-Headers: a list of header names (Fetch: lower case, sorted, comma-joined).
+_HEADER_LIST = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+(?:[ \t]*,[ \t]*[-!#$%&'*+.^_`|~0-9A-Za-z]+)*")
+_MAX_HEADER_LIST = 4096
 
 
 class CORSPolicy:
@@ -44,11 +50,16 @@ class CORSPolicy:
         self._actual_any: Headers = [(_ACAO, b"*"), *actual]
         self.vary_only: Headers = [_VARY]
         self._preflight: dict[bytes, Headers] = {}
+        self._echo_headers = cfg.allow_headers is None
+        allow_headers = list(cfg.allow_headers or ())
+        if "*" in allow_headers and "authorization" not in allow_headers:
+            allow_headers.append("authorization")  # Fetch: the wildcard never covers Authorization
         for methods in method_sets:
             h = [*common, (b"access-control-allow-methods", methods)]
-            if cfg.allow_headers:
-                h.append((b"access-control-allow-headers", ", ".join(cfg.allow_headers).encode()))
-            h += [(b"access-control-max-age", str(cfg.max_age).encode()), _VARY]
+            if allow_headers:
+                h.append((_ACAH, ", ".join(allow_headers).encode()))
+            h += [(b"access-control-max-age", str(cfg.max_age).encode()),
+                  _VARY_PREFLIGHT if self._echo_headers else _VARY]
             self._preflight[methods] = h
 
     def _allow_origin(self, origin: bytes) -> bytes | None:
@@ -70,12 +81,21 @@ class CORSPolicy:
             return self.vary_only
         return [(_ACAO, allowed), *self._actual]
 
-    def preflight_headers(self, origin: bytes, methods: bytes) -> Headers | None:
-        """Headers of a 204 preflight answer for an endpoint allowing ``methods``; None: origin not allowed."""
+    def preflight_headers(self, origin: bytes, methods: bytes, requested: bytes | None = None) -> Headers | None:
+        """Headers of a 204 preflight answer for an endpoint allowing ``methods``; None: origin not allowed.
+
+        Without ``allow_headers`` configured, the names the preflight asks for (``requested``) are allowed
+        as asked, when they are a well-formed list of names; a malformed list is not echoed.
+        """
         allowed = self._allow_origin(origin)
         if allowed is None:
             return None
-        return [(_ACAO, allowed), *self._preflight[methods]]
+        headers = [(_ACAO, allowed), *self._preflight[methods]]
+        if self._echo_headers and requested and len(requested) <= _MAX_HEADER_LIST:
+            requested = requested.strip(b" \t")
+            if _HEADER_LIST.fullmatch(requested) is not None:
+                headers.append((_ACAH, requested.lower()))
+        return headers
 
     def wrap(self, responder: Responder, origin: bytes | None) -> Responder:
         """``responder`` with this origin's CORS headers appended to whatever head it sends.

@@ -180,12 +180,12 @@ class Router:
                     if isinstance(exc, TimeoutError):
                         attempt.error = f"no chunk for {self.stream_idle_timeout:g}s (stream_idle_timeout)"
                     # The client got a 200 and gets this event: the log says so, and what would have been
-                    # answered (502) is the outcome, in the log and in the event.
-                    ctx.outcome = 502
+                    # answered (502, or 504 for stream_idle_timeout) is the outcome, in the log and the event.
+                    ctx.outcome = 504 if isinstance(exc, TimeoutError) else 502  # as a whole answer would be
                     ctx.usage = state.usage
                     ctx.error = f"upstream stream interrupted: {attempt.error}"
                     err = {"error": {"message": ctx.error, "type": "upstream_error", "code": "stream_interrupted",
-                                     "status": 502}}
+                                     "status": ctx.outcome}}
                     await responder.end(encode(err))  # no [DONE]: a broken stream never looks finished
                     return
                 ctx.usage = state.usage

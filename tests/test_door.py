@@ -80,6 +80,8 @@ UNDECODABLE = {
     "truncated": b'{"model":"r","messages":[',
     "nan": _MSG_HEAD + b'"x"}],"temperature":NaN}',
     "infinity": _MSG_HEAD + b'"x"}],"temperature":-Infinity}',
+    "float overflow": _MSG_HEAD + b'"x"}],"temperature":1e999}',  # float("1e999") is inf: sent as Infinity
+    "negative float overflow": _MSG_HEAD + b'"x"}],"top_p":-2.5e400}',
     "huge-integer": _MSG_HEAD + b'"x"}],"seed":' + b"7" * 5000 + b"}",
     "trailing-garbage": chat() + b"}",
 }
@@ -314,14 +316,27 @@ def test_preflight_from_an_allowed_origin(cors_gw: RunningGateway, path: str, me
     assert cors_headers(r) == {
         "access-control-allow-origin": APP,
         "access-control-allow-methods": methods,
-        "access-control-allow-headers": "authorization, content-type, x-api-key, x-request-id",
+        "access-control-allow-headers": "authorization, content-type",  # what the preflight asked for
         "access-control-max-age": "600",
     }
-    assert r.headers["vary"] == "Origin" and r.headers["x-request-id"]
+    assert r.headers["vary"] == "Origin, Access-Control-Request-Headers" and r.headers["x-request-id"]
     assert "content-length" not in r.headers and "transfer-encoding" not in r.headers  # 204: no framing
     # Origins compare case-insensitively; the browser's spelling is echoed back.
     r2 = preflight(cors_gw, path, "https://other.example:8443", method)
     assert r2.status_code == 204 and r2.headers["access-control-allow-origin"] == "https://other.example:8443"
+
+
+def test_preflight_allows_the_headers_an_sdk_asks_for(cors_gw: RunningGateway) -> None:
+    """openai-node in a browser sends its x-stainless-* headers: a preflight must allow what it asks for."""
+    asked = ("authorization,content-type,x-stainless-arch,x-stainless-lang,x-stainless-os,"
+             "x-stainless-package-version,x-stainless-retry-count,x-stainless-runtime,x-stainless-runtime-version")
+    r = httpx.options(cors_gw.url + CHAT_PATH, headers={"origin": APP, "access-control-request-method": "POST",
+                                                        "access-control-request-headers": asked})
+    assert r.status_code == 204 and r.headers["access-control-allow-headers"] == asked
+    # A malformed list is not echoed (the browser then refuses, as it should).
+    bad = httpx.options(cors_gw.url + CHAT_PATH, headers={"origin": APP, "access-control-request-method": "POST",
+                                                          "access-control-request-headers": "x-a, (y)"})
+    assert bad.status_code == 204 and "access-control-allow-headers" not in bad.headers
 
 
 @pytest.mark.parametrize("origin", ["https://evil.example", "http://app.example", "https://app.example:444", "null"])

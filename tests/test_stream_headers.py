@@ -134,3 +134,20 @@ def test_a_stream_interrupted_mid_way_is_logged_as_200_with_a_502_outcome(upstre
         line = gw.request_logs()[-1]
         assert (line["status"], line["outcome"], line["provider"]) == (200, 502, "up1")
         assert line["error"].startswith("upstream stream interrupted")
+
+
+def test_a_stream_stalled_mid_way_is_logged_as_200_with_a_504_outcome(upstream: MockUpstream) -> None:
+    """stream_idle_timeout after the first chunk: the event and the log say 504, as a whole answer would."""
+    hold = threading.Event()
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "m"}]}]
+    upstream.replies["m"] = Reply(sse=stream_of("a", "b"), hold=hold, hold_after=1)
+    try:
+        with run_gateway(base_config(upstream.url, route, stream_idle_timeout="0.2s")) as gw:
+            r = httpx.post(gw.url + "/v1/chat/completions", json=BODY, headers={"x-api-key": GATEWAY_KEY})
+            assert r.status_code == 200 and b"[DONE]" not in r.content
+            err = json.loads(events(r.content)[-1][6:])["error"]
+            assert err["code"] == "stream_interrupted" and err["status"] == 504
+            line = gw.request_logs()[-1]
+            assert (line["status"], line["outcome"]) == (200, 504)
+    finally:
+        hold.set()

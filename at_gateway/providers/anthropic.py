@@ -320,7 +320,7 @@ def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]]) -> tuple[dic
         tools = [t for t in tools if t["name"] in names]
         out = {"type": "any" if spec.get("mode") == "required" else "auto"}
     else:
-        raise Unsupported(f"tool_choice: unsupported value {json.dumps(choice)[:100]}")
+        raise Unsupported(f"tool_choice: unsupported value {json.dumps(choice)}")  # routing redacts, then cuts
     if not tools:
         return None, tools
     if body.get("parallel_tool_calls") is False:
