@@ -32,10 +32,12 @@ pyz:
 
 # Benchmarks are not tests (nothing in `make test` depends on timing). See bench/README.md.
 # `make bench BENCH_ARGS="--duration 5"`; uvloop (optional, never required) is measured too when installable.
+# The .pyz rows: dist/at-gateway.pyz, built first, under a stock /usr/bin/python3 -I -S (BENCH_PYZ_PYTHON=...).
 bench: $(VENV)/.installed
 	@$(PY) -c 'import uvloop' 2>/dev/null || $(PY) -m pip install -q 'uvloop>=0.19' \
 		|| echo "bench: uvloop not installable; measuring asyncio only"
-	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) build_zipapp.py
+	$(PY) bench/run.py --pyz dist/at-gateway.pyz $(BENCH_ARGS)
 
 # Steady mixed load (streams, disconnects, upstream errors), RSS every 30 s: `make soak SOAK_DURATION=120`.
 SOAK_DURATION ?= 600

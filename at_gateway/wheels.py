@@ -1,12 +1,16 @@
 """Compiled dependencies for the one-file build (``at-gateway.pyz``).
 
 Python cannot import a compiled extension from inside a zip file, so the .pyz
-carries the manylinux wheels of ``cryptography`` and ``cffi`` as plain files
-(``_embedded/*.whl``) with a manifest. :func:`install` puts a small import hook
-in front of ``sys.meta_path``; the first ``import cryptography`` (or ``cffi``)
-extracts the wheels that fit this interpreter and machine into a versioned
-cache directory and puts it on ``sys.path``. Nothing happens before that import,
-so ``version`` and ``check-config`` never pay for it.
+carries the manylinux wheels of ``cryptography``, ``cffi`` and ``uvloop`` with a
+manifest: cryptography's and cffi's as plain files (``_embedded/*.whl``), uvloop's
+slimmed and packed into one xz stream per machine (``_embedded/uvloop-*.xz``, see
+build_zipapp.py), each checked against its sha256 in the manifest before use.
+:func:`install` puts a small import hook in front of ``sys.meta_path``; the first
+import of a module of a group (:data:`GROUPS`: ``cryptography``/``cffi``, or
+``uvloop``) extracts that group's wheels fitting this interpreter and machine
+into a versioned cache directory and puts it on ``sys.path``. Nothing happens
+before that import, so ``version`` and ``check-config`` never pay for it; serving
+imports uvloop (``loop: auto``), a Vertex service account cryptography.
 
 The cache directory is ``$AT_GATEWAY_CACHE``, else systemd's
 ``$STATE_DIRECTORY``, else ``$XDG_CACHE_HOME/at-gateway`` (``~/.cache/at-gateway``).
@@ -18,9 +22,10 @@ it (imports read it by path long after the check); otherwise it goes to a privat
 temporary directory instead (:func:`extract_cached`).
 
 Where no embedded wheel fits (another OS, CPU, libc or Python), a system
-``cryptography`` is used if importable; if none is, the import fails with a
-message saying how to get one. From a normal install (not a zip) :func:`install`
-does nothing at all.
+``cryptography`` (or ``uvloop``) is used if importable; if none is, the import
+fails with a message saying why and how to get one (for uvloop, the service
+then runs on asyncio and says so). From a normal install (not a zip)
+:func:`install` does nothing at all.
 """
 
 from __future__ import annotations
@@ -40,8 +45,11 @@ if TYPE_CHECKING:  # the rest is imported when the hook fires: `version` stays c
 #: Where build_zipapp.py puts the wheels and their manifest inside the .pyz.
 EMBED_DIR = "_embedded"
 MANIFEST = f"{EMBED_DIR}/manifest.json"
-#: Top-level modules whose import triggers the extraction.
-WATCHED = frozenset({"cryptography", "cffi", "_cffi_backend"})
+#: Wheel groups (as build_zipapp.py makes them), each with the top-level modules whose first import
+#: extracts that group: one group's failure (say, no lzma for uvloop's stream) leaves the other usable.
+GROUPS = (("cryptography", frozenset({"cryptography", "cffi", "_cffi_backend"})), ("uvloop", frozenset({"uvloop"})))
+#: Top-level modules whose import triggers an extraction.
+WATCHED = frozenset().union(*(modules for _, modules in GROUPS))
 #: Written last into a finished extraction; its absence means "not ours, not complete".
 MARKER = ".at-gateway-wheels"
 #: Extractions that crashed half-way are removed after this long.
@@ -57,10 +65,11 @@ class WheelError(Exception):
 class WheelSet:
     """The wheels one interpreter/machine pair needs, as listed in the manifest."""
 
-    def __init__(self, key: str, wheels: tuple[str, ...], digest: str) -> None:
-        self.key = key  # e.g. "cp311-x86_64"
+    def __init__(self, key: str, wheels: tuple[str, ...], digest: str, group: str = "cryptography") -> None:
+        self.key = key  # e.g. "uvloop-cp311-x86_64"
         self.wheels = wheels
         self.digest = digest  # sha256 over the wheels' own sha256s: the cache directory's version
+        self.group = group
 
 
 def archive_path() -> str | None:
@@ -81,27 +90,36 @@ def install() -> bool:
     return True
 
 
+def group_of(module: str) -> str | None:
+    """The wheel group whose extraction the import of top-level ``module`` triggers, if any."""
+    for group, modules in GROUPS:
+        if module in modules:
+            return group
+    return None
+
+
 class EmbeddedWheelFinder:
-    """A meta path finder that only reacts to the first import of a watched module."""
+    """A meta path finder that only reacts to the first import of a watched module (once per group)."""
 
     def __init__(self, archive: str) -> None:
         self.archive = archive
-        self.activated = False
-        self.directory: Path | None = None
-        self.reason: str | None = None  # why no embedded wheel is in use
+        self.activated: set[str] = set()  # groups tried, successfully or not
+        self.directories: dict[str, Path] = {}
+        self.reasons: dict[str, str] = {}  # why a group's embedded wheels are not in use
 
     def find_spec(self, fullname: str, path: Sequence[str] | None = None, target: Any = None) -> ModuleSpec | None:
         if path is not None or fullname not in WATCHED:
             return None
-        if not self.activated:
-            self.activated = True
+        group = group_of(fullname) or fullname
+        if group not in self.activated:
+            self.activated.add(group)
             try:
-                self.directory = activate(self.archive)
+                self.directories[group] = activate(self.archive, group)
             except WheelError as exc:
-                self.reason = str(exc)
+                self.reasons[group] = str(exc)
         spec = PathFinder.find_spec(fullname)
         if spec is None:
-            raise ModuleNotFoundError(missing_message(fullname, self.reason), name=fullname)
+            raise ModuleNotFoundError(missing_message(fullname, self.reasons.get(group)), name=fullname)
         return spec
 
     def invalidate_caches(self) -> None:
@@ -109,8 +127,11 @@ class EmbeddedWheelFinder:
 
 
 def missing_message(module: str, reason: str | None) -> str:
-    """Tell the operator how to get cryptography when neither an embedded nor a system one works."""
+    """Tell the operator how to get cryptography (or uvloop) when neither an embedded nor a system one works."""
     why = f" ({reason})" if reason else ""
+    if group_of(module) == "uvloop":
+        return (f"No module named {module!r}: the .pyz carries uvloop for CPython 3.10-3.14 on Linux "
+                f"x86_64/aarch64 with glibc, but cannot use it here{why}")
     return (
         f"No module named {module!r}: this feature needs the 'cryptography' package. The .pyz carries it "
         f"for CPython 3.10-3.14 on Linux x86_64/aarch64 with glibc, but cannot use it here{why}. "
@@ -120,15 +141,15 @@ def missing_message(module: str, reason: str | None) -> str:
     )
 
 
-def activate(archive: str) -> Path:
-    """Extract (once) the wheel set fitting this interpreter and put it first on sys.path."""
+def activate(archive: str, group: str = "cryptography") -> Path:
+    """Extract (once) the group's wheel set fitting this interpreter and put it first on sys.path."""
     import json
     import zipfile
 
     try:
         with zipfile.ZipFile(archive) as zf:
             manifest = json.loads(zf.read(MANIFEST))
-            wset = select(manifest, current_platform())
+            wset = select(manifest, current_platform(), group)
             directory = extract_cached(zf, manifest, wset, cache_root())
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise WheelError(f"cannot use the embedded wheels: {exc}") from None
@@ -162,8 +183,8 @@ def current_platform() -> dict[str, Any]:
     }
 
 
-def select(manifest: Mapping[str, Any], plat: Mapping[str, Any]) -> WheelSet:
-    """The manifest's wheel set for this platform, or WheelError saying why none fits."""
+def select(manifest: Mapping[str, Any], plat: Mapping[str, Any], group: str = "cryptography") -> WheelSet:
+    """The manifest's wheel set of ``group`` for this platform, or WheelError saying why none fits."""
     import hashlib
 
     desc = (f"{plat['implementation']} {plat['python'][0]}.{plat['python'][1]}"
@@ -175,6 +196,8 @@ def select(manifest: Mapping[str, Any], plat: Mapping[str, Any]) -> WheelSet:
     if plat["glibc"] is None:
         raise WheelError(f"this is {desc} without glibc (musl?); the wheels are manylinux ones")
     for raw in manifest["sets"]:
+        if raw.get("group", "cryptography") != group:
+            continue
         if tuple(raw["python"]) != tuple(plat["python"]) or raw["machine"] != plat["machine"]:
             continue
         need = (int(raw["glibc"][0]), int(raw["glibc"][1]))
@@ -183,7 +206,7 @@ def select(manifest: Mapping[str, Any], plat: Mapping[str, Any]) -> WheelSet:
                              f"the wheels need glibc >= {need[0]}.{need[1]}")
         names = tuple(raw["wheels"])
         digest = hashlib.sha256("".join(manifest["wheels"][n] for n in names).encode()).hexdigest()
-        return WheelSet(raw["key"], names, digest)
+        return WheelSet(raw["key"], names, digest, group)
     raise WheelError(f"this is {desc}; no embedded wheels for it")
 
 
@@ -226,7 +249,7 @@ def extract_cached(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: Wheel
         try:
             _extract_into(zf, manifest, wset, tmp)
             os.rename(tmp, final)  # atomic: either our complete copy or another process's
-        except OSError:
+        except (OSError, WheelError):  # WheelError: a corrupt wheel, or no lzma; no half copy left behind either way
             shutil.rmtree(tmp, ignore_errors=True)
             if not os.path.lexists(final / MARKER):
                 raise
@@ -236,9 +259,16 @@ def extract_cached(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: Wheel
         _prune(parent, keep=final.name)
         return final
     except (OSError, WheelError) as exc:
-        logging.getLogger("at_gateway.wheels").warning(
-            "wheel cache %s unusable (%s); extracting into a temporary directory", root / "wheels", exc)
-    return _extract_temporary(zf, manifest, wset)
+        cause = str(exc)
+        problem = f"wheel cache {root / 'wheels'} unusable ({cause})"
+    try:
+        directory = _extract_temporary(zf, manifest, wset)
+    except (OSError, WheelError) as exc:  # one message for both, which the importer reports (no warning here)
+        if str(exc) == cause:  # the wheels themselves (corrupt, no lzma), not where they went
+            raise WheelError(cause) from None
+        raise WheelError(f"{problem}, and no temporary directory either ({exc})") from None
+    logging.getLogger("at_gateway.wheels").warning("%s; extracting into a temporary directory", problem)
+    return directory
 
 
 def _extract_temporary(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: WheelSet) -> Path:
@@ -358,7 +388,7 @@ def _extract_into(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: WheelS
     import zipfile
 
     for name in wset.wheels:
-        data = zf.read(f"{EMBED_DIR}/{name}")
+        data = _wheel_bytes(zf, manifest, name)
         got = hashlib.sha256(data).hexdigest()
         if got != manifest["wheels"][name]:
             raise WheelError(f"embedded wheel {name} is corrupt (sha256 {got[:12]}..., expected "
@@ -379,6 +409,27 @@ def _extract_into(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: WheelS
     _write_file(target / MARKER, io.BytesIO(
         (json.dumps({"key": wset.key, "digest": wset.digest, "wheels": wset.wheels}) + "\n").encode()))
     _fsync_dir(target)
+
+
+def _wheel_bytes(zf: zipfile.ZipFile, manifest: Mapping[str, Any], name: str) -> bytes:
+    """An embedded wheel's bytes: a plain member, or a slice of the xz stream it was packed into.
+
+    The caller checks them against the manifest's sha256 either way. A Python built without the
+    lzma module cannot unpack a stream: that group's wheels are then unusable, the others are not.
+    """
+    where = manifest.get("packed", {}).get(name)
+    if where is None:
+        return zf.read(f"{EMBED_DIR}/{name}")
+    try:
+        import lzma
+    except ImportError:
+        raise WheelError("this Python has no lzma module, which the packed wheels need") from None
+    try:
+        stream = lzma.decompress(zf.read(where["stream"]))
+    except lzma.LZMAError as exc:
+        raise WheelError(f"embedded stream {where['stream']} is corrupt ({exc})") from None
+    offset, size = int(where["offset"]), int(where["size"])
+    return stream[offset:offset + size]
 
 
 def _write_file(dest: Path, src: Any) -> None:

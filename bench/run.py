@@ -14,6 +14,14 @@ gateway is measured once per event loop (``asyncio``; ``uvloop`` too when it
 is importable), and ``c32`` once more with ``workers: 2`` (unpinned: its two
 workers share both cores with the mock and the load generator).
 
+``--pyz FILE`` (``make bench`` builds and passes ``dist/at-gateway.pyz``) adds
+the rows of what users deploy: the one-file build under a stock interpreter
+(``--pyz-python``, default ``/usr/bin/python3``) with ``-I -S``, no
+site-packages, ``loop: auto``, pinned like the others; its event loop is the
+one its start-up line names (uvloop from its embedded wheels where one fits).
+The .pyz is started once before it is measured, so that its one-time wheel
+extraction is not in the ``ready`` figure (it is printed separately).
+
 Load generator: ``wrk`` with ``check.lua``, which checks every response
 (status and body). When wrk is missing we try ``apt-get install wrk`` and
 otherwise fall back to ``loadgen.py`` (much slower; the output says so).
@@ -62,6 +70,7 @@ GOALS = {
     "s32_streams_per_s": 3000,
     "rss_mib": 40,
     "ready_s": 0.3,
+    "pyz_c32_vs_venv_asyncio": 1.12,  # issue 14: the deployed artefact carries uvloop's speed-up
 }
 
 
@@ -193,13 +202,14 @@ def start_gateway(workdir: Path, mock_port: int, loop: str, workers: int, cpus: 
     return start_gateway_from(cfg, port, workdir / f"{name}.log", workers, cpus)
 
 
-def start_gateway_from(cfg: Path, port: int, log_path: Path, workers: int, cpus: str | None) -> Gateway:
-    """Start ``python -m at_gateway serve`` and time it until /health answers (the "ready" figure)."""
-    env = dict(os.environ)
+def start_gateway_from(cfg: Path, port: int, log_path: Path, workers: int, cpus: str | None,
+                       cmd: list[str] | None = None, env: dict[str, str] | None = None) -> Gateway:
+    """Start ``python -m at_gateway serve`` (or ``cmd``) and time it until /health answers (the "ready" figure)."""
+    cmd = cmd or [sys.executable, "-m", "at_gateway", "serve"]
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(pinned([sys.executable, "-m", "at_gateway", "serve", "--config", str(cfg)], cpus),
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        proc = subprocess.Popen(pinned([*cmd, "--config", str(cfg)], cpus), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=log, env=dict(os.environ) if env is None else env)
     deadline = t0 + 20
     while True:
         if proc.poll() is not None:
@@ -217,6 +227,36 @@ def start_gateway_from(cfg: Path, port: int, log_path: Path, workers: int, cpus:
         time.sleep(0.002)
     ready = time.perf_counter() - t0
     return Gateway(proc, port, ready, log_path, workers)
+
+
+def start_pyz(workdir: Path, mock_port: int, pyz: Path, python: str, cpus: str | None,
+              name: str = "pyz") -> Gateway:
+    """The .pyz as users run it: ``python3 -I -S at-gateway.pyz serve``, ``loop: auto``, a clean environment."""
+    port = free_port()
+    cfg = workdir / f"{name}.yaml"
+    cfg.write_text(gateway_config(port, mock_port, "auto", 1))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "AT_GATEWAY_CACHE": str(workdir / "pyz-cache")}
+    return start_gateway_from(cfg, port, workdir / f"{name}.log", 1, cpus,
+                              cmd=[python, "-I", "-S", str(pyz), "serve"], env=env)
+
+
+def loop_in_use(log_path: Path) -> tuple[str, str]:
+    """(loop, start-up line) from a gateway's log: what it actually runs on, not what was asked."""
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        text = str(record.get("msg", record.get("message", "")))
+        if text.startswith("event loop:"):
+            return text.split()[2].rstrip(";"), text
+    return "?", "no 'event loop:' line in the log"
+
+
+def python_version(python: str) -> str | None:
+    out = subprocess.run([python, "-I", "-S", "-c", "import platform; print(platform.python_version())"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 # -- load ------------------------------------------------------------------------
@@ -274,18 +314,21 @@ def find_loadgen(allow_install: bool, forced: str | None) -> LoadGen:
 @dataclass
 class Row:
     scenario: str
-    target: str  # "direct" or "gateway"
+    target: str  # "direct", "gateway" (the venv) or "pyz" (the one-file build under a stock python3 -I -S)
     loop: str = ""
     workers: int = 1
     result: dict[str, Any] = field(default_factory=dict)
     cpu_us_per_req: float | None = None
     rss_mib: float | None = None
     ready_s: float | None = None
+    python: str = ""  # the interpreter's version, for the .pyz rows
 
     @property
     def label(self) -> str:
         if self.target == "direct":
             return "direct"
+        if self.target == "pyz":
+            return f"pyz {self.loop} py{self.python}"
         return f"gateway {self.loop}" + (f" workers={self.workers}" if self.workers > 1 else "")
 
 
@@ -352,9 +395,9 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def goals(rows: list[Row], loop: str) -> list[tuple[str, bool, str]]:
+def goals(rows: list[Row], loop: str, target: str = "gateway") -> list[tuple[str, bool, str]]:
     direct = {r.scenario: r for r in rows if r.target == "direct"}
-    gw = {r.scenario: r for r in rows if r.target == "gateway" and r.loop == loop and r.workers == 1}
+    gw = {r.scenario: r for r in rows if r.target == target and r.loop == loop and r.workers == 1}
     out: list[tuple[str, bool, str]] = []
     if "c1" in gw and "c1" in direct:
         added = (gw["c1"].result["p50_us"] - direct["c1"].result["p50_us"]) / 1000
@@ -371,6 +414,12 @@ def goals(rows: list[Row], loop: str) -> list[tuple[str, bool, str]]:
         out.append(("RSS after load <= 40 MiB", rss <= GOALS["rss_mib"], f"{rss:.1f} MiB"))
         ready = next(iter(gw.values())).ready_s or 0
         out.append(("ready <= 0.3 s after start", ready <= GOALS["ready_s"], f"{ready:.3f} s"))
+    venv = next((r for r in rows if r.target == "gateway" and r.loop == "asyncio" and r.workers == 1
+                 and r.scenario == "c32"), None)
+    if target == "pyz" and "c32" in gw and venv is not None and venv.result["rps"]:
+        ratio = gw["c32"].result["rps"] / venv.result["rps"]
+        want = GOALS["pyz_c32_vs_venv_asyncio"]
+        out.append((f"c32 req/s >= {want:.2f}x the venv's asyncio row", ratio >= want, f"{ratio:.3f}x"))
     return out
 
 
@@ -385,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loops", default=os.environ.get("BENCH_LOOPS", "asyncio,uvloop"),
                    help="event loops to measure the gateway with (uvloop skipped when not importable)")
     p.add_argument("--no-workers", action="store_true", help="skip the workers=2 row")
+    p.add_argument("--pyz", type=Path, default=os.environ.get("BENCH_PYZ") or None,
+                   help="also measure this .pyz under --pyz-python -I -S (make bench: dist/at-gateway.pyz)")
+    p.add_argument("--pyz-python", default=os.environ.get("BENCH_PYZ_PYTHON") or (
+        "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else "python3"),
+        help="the stock interpreter to run the .pyz with (default /usr/bin/python3, else python3 on PATH)")
     p.add_argument("--loadgen", choices=["wrk", "python"], default=None)
     p.add_argument("--no-install", action="store_true", help="do not try to apt-get install wrk")
     p.add_argument("--out", default=None, help="JSON result file (default bench/results/<time>.json)")
@@ -404,6 +458,15 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("uvloop is not importable: only asyncio measured (pip install uvloop, or '.[uvloop]')")
     if not have_taskset():
         notes.append("taskset missing or fewer than 2 CPUs: processes are NOT pinned")
+    pyz_version = None
+    if args.pyz is not None:
+        if not args.pyz.is_file():
+            p.error(f"--pyz {args.pyz}: no such file (make pyz builds it)")
+        pyz_version = python_version(args.pyz_python)
+        if pyz_version is None:
+            p.error(f"--pyz-python {args.pyz_python}: cannot run it")
+        notes.append(f"the .pyz rows: {args.pyz_python} (Python {pyz_version}) -I -S {args.pyz}; the venv rows: "
+                     f"{os.path.realpath(sys.executable)} (Python {platform.python_version()})")
     for n in notes:
         print(f"bench: NOTE: {n}", flush=True)
     print(f"bench: load generator {lg.kind}; {args.duration:g}s per run after {args.warmup:g}s warm-up; "
@@ -429,6 +492,23 @@ def main(argv: list[str] | None = None) -> int:
                     exits[loop] = gw.stop()
                     log_lines[loop] = sum(1 for line in gw.log_path.read_text().splitlines()
                                           if '"msg":"request"' in line)
+            if args.pyz is not None:
+                # once unmeasured: the first start extracts the embedded wheels into the cache
+                first = start_pyz(workdir, mock_port, args.pyz, args.pyz_python, "0", name="pyz-first")
+                first.stop()
+                notes.append(f"the .pyz's first start (extracting its wheels) was ready in {first.ready_s:.3f} s; "
+                             f"it said: {loop_in_use(first.log_path)[1]}")
+                gw = start_pyz(workdir, mock_port, args.pyz, args.pyz_python, "0")
+                pyz_loop, _ = loop_in_use(gw.log_path)
+                print(f"the .pyz, loop auto -> {pyz_loop} (load generator -> pyz gateway -> mock):", flush=True)
+                try:
+                    for s in scenarios:
+                        rows.append(measure(lg, gw, gw.port, s, args,
+                                            Row(s, "pyz", pyz_loop, python=pyz_version or "")))
+                finally:
+                    exits["pyz"] = gw.stop()
+                    log_lines["pyz"] = sum(1 for line in gw.log_path.read_text().splitlines()
+                                           if '"msg":"request"' in line)
             if not args.no_workers and "c32" in scenarios and (os.cpu_count() or 1) >= 2:
                 loop = loops[0]
                 print(f"gateway, loop {loop}, workers=2 (unpinned):", flush=True)
@@ -454,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"goals ({loop}, one pinned core):")
         for name, met, value in goals(rows, loop):
             print(f"  [{'met' if met else 'MISSED'}] {name}: {value}")
+    pyz_loops = sorted({r.loop for r in rows if r.target == "pyz"})
+    for loop in pyz_loops:
+        print(f"goals (the .pyz on {loop}, one pinned core):")
+        for name, met, value in goals(rows, loop, "pyz"):
+            print(f"  [{'met' if met else 'MISSED'}] {name}: {value}")
     wrong = sum(r.result["bad"] + r.result["connect_errors"] + r.result["read_errors"] + r.result["write_errors"]
                 + r.result["timeouts"] for r in rows)
     if wrong:
@@ -473,9 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "chunks": args.chunks,
                      "pinning": "gateway CPU 0; mock + load generator CPU 1" if have_taskset() else "none"},
         "rows": [{"scenario": r.scenario, "target": r.target, "loop": r.loop, "workers": r.workers,
+                  "python": r.python or platform.python_version(),
                   "cpu_us_per_req": r.cpu_us_per_req, "rss_mib": r.rss_mib, "ready_s": r.ready_s, **r.result}
                  for r in rows],
         "goals": {loop: [{"goal": n, "met": m, "value": v} for n, m, v in goals(rows, loop)] for loop in loops},
+        "pyz_goals": {loop: [{"goal": n, "met": m, "value": v} for n, m, v in goals(rows, loop, "pyz")]
+                      for loop in pyz_loops},
         "gateway_exit_codes": exits, "request_log_lines": log_lines, "ok": ok,
     }
     RESULTS.mkdir(exist_ok=True)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
@@ -43,9 +43,13 @@ def build_pyz(out: Path, extra_env: dict[str, str] | None = None) -> Path:
 
 
 def session_pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The .pyz of this checkout, built once per test session whichever module asks first."""
+    """The .pyz of this checkout, built once per test session whichever module asks first.
+
+    ``AT_GATEWAY_TEST_PYZ=FILE`` tests that file instead (a release artefact, or an older build).
+    """
     if "pyz" not in _built:
-        _built["pyz"] = build_pyz(tmp_path_factory.mktemp("pyz") / "at-gateway.pyz")
+        given = os.environ.get("AT_GATEWAY_TEST_PYZ")
+        _built["pyz"] = Path(given).resolve() if given else build_pyz(tmp_path_factory.mktemp("pyz") / "at-gateway.pyz")
     return _built["pyz"]
 
 
@@ -68,22 +72,44 @@ def pyz_cmd(pyz: Path, *args: str, python: str = PYTHON) -> list[str]:
     return [python, "-I", "-S", str(pyz), *args]
 
 
+def log_records(text: str) -> list[dict]:
+    """The JSON log lines of a gateway's stderr (other lines skipped)."""
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def log_text(record: dict) -> str:
+    """A log record's message, whichever name the field has ("msg" now, "message" before)."""
+    return str(record.get("msg", record.get("message", "")))
+
+
 @contextmanager
 def pyz_process(pyz: Path, config: Path, tmp_path: Path, env: dict[str, str] | None = None,
-                python: str = PYTHON) -> Iterator[tuple]:
-    """``python3 -I -S at-gateway.pyz serve`` on a port the OS picks; yields (proc, url, stderr path)."""
+                python: str = PYTHON, wrap: Sequence[str] = ()) -> Iterator[tuple]:
+    """``python3 -I -S at-gateway.pyz serve`` on a port the OS picks; yields (proc, url, stderr path).
+
+    ``wrap``: a command the gateway's is appended to (and that ends up exec'ing it, so that ``proc``
+    is the gateway), e.g. ``unshare`` to run it in a mount namespace of its own.
+    """
     logpath = tmp_path / "pyz-stderr.log"
     log = open(logpath, "wb")
-    proc = subprocess.Popen(pyz_cmd(pyz, "serve", "--config", str(config), "--port", "0", python=python), stderr=log,
-                            stdin=subprocess.DEVNULL, env={"PATH": os.environ.get("PATH", ""), **(env or {})})
+    cmd = [*wrap, *pyz_cmd(pyz, "serve", "--config", str(config), "--port", "0", python=python)]
+    proc = subprocess.Popen(cmd, stderr=log, stdin=subprocess.DEVNULL,
+                            env={"PATH": os.environ.get("PATH", ""), **(env or {})})
     try:
         port = None
 
         def ready() -> bool:
             nonlocal port
-            for line in logpath.read_text().splitlines():
-                if "listening on" in line:
-                    port = int(json.loads(line)["msg"].rsplit(":", 1)[1])
+            for record in log_records(logpath.read_text()):
+                if "listening on" in log_text(record):
+                    port = int(log_text(record).rsplit(":", 1)[1])
                     return True
             return proc.poll() is not None
 

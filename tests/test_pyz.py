@@ -70,13 +70,18 @@ def test_one_file_with_shebang_deps_inside_and_under_budget(pyz: Path) -> None:
         assert needed in names, needed
     # nothing compiled outside the embedded wheels: a zip cannot import it anyway
     assert not [n for n in names if n.endswith((".so", ".pyd")) and not n.startswith("_embedded/")]
-    covered = {(tuple(s["python"]), s["machine"]) for s in manifest["sets"]}
-    for minor in (10, 11, 12, 13):
-        for machine in ("x86_64", "aarch64"):
-            assert ((3, minor), machine) in covered
+    covered = {(s["group"], tuple(s["python"]), s["machine"]) for s in manifest["sets"]}
+    for group in ("cryptography", "uvloop"):
+        for minor in (10, 11, 12, 13, 14):
+            for machine in ("x86_64", "aarch64"):
+                assert (group, (3, minor), machine) in covered
+    projects = {"cryptography": {"cryptography", "cffi"}, "uvloop": {"uvloop"}}
     for s in manifest["sets"]:
-        assert {w.split("-")[0] for w in s["wheels"]} == {"cryptography", "cffi"}
-        assert all(f"_embedded/{w}" in names for w in s["wheels"])
+        assert {w.split("-")[0] for w in s["wheels"]} == projects[s["group"]]
+        for w in s["wheels"]:  # whole wheels as plain members, uvloop's slimmed in one xz stream per machine
+            assert f"_embedded/{w}" in names or manifest["packed"][w]["stream"] in names
+    streams = sorted(n.rsplit("-", 1)[1] for n in names if n.startswith("_embedded/uvloop-") and n.endswith(".xz"))
+    assert streams == ["aarch64.xz", "x86_64.xz"]
 
 
 def test_version_names_the_commit(pyz: Path) -> None:
@@ -91,9 +96,9 @@ def test_version_names_the_commit(pyz: Path) -> None:
     assert direct.returncode == 0 and __version__ in direct.stdout, direct.stderr
 
 
-def test_version_and_check_config_import_neither_server_nor_cryptography(pyz: Path) -> None:
+def test_version_and_check_config_import_neither_server_nor_compiled_code(pyz: Path) -> None:
     heavy = ("at_gateway.http.server", "at_gateway.service", "at_gateway.http.pool", "anyio", "h11", "cryptography",
-             "_cffi_backend", "cffi")
+             "_cffi_backend", "cffi", "uvloop")
     for args in (["version"], ["check-config", "--config", str(REPO / "config.yaml.example")]):
         out = run([PYTHON, "-I", "-S", "-X", "importtime", str(pyz), *args])
         assert out.returncode == 0, out.stderr
@@ -132,8 +137,8 @@ def test_serve_chat_stream_and_sigterm_drain(pyz: Path, upstream: MockUpstream, 
         assert proc.wait(15) == 0
         text = log.read_text()
         assert "Traceback" not in text and GATEWAY_KEY not in text
-    # serving needs no compiled code: nothing was extracted
-    assert not (tmp_path / "cache").exists()
+    # serving extracts uvloop (tests/test_loop.py), and nothing else: cryptography is for features that need it
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "wheels").iterdir()] == ["uvloop"]
 
 
 def _interpreters() -> list[str]:
@@ -260,10 +265,13 @@ def test_wheel_selection_refuses_what_does_not_fit(pyz: Path, change: dict[str, 
     manifest = json.loads(zipfile.ZipFile(pyz).read("_embedded/manifest.json"))
     plat = {"implementation": "cpython", "python": (3, 12), "free_threaded": False, "os": "linux",
             "machine": "aarch64", "bits": 64, "glibc": (2, 31)}
-    chosen = wheels.select(manifest, plat)
-    assert chosen.key == "cp312-aarch64" and any("cp312" in w for w in chosen.wheels)
-    with pytest.raises(wheels.WheelError, match=reason):
-        wheels.select(manifest, {**plat, **change})
+    for group in ("cryptography", "uvloop"):
+        chosen = wheels.select(manifest, plat, group)
+        assert chosen.key == f"{group}-cp312-aarch64" and any("cp312" in w for w in chosen.wheels)
+        projects = {"uvloop"} if group == "uvloop" else {"cryptography", "cffi"}
+        assert {w.split("-")[0] for w in chosen.wheels} == projects
+        with pytest.raises(wheels.WheelError, match=reason):
+            wheels.select(manifest, {**plat, **change}, group)
 
 
 def test_cache_directory_order(tmp_path: Path) -> None:
