@@ -476,3 +476,13 @@ def test_responders_refuse_header_injection_and_can_still_answer(fast: bool) -> 
         return sink.data
 
     assert anyio.run(run).startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+
+
+def test_a_response_framed_both_ways_is_never_reused() -> None:
+    """Content-Length and Transfer-Encoding together (RFC 9112 §6.3): read by its chunked framing, as h11
+    does, but the connection is not trusted for another request."""
+    p = ResponseParser()
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert p.head() is not None
+    assert p.body() == b"abc" and p.done
+    assert not p.keep_alive

@@ -315,3 +315,57 @@ def test_server_decisions_on_both_paths(fuzz_server: RunningServer, req: tuple[b
                 return
             assert headers["connection"] == "close"
         assert closed_by_peer(s)
+
+
+class _ClientStream(anyio.abc.ByteStream):
+    """A client connection as a memory stream: the test decides exactly when each request arrives."""
+
+    def __init__(self) -> None:
+        self.to_server, self._incoming = anyio.create_memory_object_stream[bytes](10)
+        self.answers: list[bytes] = []
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self._incoming.receive()
+
+    async def send(self, item: bytes) -> None:
+        self.answers.append(item)
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        self.to_server.close()
+        self._incoming.close()
+
+    @property
+    def extra_attributes(self) -> Any:
+        return {}
+
+
+def test_an_idle_connection_chosen_as_its_request_arrives_still_answers_it() -> None:
+    """The eviction race: the idle connection's next request has been read (its wait completed, so the
+    cancellation comes too late) in the same loop turn as a newcomer picks it. The request is answered,
+    not dropped; the newcomer finds room afterwards."""
+    request = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def handler(req: Any, responder: Any) -> None:
+        await responder.send(200, [], b"ok")
+
+    async def main() -> tuple[int, bool]:
+        server = Server(handler, ServerSettings(max_connections=1))
+        client = _ClientStream()
+        async with anyio.create_task_group() as tg:
+            server._open = 1  # as _accept_loop counts it
+            tg.start_soon(server._connection, client)
+            client.to_server.send_nowait(request)
+            with anyio.fail_after(5):  # idle, and parked in its read (not merely about to read)
+                while server.idle_connections == 0 or client.to_server.statistics().tasks_waiting_receive == 0:
+                    await anyio.sleep(0)
+            client.to_server.send_nowait(request)  # handed to the waiting read: the idle wait completes...
+            with anyio.fail_after(5):
+                await server._make_room()  # ...and a newcomer wants room in the same turn
+            tg.cancel_scope.cancel()
+        return len(client.answers), server._open == 0
+
+    answered, room = anyio.run(main)
+    assert answered == 2 and room

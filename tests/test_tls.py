@@ -75,6 +75,24 @@ def test_https_upstream_with_private_ca(tmp_path: Path) -> None:
         up.stop()
 
 
+def test_https_upstream_whose_certificate_names_another_host_is_refused(tmp_path: Path) -> None:
+    """Our own TLS stream checks the host name: a certificate for localhost, trusted, but reached as
+    127.0.0.1, is a failed step naming the verification failure."""
+    cert, key = self_signed(tmp_path)
+    up = MockUpstream(tls=(str(cert), str(key))).start()
+    try:
+        url = up.url.replace("//localhost:", "//127.0.0.1:")
+        route = [{"name": "r", "steps": [{"provider": "up1", "model": "m"}]}]
+        with run_gateway(base_config(url, route, upstream={"ca_file": str(cert)})) as gw:
+            r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                           json={"model": "r", "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 502
+            error = r.json()["error"]["attempts"][0]["error"]
+            assert "TLS" in error and ("CERTIFICATE_VERIFY_FAILED" in error or "match" in error), error
+    finally:
+        up.stop()
+
+
 def test_corrupt_tls_record_mid_request_ends_only_that_connection(upstream: MockUpstream, tmp_path: Path) -> None:
     """A client whose TLS breaks while its request runs (the server reads on to notice a disconnect) loses
     its own connection; the server goes on serving everyone else (it used to stop listening altogether)."""

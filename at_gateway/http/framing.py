@@ -138,6 +138,8 @@ class ResponseParser:
             self.framing = NONE
         elif te is not None:
             self.framing = CHUNKED
+            if cl is not None:  # RFC 9112 §6.3: both is a framing error in waiting; never reuse the connection
+                self.keep_alive = False
         elif cl is not None:
             self.framing = LENGTH
             self.remaining = int(cl)
@@ -256,9 +258,12 @@ class ResponseParser:
         raise HTTPError("upstream closed the connection before the response ended")
 
 
+_CONTROLS = re.compile(rb"[\x00\x0b\x0c]")  # in no status line or field (h11 refuses them too); CR: per line
+_FOLD = re.compile(rb"\n[ \t]")
+
+
 def _check_controls(raw: bytes) -> None:
-    """NUL, VT and FF are in no status line or field (h11 refuses them too); CR is checked per line."""
-    if b"\x00" in raw or b"\x0b" in raw or b"\x0c" in raw:
+    if _CONTROLS.search(raw) is not None:
         raise HTTPError("control character in a response head or trailer")
 
 
@@ -267,7 +272,7 @@ def _parse_head(raw: bytes) -> tuple[int, Headers, bool]:
     if first.endswith(b"\r"):
         first = first[:-1]
     m = _STATUS_LINE.fullmatch(first)
-    if m is None or b"\x00" in first or b"\x0b" in first or b"\x0c" in first:
+    if m is None or _CONTROLS.search(first) is not None:
         raise HTTPError(f"bad status line {first!r}")
     return int(m.group(2)), _parse_fields(fields) if fields else [], m.group(1) == b"0"
 
@@ -293,7 +298,7 @@ def _parse_fields(raw: bytes) -> Headers:
     the way h11 does it."""
     _check_controls(raw)
     lines = raw.split(b"\n")
-    folded = b"\n " in raw or b"\n\t" in raw or raw[:1] in (b" ", b"\t")
+    folded = _FOLD.search(raw) is not None or raw[:1] in (b" ", b"\t")
     if folded:
         lines = _unfold(lines)  # CRs stripped there
     headers: Headers = []

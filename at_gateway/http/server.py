@@ -10,7 +10,8 @@ Limits: a request head within ``header_timeout`` and ``max_header_size`` raw
 bytes, a whole body within ``body_timeout`` and ``max_body_size``. At most
 ``max_connections`` connections; when they are all open, the one idle longest
 between requests is closed for a newcomer, which waits only while every
-connection is in the middle of a request.
+connection is in the middle of a request or has yet to send its first one
+(at most ``header_timeout``: a silent connection is closed then).
 
 Graceful shutdown: stop accepting, close idle keep-alive connections, let
 requests in flight (streams too) finish within ``shutdown_timeout``, then
@@ -339,10 +340,19 @@ class Server:
         if self._room is not None:  # a newcomer is waiting for exactly this
             self._wake_newcomers()
 
+    def _spare(self, st: _ConnState) -> None:
+        """Undo an eviction whose cancellation came too late: the connection's next request was already read
+        (anyio does not cancel a wait that completed), and dropping it unanswered would lose it. The
+        newcomer looks for room again."""
+        st.evicted = False
+        self._closing -= 1
+        self._wake_newcomers()
+
     async def _make_room(self) -> None:
         """Wait until a newcomer (already accepted) fits under max_connections: close the connection idle
-        longest for it, or, while every connection is in the middle of a request, wait for one to end or to
-        go idle. A connection mid-head, mid-body or mid-answer is never closed for a newcomer."""
+        longest for it, or, while every connection is in the middle of a request (or new and silent, which
+        header_timeout bounds), wait for one to end or to go idle. A connection mid-head, mid-body or
+        mid-answer is never closed for a newcomer."""
         limit = self.settings.max_connections
         self._wanting += 1
         try:
@@ -450,8 +460,10 @@ class Server:
                     buf = await self._receive(stream)
                 st.idle_scope = None
                 self._idle.pop(st, None)
-                if idle.cancelled_caught or not buf or st.evicted:
+                if idle.cancelled_caught or not buf:
                     return
+                if st.evicted:  # chosen for a newcomer just as its next request arrived: serve it after all
+                    self._spare(st)
             first = False
             parsed = parse_request(buf, s.max_header_size, s.max_body_size)
             if parsed is None:
@@ -514,8 +526,10 @@ class Server:
                     conn.receive_data(data)
                 st.idle_scope = None
                 self._idle.pop(st, None)
-                if idle.cancelled_caught or not data or st.evicted:
+                if idle.cancelled_caught or not data:
                     return
+                if st.evicted:
+                    self._spare(st)
                 avail = len(data)
             st.busy = True
             # Phase 2: the rest of the head, within header_timeout (slowloris).
@@ -714,7 +728,10 @@ class Server:
         """Stop sending, then drop what the client is still sending for a moment (the connection closes next).
         Closing with unread input makes the kernel send RST, which can destroy the answer in flight."""
         try:
-            await stream.send_eof()  # type: ignore[attr-defined]
+            try:
+                await stream.send_eof()  # type: ignore[attr-defined]
+            except (NotImplementedError, AttributeError):
+                pass  # TLS has no half-close: the answer said Connection: close, so drain all the same
             with anyio.move_on_after(1.0):
                 drained = 0
                 while drained < 1 << 20:
