@@ -26,6 +26,8 @@ from .logs import Redactor, access_log, quote
 from .providers import build_provider
 from .providers.base import Provider
 from .routing import Router
+from .services import Services
+from .store.prices import Pricing
 from .usage import UsageMeter
 
 _JSON_CT = (b"content-type", b"application/json")
@@ -113,8 +115,12 @@ def _has_lone_surrogate(obj: Any) -> bool:
 
 class Gateway:
     def __init__(self, config: Config, client: UpstreamClient | None = None,
-                 redactor: Redactor | None = None, usage: UsageMeter | None = None) -> None:
+                 redactor: Redactor | None = None, usage: UsageMeter | None = None,
+                 services: Services | None = None) -> None:
         self.config = config
+        # The store, the client-key cache and the limiter: built once per process, kept across reloads.
+        self.services = services or Services()
+        self.pricing = Pricing(config)
         self.redact = redactor or Redactor(config.secrets())
         self.client = client or UpstreamClient(config.upstream)
         self.providers: dict[str, Provider] = {
@@ -153,8 +159,9 @@ class Gateway:
         await self.client.aclose()
 
     # -- helpers ------------------------------------------------------------
-    def _authenticate(self, request: Request) -> str:
-        """Return the caller's identity (the key's index), or raise 401.
+    def _authenticate(self, request: Request, ctx: RequestContext | None = None) -> str:
+        """Return the caller's identity (the key's index, or a store key's id; ``ctx.key`` is then that
+        key), or raise 401.
 
         A non-empty X-Api-Key wins: Authorization is then not looked at, whatever it holds (an SDK may
         send its own). An empty X-Api-Key counts as absent.
@@ -171,6 +178,13 @@ class Gateway:
             if hmac.compare_digest(presented, key) and found < 0:
                 found = i
         if found < 0:
+            keys = self.services.keys
+            if keys is not None:
+                client_key = keys.verify(presented)  # raises 401 saying expired / disabled / revoked / unknown
+                if client_key is not None:
+                    if ctx is not None:
+                        ctx.key = client_key
+                    return client_key.id
             raise Unauthorized(_BAD_KEY, headers=[_WWW_AUTH])
         return f"key{found}"
 
@@ -232,13 +246,13 @@ class Gateway:
                                    f"{ep.allow.decode()}", headers=[(b"allow", ep.allow)])
         kind = ep.kind
         if kind == _CHAT:
-            ctx.client = self._authenticate(request)
+            ctx.client = self._authenticate(request, ctx)
             await self.chat(ctx, request, responder)
             return
         if kind == _HEALTH_EP:
             body = _HEALTH
         else:
-            ctx.client = self._authenticate(request)  # before the lookup: no probing for route names
+            ctx.client = self._authenticate(request, ctx)  # before the lookup: no probing for route names
             body = self._models_body if kind == _MODELS else self._model_body(path)
         ctx.status = 200
         # For HEAD the responder writes this head (with the GET body's Content-Length) and no body.
@@ -321,6 +335,11 @@ class Gateway:
             raise NotFound(f"the model {quote(self.redact, model, 200)!r} does not exist (no route of that name; "
                            "GET /v1/models lists them)", code="model_not_found")
         ctx.route = route.name
+        if ctx.key is not None:
+            body = self.apply_key(ctx, route, body)
+        limiter = self.services.limiter
+        if limiter is not None:
+            await limiter.admit(ctx, route, body)  # 429s raise here; sets ctx.extra_headers
         if body.get("stream"):
             ctx.stream = True
             await self.router.stream(ctx, route, body, responder)
@@ -330,9 +349,21 @@ class Gateway:
         await responder.send(200, [_JSON_CT, *ctx.gateway_headers()], result.body)
         ctx.first_byte = time.perf_counter()
 
+    def apply_key(self, ctx: RequestContext, route: Any, body: dict[str, Any]) -> dict[str, Any]:
+        """What a store key's settings do to a request: the routes it may use (403 otherwise), its
+        system prompt, its max_tokens cap. (Filled in by the client-keys work.)"""
+        return body
+
     # -- the one place a finished request is accounted for -----------------
     def finish(self, ctx: RequestContext, request: Request) -> None:
         self.usage.record(ctx)
+        if ctx.usage:
+            ctx.cost_nanousd = self.pricing.cost(ctx)
+        services = self.services
+        if services.limiter is not None and ctx.admission is not None:
+            services.limiter.settle(ctx)
+        if services.store is not None:
+            services.store.record(ctx)
         end = time.perf_counter()
         fields: dict[str, Any] = {
             "msg": "request",

@@ -36,7 +36,34 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file; exit 0 when valid, 1 otherwise")
     check.add_argument("--config", default=argparse.SUPPRESS, help="config file")
     sub.add_parser("version", help="print the version and the commit it was built from")
+    # State commands: their own options are parsed by their modules (at_gateway/store/*_cli.py).
+    for name, text in STATE_COMMANDS.items():
+        sp = sub.add_parser(name, help=text, add_help=False)
+        sp.add_argument("args", nargs=argparse.REMAINDER)
     return p
+
+
+#: Commands that work on the store (the database), while the gateway runs or not.
+STATE_COMMANDS = {
+    "db": "the database: `db info`, `db backup FILE` (safe while serving)",
+    "keys": "client keys: create, list, show, update, disable, enable, revoke, rotate",
+    "usage": "requests, tokens and cost as a table (--key, --since, --by day|route|model|key)",
+}
+
+
+def _take_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``--config X`` / ``--config=X`` anywhere in a state command's arguments."""
+    rest: list[str] = []
+    config = None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            config = next(it, None)
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return config, rest
 
 
 def build_info() -> str:
@@ -68,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import find_config, load_config
     from .errors import ConfigError
 
+    state_args: list[str] = []
+    if command in STATE_COMMANDS:
+        explicit, state_args = _take_config(list(args.args))
+        if explicit:
+            args.config = explicit
     try:
         path = find_config(getattr(args, "config", None))
         config = load_config(path)
@@ -77,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check-config":
         print(f"{path}: OK ({len(config.providers)} provider(s), {len(config.routes)} route(s))")
         return 0
+    if command in STATE_COMMANDS:
+        from .store.cli import run as run_state
+
+        return run_state(command, state_args, config)
     from dataclasses import replace
 
     if args.host:

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,9 +37,17 @@ TOP_KEYS = frozenset({
     "stream_keepalive_interval", "max_body_size", "max_header_size", "header_timeout",
     "body_timeout", "keepalive_timeout", "cors", "max_connections", "shutdown_timeout", "tls", "log_level",
     "log_bodies", "upstream", "workers", "loop", "state_dir", "providers", "routes",
+    "store", "request_log", "limits", "budget_timezone", "prices",
 })
-STEP_KEYS = frozenset({"provider", "model", "timeout", "conflict_resolution"})
-ROUTE_KEYS = frozenset({"name", "steps"})
+STEP_KEYS = frozenset({"provider", "model", "timeout", "conflict_resolution", "price"})
+ROUTE_KEYS = frozenset({"name", "steps", "limits"})
+STORE_KEYS = frozenset({"path"})
+REQUEST_LOG_KEYS = frozenset({"retention"})
+LIMIT_KEYS = ("rpm", "rph", "rpd", "tpm", "tpd")
+LIMITS_KEYS = frozenset({*LIMIT_KEYS, "on_error"})
+ROUTE_LIMITS_KEYS = frozenset(LIMIT_KEYS)
+PRICE_KEYS = frozenset({"input", "output", "cached_input"})
+LIMIT_ON_ERROR = ("open", "closed")
 TLS_KEYS = frozenset({"cert_file", "key_file"})
 CORS_KEYS = frozenset({"allow_origins", "allow_headers", "expose_headers", "max_age", "allow_credentials"})
 UPSTREAM_KEYS = frozenset({"max_connections_per_origin", "idle_timeout", "connect_timeout", "ca_file",
@@ -61,17 +70,55 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True)
+class Price:
+    """USD per million tokens, as exact decimals (money never goes through floats)."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal | None = None  # None: cached prompt tokens cost the input price
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Requests per minute/hour/day and tokens (prompt + completion) per minute/day; None: no limit."""
+
+    rpm: int | None = None
+    rph: int | None = None
+    rpd: int | None = None
+    tpm: int | None = None
+    tpd: int | None = None
+
+    def any(self) -> bool:
+        return any(getattr(self, k) is not None for k in LIMIT_KEYS)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``limits:``: defaults for every client key of the store, and what to do when the limiter fails."""
+
+    defaults: Limits = field(default_factory=Limits)
+    on_error: str = "open"  # open: serve (counted, logged once a minute); closed: 503
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str  # a file, or ":memory:"
+
+
+@dataclass(frozen=True)
 class Step:
     provider: str
     model: str
     timeout: float
     conflict_resolution: str | None = None
+    price: Price | None = None  # overrides the price table for this step
 
 
 @dataclass(frozen=True)
 class Route:
     name: str
     steps: tuple[Step, ...]
+    limits: Limits | None = None  # a global cap on the route, over all keys
 
 
 @dataclass(frozen=True)
@@ -131,6 +178,11 @@ class Config:
     loop: str = "auto"
     state_dir: str | None = None
     cors: CORSConfig | None = None  # off unless allow_origins is set
+    store: StoreConfig = field(default_factory=lambda: StoreConfig(":memory:"))
+    request_log_retention: float = 30 * 86400.0
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    budget_timezone: str = "UTC"
+    prices: Mapping[str, Price] = field(default_factory=dict)  # model name -> price (over the built-in table)
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     routes: Mapping[str, Route] = field(default_factory=dict)
 
@@ -348,9 +400,13 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
             problems.append(f"api_keys[{i}]: must be a non-empty string")
         else:
             keys.append(k)
-    if not keys:
-        problems.append("api_key: no gateway key is configured (set api_key or api_keys; "
-                        "clients send it as X-Api-Key or Authorization: Bearer)")
+    store_raw = data.get("store")
+    in_memory = isinstance(store_raw, dict) and store_raw.get("path") == ":memory:"
+    if not keys and in_memory:
+        # With a store file, client keys made by `at-gateway keys create` can call; in memory nothing could.
+        problems.append("api_key: no gateway key is configured (set api_key or api_keys, or keep client keys "
+                        "in a store file and create them with `at-gateway keys create`; clients send a key "
+                        "as X-Api-Key or Authorization: Bearer)")
 
     default_port = 8080
     if env.get("PORT", "").isdigit():
@@ -388,6 +444,28 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
             problems.append(f"max_body_size: {data['max_body_size']!r} is not a size (e.g. 10MiB)")
 
     cors = _build_cors(data.get("cors"), r, problems)
+    store = _build_store(data.get("store"), r, problems, data.get("state_dir"), env)
+    rl_raw = _mapping(data.get("request_log"), "request_log", problems)
+    _unknown_keys(rl_raw, REQUEST_LOG_KEYS, "request_log", problems)
+    retention = r.duration(rl_raw, "retention", "request_log", 30 * 86400.0, positive=True)
+    lim_raw = _mapping(data.get("limits"), "limits", problems)
+    _unknown_keys(lim_raw, LIMITS_KEYS, "limits", problems)
+    limits = LimitsConfig(defaults=_build_limits(lim_raw, "limits", r),
+                          on_error=r.string(lim_raw, "on_error", "limits", "open", LIMIT_ON_ERROR) or "open")
+    budget_tz = r.string(data, "budget_timezone", "", "UTC") or "UTC"
+    if budget_tz != "UTC":
+        try:
+            import zoneinfo
+
+            zoneinfo.ZoneInfo(budget_tz)
+        except Exception:
+            problems.append(f"budget_timezone: unknown time zone {budget_tz[:60]!r} (an IANA name such as "
+                            "Europe/Berlin, or UTC)")
+    prices: dict[str, Price] = {}
+    for model, raw_price in _mapping(data.get("prices"), "prices", problems).items():
+        price = _build_price(raw_price, f"prices.{model}", problems)
+        if price is not None:
+            prices[str(model)] = price
     providers = _build_providers(data.get("providers"), r, problems)
     routes = _build_routes(data.get("routes"), r, problems, providers, default_timeout)
 
@@ -414,12 +492,71 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
         loop=r.string(data, "loop", "", "auto", LOOPS) or "auto",
         state_dir=r.string(data, "state_dir", ""),
         cors=cors,
+        store=store,
+        request_log_retention=retention,
+        limits=limits,
+        budget_timezone=budget_tz,
+        prices=prices,
         providers=providers,
         routes=routes,
     )
     if problems:
         raise ConfigError(source, problems)
     return cfg
+
+
+def default_store_path(state_dir: str | None, env: Mapping[str, str]) -> str:
+    """``at-gateway.db`` under ``state_dir``, else systemd's ``$STATE_DIRECTORY``, else the working directory."""
+    if state_dir:
+        return os.path.join(state_dir, "at-gateway.db")
+    if env.get("STATE_DIRECTORY"):
+        return os.path.join(env["STATE_DIRECTORY"].split(":")[0], "at-gateway.db")
+    return os.path.join(".", "at-gateway.db")
+
+
+def _build_store(raw: Any, r: _Reader, problems: list[str], state_dir: Any, env: Mapping[str, str]) -> StoreConfig:
+    data = _mapping(raw, "store", problems)
+    _unknown_keys(data, STORE_KEYS, "store", problems)
+    path = r.string(data, "path", "store")
+    if path is None:
+        path = default_store_path(state_dir if isinstance(state_dir, str) else None, env)
+    elif not path.strip():
+        problems.append("store.path: empty (a file name, or \":memory:\" to keep everything in memory)")
+    return StoreConfig(path)
+
+
+def _build_limits(data: dict[str, Any], path: str, r: _Reader) -> Limits:
+    values: dict[str, int | None] = {}
+    for key in LIMIT_KEYS:
+        values[key] = r.integer(data, key, path, 0, 1) if data.get(key) is not None else None
+    return Limits(**values)
+
+
+def _build_price(raw: Any, path: str, problems: list[str]) -> Price | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: must be a mapping {{input, output, cached_input}} in USD per million tokens")
+        return None
+    _unknown_keys(raw, PRICE_KEYS, path, problems)
+    values: dict[str, Decimal | None] = {}
+    for key in ("input", "output", "cached_input"):
+        v = raw.get(key)
+        if v is None:
+            if key != "cached_input":
+                problems.append(f"{path}.{key}: required (USD per million tokens, e.g. 2.5)")
+            values[key] = None
+            continue
+        try:
+            d = Decimal(str(v)) if not isinstance(v, bool) else None
+        except InvalidOperation:
+            d = None
+        if d is None or not d.is_finite() or d < 0:
+            problems.append(f"{path}.{key}: {str(v)[:30]!r} is not a price (USD per million tokens, >= 0)")
+            values[key] = None
+            continue
+        values[key] = d
+    if values["input"] is None or values["output"] is None:
+        return None
+    return Price(values["input"], values["output"], values["cached_input"])
 
 
 def _build_cors(raw: Any, r: _Reader, problems: list[str]) -> CORSConfig | None:
@@ -585,9 +722,18 @@ def _build_routes(raw: Any, r: _Reader, problems: list[str], providers: Mapping[
             if timeout <= 0:
                 problems.append(f"{spath}.timeout: must be greater than zero")
             cr = r.string(s, "conflict_resolution", spath, None, CONFLICT_MODES)
-            steps.append(Step(provider=prov or "", model=model or "", timeout=timeout, conflict_resolution=cr))
+            price = _build_price(s["price"], f"{spath}.price", problems) if s.get("price") is not None else None
+            steps.append(Step(provider=prov or "", model=model or "", timeout=timeout, conflict_resolution=cr,
+                              price=price))
+        route_limits = None
+        if rt.get("limits") is not None:
+            lraw = _mapping(rt.get("limits"), f"{path}.limits", problems)
+            _unknown_keys(lraw, ROUTE_LIMITS_KEYS, f"{path}.limits", problems)
+            route_limits = _build_limits(lraw, f"{path}.limits", r)
+            if not route_limits.any():
+                route_limits = None
         if name and name not in out:
-            out[name] = Route(name=name, steps=tuple(steps))
+            out[name] = Route(name=name, steps=tuple(steps), limits=route_limits)
     return out
 
 

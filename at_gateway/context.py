@@ -45,9 +45,13 @@ class RequestContext:
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
     first_byte: float | None = None
+    key: Any = None  # the store's ClientKey of the caller; None for the config's operator keys
+    admission: Any = None  # the limiter's record of this request (its reservation), settled in finish
+    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*, on every answer
+    cost_nanousd: int | None = None  # None: unpriced (or no usage)
 
     def gateway_headers(self) -> list[tuple[bytes, bytes]]:
-        h = [(b"x-request-id", self.request_id.encode())]
+        h = [(b"x-request-id", self.request_id.encode()), *self.extra_headers]
         if self.route is not None:
             h.append((b"x-gateway-route", self.route.encode()))
         if self.provider is not None:
@@ -61,7 +65,7 @@ class RequestContext:
     def early_headers(self) -> list[tuple[bytes, bytes]]:
         """The gateway headers of a head that goes out before a step answered (a stream's keep-alive):
         only what cannot turn out false. The answering step follows as :meth:`step_comment`."""
-        h = [(b"x-request-id", self.request_id.encode())]
+        h = [(b"x-request-id", self.request_id.encode()), *self.extra_headers]
         if self.route is not None:
             h.append((b"x-gateway-route", self.route.encode()))
         return h

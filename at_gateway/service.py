@@ -24,13 +24,32 @@ from .config import Config, load_config
 from .errors import ConfigError
 from .http.server import Server, ServerSettings
 from .logs import Redactor, setup_logging
+from .services import Services
 
 log = logging.getLogger("at_gateway.service")
 
 # What a SIGHUP reload changes (a new Gateway, and the log set-up); every other setting belongs to the
 # listening server or the upstream pools, which keep running as they started.
 _RELOADED = frozenset({"source", "api_keys", "providers", "routes", "default_timeout", "stream_idle_timeout",
-                       "stream_keepalive_interval", "log_level", "log_bodies"})
+                       "stream_keepalive_interval", "log_level", "log_bodies", "prices"})
+
+
+async def open_services(config: Config) -> Services:
+    """This process's store, client-key cache and limiter (each None when not in use)."""
+    from .limits import open_limiter
+    from .store.keys import open_key_cache
+    from .store.usage import open_recorder
+
+    services = Services()
+    try:
+        services.store = await open_recorder(config)
+        services.keys = await open_key_cache(config)
+        services.limiter = await open_limiter(config)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await services.aclose()
+        raise
+    return services
 
 
 def server_settings(config: Config) -> ServerSettings:
@@ -102,7 +121,8 @@ def tune_gc() -> None:
 
 
 async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None = None) -> None:
-    gateway = Gateway(config)
+    services = await open_services(config)
+    gateway = Gateway(config, services=services)
     try:
         settings = server_settings(config)
     except (OSError, ssl.SSLError) as exc:
@@ -132,7 +152,7 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
         if kept:
             log.warning("reload: changes to %s need a restart; the others are applied", ", ".join(kept))
         old = state["gateway"]
-        fresh = Gateway(new, client=old.client, usage=old.usage)
+        fresh = Gateway(new, client=old.client, usage=old.usage, services=old.services)
         state["gateway"] = fresh
         server.handler = fresh.handle
         # Log lines are redacted by value: the new keys from now on (and the old ones, for requests still
@@ -149,6 +169,8 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
         if ready is not None:
             ready(port)
     await state["gateway"].aclose()
+    with anyio.CancelScope(shield=True):
+        await services.aclose()  # the store flushes what the drained requests left (SIGTERM loses nothing)
 
 
 def run(config: Config) -> int:

@@ -52,6 +52,7 @@ def base_config(upstream_url: str, routes: list[dict[str, Any]] | None = None, *
     cfg: dict[str, Any] = {
         "api_key": GATEWAY_KEY,
         "port": 0,
+        "store": {"path": ":memory:"},  # tests that need a database file set their own
         "providers": [
             {"name": "up1", "type": "openai", "base_url": upstream_url, "api_key": "sk-upstream-secret-1"},
             {"name": "up2", "type": "openai", "base_url": upstream_url, "api_key": "sk-upstream-secret-2"},

@@ -85,7 +85,7 @@ def test_every_problem_is_listed_with_path_and_hint(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("raw", "problem"), [
-    ({"providers": [], "routes": []}, "api_key: no gateway key is configured"),
+    ({"providers": [], "routes": [], "store": {"path": ":memory:"}}, "api_key: no gateway key is configured"),
     ({"api_key": "${NOPE_NOT_SET}"}, "api_key: environment variable NOPE_NOT_SET is not set"),
     ({"api_key": "k", "providers": [{"name": "a", "base_url": "http://x"}, {"name": "a", "base_url": "http://y"}]},
      "providers[1].name: duplicate provider name 'a'"),

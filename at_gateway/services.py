@@ -1,0 +1,72 @@
+"""The long-lived state a :class:`~at_gateway.app.Gateway` uses beside its config: built once per
+process by :mod:`.service`, kept across config reloads, closed at the end of the drain.
+
+Each part is optional (None: the feature is off, and the request path pays nothing for it) and
+known to the gateway only by the small interface below, so the database, the key cache and the
+limiter (in-process today; shared between workers, or Redis, behind the same interface) can change
+without the request path knowing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .config import Route
+    from .context import RequestContext
+    from .store.keys import ClientKey
+
+
+class Recorder(Protocol):
+    """Where finished requests go (the request log, daily usage): never blocks, never raises."""
+
+    def record(self, ctx: RequestContext) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class KeyVerifier(Protocol):
+    """Client keys from the store, served from memory."""
+
+    def verify(self, presented: bytes) -> ClientKey | None:
+        """The key for ``presented``; None when it is not a store key at all (not ``atg_...``); raises
+        :class:`~at_gateway.errors.Unauthorized` for a store key that is unknown, revoked, disabled
+        or expired, saying which."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Limiter(Protocol):
+    """Rate limits, quotas and budgets."""
+
+    async def admit(self, ctx: RequestContext, route: Route, body: dict[str, Any]) -> None:
+        """Admit the request or raise a 429 (:class:`~at_gateway.errors.RateLimited`, or the quota one);
+        sets ``ctx.admission`` (its reservation) and ``ctx.extra_headers`` (x-ratelimit-*)."""
+        ...
+
+    def settle(self, ctx: RequestContext) -> None:
+        """The request finished (``ctx.usage``, ``ctx.cost_nanousd`` known, or it failed): replace its
+        reservation by what it used. Never blocks."""
+        ...
+
+    async def describe(self, ctx: RequestContext) -> dict[str, Any]:
+        """``GET /v1/key``: the caller's limits, usage and what is left."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class Services:
+    store: Recorder | None = None
+    keys: KeyVerifier | None = None
+    limiter: Limiter | None = None
+
+    async def aclose(self) -> None:
+        for part in (self.limiter, self.keys, self.store):
+            if part is not None:
+                await part.aclose()

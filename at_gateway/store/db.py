@@ -1,0 +1,228 @@
+"""Opening a database: pragmas, a private file, and the schema's ordered migrations.
+
+The schema version lives in ``schema_version`` (one row). :data:`MIGRATIONS` is an ordered list:
+entry ``i`` takes a database from version ``i`` to ``i + 1``, so the current version is its length.
+A database from a newer at-gateway is refused (its tables may mean something this one does not
+know); an older one is copied aside with sqlite's backup API and then migrated in one transaction,
+so a failed migration leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("at_gateway.store")
+
+MEMORY = ":memory:"
+BUSY_TIMEOUT_MS = 5000
+
+
+class StoreError(Exception):
+    """The database cannot be used; the message names the file and what to do."""
+
+
+# Money is integer nano-dollars (1e-9 USD) everywhere: exact sums, and cheap models' tiny requests
+# (10 tokens at $0.075 per million is 750 nano-dollars) do not round to zero.
+_V1 = (
+    """CREATE TABLE meta (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    )""",
+    "INSERT INTO meta (name, value) VALUES ('keys_version', 0)",
+    # Client keys: atg_<id>_<secret>; only the id and the SHA-256 of the secret are kept.
+    """CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        secret_hash BLOB NOT NULL,
+        prefix TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'disabled', 'revoked')),
+        routes TEXT NOT NULL DEFAULT '[]',
+        rpm INTEGER, rph INTEGER, rpd INTEGER, tpm INTEGER, tpd INTEGER,
+        budget_nanousd INTEGER,
+        budget_period TEXT CHECK (budget_period IN ('day', 'week', 'month')),
+        max_tokens INTEGER,
+        system_prompt TEXT,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        expires_at REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    )""",
+    # Every change to keys bumps keys_version: each worker polls that one value to know when to reload.
+    """CREATE TRIGGER keys_inserted AFTER INSERT ON keys BEGIN
+        UPDATE meta SET value = value + 1 WHERE name = 'keys_version'; END""",
+    """CREATE TRIGGER keys_updated AFTER UPDATE ON keys BEGIN
+        UPDATE meta SET value = value + 1 WHERE name = 'keys_version'; END""",
+    """CREATE TRIGGER keys_deleted AFTER DELETE ON keys BEGIN
+        UPDATE meta SET value = value + 1 WHERE name = 'keys_version'; END""",
+    """CREATE TABLE request_log (
+        id INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        request_id TEXT NOT NULL,
+        key_id TEXT,
+        method TEXT,
+        path TEXT,
+        route TEXT,
+        provider TEXT,
+        model TEXT,
+        status INTEGER NOT NULL,
+        outcome INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        failed_attempts TEXT,
+        latency_ms REAL,
+        ttfb_ms REAL,
+        stream INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        cached_tokens INTEGER,
+        reasoning_tokens INTEGER,
+        cost_nanousd INTEGER,
+        error TEXT,
+        metadata TEXT
+    )""",
+    "CREATE INDEX request_log_time ON request_log (time)",
+    "CREATE INDEX request_log_key_time ON request_log (key_id, time)",
+    # Daily aggregates (the day in budget_timezone) for quotas, budgets, `usage` and the dashboard.
+    """CREATE TABLE usage_daily (
+        day TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        route TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_nanousd INTEGER NOT NULL DEFAULT 0,
+        unpriced INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (day, key_id, route, provider, model)
+    )""",
+    "CREATE INDEX usage_daily_key_day ON usage_daily (key_id, day)",
+)
+
+#: Ordered migrations: MIGRATIONS[i] takes version i to i + 1 (statements run in one transaction).
+MIGRATIONS: Sequence[Sequence[str]] = (_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def connect(path: str, *, migrate: bool = True, migrations: Sequence[Sequence[str]] = MIGRATIONS,
+            check_same_thread: bool = False) -> sqlite3.Connection:
+    """A connection with the store's pragmas, the file created private (mode 600) if missing, the schema
+    migrated to the current version (``migrate=False``: only checked, for read-only tools)."""
+    if path != MEMORY:
+        _create_private(path)
+    try:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=check_same_thread)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open the database: {exc}") from None
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if path != MEMORY:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("store %s: journal mode is %s, not WAL (readers may wait for writers)", path, mode)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        _migrate(conn, path, migrations, apply=migrate)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StoreError(f"{path}: not a usable at-gateway database: {exc}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _create_private(path: str) -> None:
+    """Create the file with mode 600 before sqlite does (sqlite would use 644 and the umask)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StoreError(f"{path}: the directory {directory} does not exist (create it, or set store.path "
+                         "or state_dir)")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create the database: {exc.strerror or exc}") from None
+    os.close(fd)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The database's schema version; 0 for a new (empty) database."""
+    row = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
+    if row is None:
+        tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        if tables:
+            raise StoreError("the database has tables but no schema_version: not an at-gateway database "
+                             "(point store.path at another file)")
+        return 0
+    version = conn.execute("SELECT version FROM schema_version").fetchone()
+    return int(version[0]) if version else 0
+
+
+def _migrate(conn: sqlite3.Connection, path: str, migrations: Sequence[Sequence[str]], apply: bool) -> None:
+    current = len(migrations)
+    version = schema_version(conn)
+    if version > current:
+        raise StoreError(f"{path}: the database has schema version {version}, newer than this at-gateway "
+                         f"knows ({current}); run the at-gateway that wrote it, or restore a backup")
+    if version == current:
+        return
+    if not apply:
+        raise StoreError(f"{path}: schema version {version}, this at-gateway needs {current}: start the "
+                         "gateway once (it migrates, after a backup copy)")
+    if version > 0 and path != MEMORY:
+        copy = f"{path}.v{version}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.bak"
+        backup(conn, copy)
+        log.info("store %s: schema version %d -> %d; backup copy in %s", path, version, current, copy)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if version == 0:
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+        for statements in migrations[version:]:
+            for sql in statements:
+                conn.execute(sql)
+        conn.execute("UPDATE schema_version SET version = ?", (current,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def backup(conn: sqlite3.Connection, dest: str) -> None:
+    """A consistent copy with sqlite's online backup API (safe while others write); the copy is private."""
+    _create_private(dest)
+    target = sqlite3.connect(dest)
+    try:
+        conn.backup(target)
+    finally:
+        target.close()
+    try:
+        os.chmod(dest, 0o600)
+    except OSError:
+        pass
+
+
+def info(conn: sqlite3.Connection, path: str) -> dict[str, object]:
+    """Path, schema version, row counts and size: `at-gateway db info`."""
+    tables = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    counts = {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}  # noqa: S608
+    size = 0
+    if path != MEMORY:
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                size += os.path.getsize(path + suffix)
+            except OSError:
+                pass
+    return {"path": str(Path(path).resolve()) if path != MEMORY else MEMORY,
+            "schema_version": schema_version(conn), "rows": counts, "size_bytes": size}
