@@ -2,9 +2,11 @@
 
 Python cannot import a compiled extension from inside a zip file, so the .pyz
 carries the manylinux wheels of ``cryptography``, ``cffi`` and ``uvloop`` with a
-manifest: cryptography's and cffi's as plain files (``_embedded/*.whl``), uvloop's
-slimmed and packed into one xz stream per machine (``_embedded/uvloop-*.xz``, see
+manifest: those of one project and machine packed into one xz stream
+(``_embedded/<project>-<version>-<machine>.xz``; uvloop's slimmed, see
 build_zipapp.py), each checked against its sha256 in the manifest before use.
+(A plain ``_embedded/<wheel>.whl`` member, the manifest without a ``packed``
+entry for it, is read as is.)
 :func:`install` puts a small import hook in front of ``sys.meta_path``; the first
 import of a module of a group (:data:`GROUPS`: ``cryptography``/``cffi``, or
 ``uvloop``) extracts that group's wheels fitting this interpreter and machine
@@ -46,7 +48,7 @@ if TYPE_CHECKING:  # the rest is imported when the hook fires: `version` stays c
 EMBED_DIR = "_embedded"
 MANIFEST = f"{EMBED_DIR}/manifest.json"
 #: Wheel groups (as build_zipapp.py makes them), each with the top-level modules whose first import
-#: extracts that group: one group's failure (say, no lzma for uvloop's stream) leaves the other usable.
+#: extracts that group: one group's failure (say, a corrupt uvloop stream) leaves the other usable.
 GROUPS = (("cryptography", frozenset({"cryptography", "cffi", "_cffi_backend"})), ("uvloop", frozenset({"uvloop"})))
 #: Top-level modules whose import triggers an extraction.
 WATCHED = frozenset().union(*(modules for _, modules in GROUPS))
@@ -387,8 +389,9 @@ def _extract_into(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: WheelS
     import json
     import zipfile
 
+    streams: dict[str, bytes] = {}  # each stream decompressed once, however many of the set's wheels it holds
     for name in wset.wheels:
-        data = _wheel_bytes(zf, manifest, name)
+        data = _wheel_bytes(zf, manifest, name, streams)
         got = hashlib.sha256(data).hexdigest()
         if got != manifest["wheels"][name]:
             raise WheelError(f"embedded wheel {name} is corrupt (sha256 {got[:12]}..., expected "
@@ -411,23 +414,28 @@ def _extract_into(zf: zipfile.ZipFile, manifest: Mapping[str, Any], wset: WheelS
     _fsync_dir(target)
 
 
-def _wheel_bytes(zf: zipfile.ZipFile, manifest: Mapping[str, Any], name: str) -> bytes:
+def _wheel_bytes(zf: zipfile.ZipFile, manifest: Mapping[str, Any], name: str, streams: dict[str, bytes]) -> bytes:
     """An embedded wheel's bytes: a plain member, or a slice of the xz stream it was packed into.
 
-    The caller checks them against the manifest's sha256 either way. A Python built without the
-    lzma module cannot unpack a stream: that group's wheels are then unusable, the others are not.
+    The caller checks them against the manifest's sha256 either way. ``streams`` keeps the streams
+    decompressed so far. A Python built without the lzma module (Debian's python3 and python.org's
+    builds have it; a Python compiled without liblzma's headers does not) cannot unpack a stream:
+    the wheels are then unusable, and the message says why.
     """
     where = manifest.get("packed", {}).get(name)
     if where is None:
         return zf.read(f"{EMBED_DIR}/{name}")
-    try:
-        import lzma
-    except ImportError:
-        raise WheelError("this Python has no lzma module, which the packed wheels need") from None
-    try:
-        stream = lzma.decompress(zf.read(where["stream"]))
-    except lzma.LZMAError as exc:
-        raise WheelError(f"embedded stream {where['stream']} is corrupt ({exc})") from None
+    stream = streams.get(where["stream"])
+    if stream is None:
+        try:
+            import lzma
+        except ImportError:
+            raise WheelError("this Python has no lzma module (built without liblzma?), "
+                             "which unpacking the embedded wheels needs") from None
+        try:
+            stream = streams[where["stream"]] = lzma.decompress(zf.read(where["stream"]))
+        except lzma.LZMAError as exc:
+            raise WheelError(f"embedded stream {where['stream']} is corrupt ({exc})") from None
     offset, size = int(where["offset"]), int(where["size"])
     return stream[offset:offset + size]
 

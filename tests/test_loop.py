@@ -233,6 +233,34 @@ def test_corrupt_uvloop_stream_leaves_cryptography_usable(pyz: Path, tmp_path: P
     assert not [p for p in (tmp_path / "cache").rglob(".tmp-*")], "no half-extracted set left behind"
 
 
+#: The loop choice as ``serve`` makes it, in an interpreter without the lzma module (see tests/test_pyz.py).
+CHOOSE_WITHOUT_LZMA = """
+import sys
+sys.modules["_lzma"] = None
+sys.path.insert(0, sys.argv[1])
+from at_gateway import service, wheels
+from at_gateway.errors import ConfigError
+assert wheels.install()
+chosen = service.choose_loop("auto")
+print(chosen.name, chosen.level)
+print(chosen.note)
+try:
+    service.choose_loop("uvloop")
+except ConfigError as exc:
+    print(exc.render())
+"""
+
+
+def test_without_lzma_auto_serves_on_asyncio_and_uvloop_refuses(pyz: Path, tmp_path: Path) -> None:
+    out = run([PYTHON, "-I", "-S", "-c", CHOOSE_WITHOUT_LZMA, str(pyz)], {"AT_GATEWAY_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr
+    chosen, note, refusal = out.stdout.split("\n", 2)
+    assert chosen == f"asyncio {logging.WARNING}"
+    assert note.startswith("event loop: asyncio; uvloop unavailable:") and "no lzma module" in note, note
+    assert "loop: uvloop cannot be used here" in refusal and "no lzma module" in refusal, refusal
+    assert os.listdir(tmp_path / "cache" / "wheels") == []
+
+
 def test_choose_loop_in_a_normal_install(monkeypatch: pytest.MonkeyPatch) -> None:
     assert service.choose_loop("asyncio") == service.EventLoop("asyncio", {}, "event loop: asyncio (loop: asyncio)")
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed (the venv may have it for `make bench`)

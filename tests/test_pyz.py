@@ -18,6 +18,7 @@ import httpx
 import pytest
 import yaml
 
+import build_zipapp
 from at_gateway import __version__, wheels
 from tests.conftest import GATEWAY_KEY, base_config
 from tests.mock_upstream import MockUpstream, Reply, chat_completion, stream_of
@@ -59,7 +60,9 @@ def git_head() -> str | None:
 def test_one_file_with_shebang_deps_inside_and_under_budget(pyz: Path) -> None:
     data = pyz.read_bytes()
     assert data.startswith(b"#!/usr/bin/env python3\n")
-    assert len(data) < 15 * 1024 * 1024
+    # "under 15 MB", decimal: the build refuses to write a larger one (build_zipapp.SIZE_BUDGET)
+    assert build_zipapp.SIZE_BUDGET == 15_000_000
+    assert len(data) <= build_zipapp.SIZE_BUDGET, len(data)
     assert pyz.stat().st_mode & stat.S_IXUSR
     with zipfile.ZipFile(pyz) as zf:
         names = set(zf.namelist())
@@ -78,10 +81,14 @@ def test_one_file_with_shebang_deps_inside_and_under_budget(pyz: Path) -> None:
     projects = {"cryptography": {"cryptography", "cffi"}, "uvloop": {"uvloop"}}
     for s in manifest["sets"]:
         assert {w.split("-")[0] for w in s["wheels"]} == projects[s["group"]]
-        for w in s["wheels"]:  # whole wheels as plain members, uvloop's slimmed in one xz stream per machine
-            assert f"_embedded/{w}" in names or manifest["packed"][w]["stream"] in names
-    streams = sorted(n.rsplit("-", 1)[1] for n in names if n.startswith("_embedded/uvloop-") and n.endswith(".xz"))
-    assert streams == ["aarch64.xz", "x86_64.xz"]
+        for w in s["wheels"]:  # every wheel packed: one xz stream per project and machine, no zip of zips
+            assert manifest["packed"][w]["stream"] in names and f"_embedded/{w}" not in names
+    assert not [n for n in names if n.endswith(".whl")]
+    streams = sorted(n.removeprefix("_embedded/") for n in names if n.endswith(".xz"))
+    assert [s.split("-")[0] + "-" + s.rsplit("-", 1)[1] for s in streams] == [
+        f"{project}-{machine}.xz" for project in ("cffi", "cryptography", "uvloop")
+        for machine in ("aarch64", "x86_64")]
+    assert {w["stream"] for w in manifest["packed"].values()} == {f"_embedded/{s}" for s in streams}
 
 
 def test_version_names_the_commit(pyz: Path) -> None:
@@ -166,9 +173,25 @@ def test_cryptography_through_the_loader(pyz: Path, python: str, tmp_path: Path)
     sets = os.listdir(cache / "wheels")
     assert len(sets) == 1 and not sets[0].startswith(".tmp")
     assert not stat.S_IMODE((cache / "wheels").stat().st_mode) & 0o077
+    for record in (cache / "wheels" / sets[0]).glob("*.dist-info/RECORD"):  # every file as the project shipped it
+        assert_record_holds(record)
     for path in [cache, *cache.rglob("*")]:  # nothing in it another user could change before an import
         st = path.lstat()
         assert st.st_uid == os.geteuid() and not st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode), path
+
+
+def assert_record_holds(record: Path) -> None:
+    """Every file a wheel's RECORD lists is there with the sha256 it names (the repacking changed no byte)."""
+    import base64
+    import csv
+
+    top = record.parent.parent
+    rows = [row for row in csv.reader(record.read_text().splitlines()) if row and row[1]]
+    assert rows, record
+    for path, digest, _ in rows:
+        algo, _, expected = digest.partition("=")
+        got = base64.urlsafe_b64encode(hashlib.new(algo, (top / path).read_bytes()).digest()).rstrip(b"=").decode()
+        assert got == expected, path
 
 
 def test_concurrent_first_starts_extract_once(pyz: Path, tmp_path: Path) -> None:
@@ -214,7 +237,7 @@ def test_cache_below_a_directory_others_can_write_is_refused(pyz: Path, tmp_path
 def test_without_a_fitting_wheel_system_cryptography_else_a_clear_message(pyz: Path, tmp_path: Path) -> None:
     bare = repack(pyz, tmp_path / "bare.pyz", {
         "_embedded/manifest.json": json.dumps({"format": 1, "wheels": {}, "sets": []}).encode(),
-        **{name: None for name in zipfile.ZipFile(pyz).namelist() if name.endswith(".whl")},
+        **{name: None for name in zipfile.ZipFile(pyz).namelist() if name.endswith(".xz")},
     })
     env = {"AT_GATEWAY_CACHE": str(tmp_path / "cache")}
     # everything that does not need cryptography still works
@@ -227,6 +250,49 @@ def test_without_a_fitting_wheel_system_cryptography_else_a_clear_message(pyz: P
     out = run([sys.executable, "-I", "-c", CRYPTO_CHECK, str(bare)], env)
     assert out.returncode == 0, out.stderr
     assert "site-packages" in out.stdout.split()[0]
+
+
+def test_packed_wheel_not_matching_the_manifest_is_refused(pyz: Path, tmp_path: Path) -> None:
+    # a well-formed xz stream whose cryptography wheel differs by one byte from what the manifest pins
+    import lzma
+
+    machine = os.uname().machine
+    with zipfile.ZipFile(pyz) as zf:
+        manifest = json.loads(zf.read(wheels.MANIFEST))
+        [(name, where)] = [(n, w) for n, w in manifest["packed"].items()
+                           if n.startswith("cryptography-") and machine in n]
+        content = bytearray(lzma.decompress(zf.read(where["stream"])))
+    content[where["offset"] + where["size"] // 2] ^= 0x01
+    broken = repack(pyz, tmp_path / "broken.pyz", {where["stream"]: lzma.compress(bytes(content), preset=0)})
+    cache = tmp_path / "cache"
+    out = run([PYTHON, "-I", "-S", "-c", CRYPTO_CHECK, str(broken)], env={"AT_GATEWAY_CACHE": str(cache)})
+    assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr, out.stderr
+    assert f"embedded wheel {name} is corrupt (sha256" in out.stderr, out.stderr
+    assert os.listdir(cache / "wheels") == []  # nothing of it kept
+
+
+def test_an_oversized_build_is_refused_naming_the_biggest_entries(tmp_path: Path) -> None:
+    path = tmp_path / "big.pyz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("small.py", b"x" * 10)
+        zf.writestr("_embedded/huge.xz", os.urandom(4000))
+    build_zipapp.check_budget(path, budget=path.stat().st_size)  # at the budget: fine
+    with pytest.raises(build_zipapp.BuildError, match=r"over the 4,000-byte budget.*_embedded/huge\.xz \(4,000\)"):
+        build_zipapp.check_budget(path, budget=4000)
+
+
+#: Prepended to a check: this interpreter as if built without liblzma (``import lzma`` then fails).
+NO_LZMA = "import sys\nsys.modules['_lzma'] = None\n"
+
+
+def test_without_lzma_cryptography_fails_saying_so(pyz: Path, tmp_path: Path) -> None:
+    # the wheels are xz-packed: a Python without the lzma module cannot unpack them, and must be told why
+    cache = tmp_path / "cache"
+    out = run([PYTHON, "-I", "-S", "-c", NO_LZMA + CRYPTO_CHECK, str(pyz)], env={"AT_GATEWAY_CACHE": str(cache)})
+    assert out.returncode != 0, out.stdout
+    assert "ModuleNotFoundError" in out.stderr and "no lzma module" in out.stderr, out.stderr
+    assert "pip install cryptography" in out.stderr  # the usual way out (missing_message)
+    assert os.listdir(cache / "wheels") == []  # no half-extracted set left behind
 
 
 def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
