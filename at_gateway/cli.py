@@ -66,6 +66,25 @@ def _take_config(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
+def _split_state_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``[global options] db|keys|usage`` and the rest, which goes to that command's own parser whole.
+
+    argparse's REMAINDER does not take a first argument that looks like an option (``usage --by
+    route`` would be refused), so the split happens before argparse sees the arguments."""
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in STATE_COMMANDS:
+            return argv[:i + 1], argv[i + 1:]
+        if tok in ("--config", "--host", "--port"):
+            i += 2
+        elif tok.startswith("-"):
+            i += 1
+        else:
+            break  # another command (serve, check-config, version): argparse as usual
+    return argv, []
+
+
 def build_info() -> str:
     try:
         from ._build import COMMIT  # written by build_zipapp.py
@@ -87,7 +106,9 @@ def _git_commit() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head, tail = _split_state_command(argv)
+    args = _parser().parse_args(head)
     command = args.command or "serve"
     if command == "version":
         print(build_info())
@@ -97,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     state_args: list[str] = []
     if command in STATE_COMMANDS:
-        explicit, state_args = _take_config(list(args.args))
+        explicit, state_args = _take_config([*args.args, *tail])
         if explicit:
             args.config = explicit
     try:

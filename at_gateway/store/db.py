@@ -112,18 +112,21 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def connect(path: str, *, migrate: bool = True, migrations: Sequence[Sequence[str]] = MIGRATIONS,
-            check_same_thread: bool = False) -> sqlite3.Connection:
+            check_same_thread: bool = False, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """A connection with the store's pragmas, the file created private (mode 600) if missing, the schema
-    migrated to the current version (``migrate=False``: only checked, for read-only tools)."""
+    migrated to the current version (``migrate=False``: only checked, for read-only tools).
+
+    ``busy_timeout_ms``: how long a statement waits for another connection's lock before failing
+    with "database is locked" (the writer thread waits; nothing on the event loop ever does)."""
     if path != MEMORY:
         _create_private(path)
     try:
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+        conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None,
                                check_same_thread=check_same_thread)
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot open the database: {exc}") from None
     try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if path != MEMORY:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -171,31 +174,45 @@ def schema_version(conn: sqlite3.Connection) -> int:
 def _migrate(conn: sqlite3.Connection, path: str, migrations: Sequence[Sequence[str]], apply: bool) -> None:
     current = len(migrations)
     version = schema_version(conn)
-    if version > current:
-        raise StoreError(f"{path}: the database has schema version {version}, newer than this at-gateway "
-                         f"knows ({current}); run the at-gateway that wrote it, or restore a backup")
+    _refuse_newer(path, version, current)
     if version == current:
         return
     if not apply:
         raise StoreError(f"{path}: schema version {version}, this at-gateway needs {current}: start the "
                          "gateway once (it migrates, after a backup copy)")
+    copy = None
     if version > 0 and path != MEMORY:
         copy = f"{path}.v{version}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.bak"
         backup(conn, copy)
         log.info("store %s: schema version %d -> %d; backup copy in %s", path, version, current, copy)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if version == 0:
-            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            conn.execute("INSERT INTO schema_version (version) VALUES (0)")
-        for statements in migrations[version:]:
-            for sql in statements:
-                conn.execute(sql)
-        conn.execute("UPDATE schema_version SET version = ?", (current,))
+        # Read again under the write lock: another process (a worker starting at the same time) may
+        # have migrated between the first look and this lock.
+        version = schema_version(conn)
+        if version < current:
+            if version == 0:
+                conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+            for statements in migrations[version:]:
+                for sql in statements:
+                    conn.execute(sql)
+            conn.execute("UPDATE schema_version SET version = ?", (current,))
         conn.execute("COMMIT")
-    except BaseException:
+    except BaseException as exc:
         conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            kept = f"; a copy from before is {copy}" if copy else ""
+            raise StoreError(f"{path}: migrating schema version {version} to {current} failed ({exc}); the "
+                             f"database is left as it was{kept}") from None
         raise
+    _refuse_newer(path, version, current)
+
+
+def _refuse_newer(path: str, version: int, current: int) -> None:
+    if version > current:
+        raise StoreError(f"{path}: the database has schema version {version}, newer than this at-gateway "
+                         f"knows ({current}); run the at-gateway that wrote it, or restore a backup")
 
 
 def backup(conn: sqlite3.Connection, dest: str) -> None:

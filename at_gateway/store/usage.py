@@ -1,14 +1,415 @@
-"""The request log and daily usage, written in batches by one thread (skeleton: filled in by the store work)."""
+"""The request log and daily usage, written in batches by one thread per process.
+
+The event loop never touches sqlite: :meth:`StoreRecorder.record` builds one tuple of references
+from the finished request and appends it to a deque (a few hundred nanoseconds). The writer thread
+owns the write connection. It wakes on the first row, collects rows for ``interval`` (200 ms) or
+until ``batch_rows`` (500) wait, whichever comes first, and writes them in one transaction: the
+request-log rows and the ``usage_daily`` upserts (requests, errors, tokens, cost per day, key,
+route, provider and model; the day in ``budget_timezone``, the day the request finished, as the
+limiter counts it). JSON (failed attempts, key metadata) is encoded there too, off the loop.
+
+A database that fails (locked past the busy timeout, disk full, read-only, an I/O error) never
+fails a request: the writer keeps the rows and retries every ``retry_interval``, logging once a
+minute how many rows wait and how many were dropped. Waiting log rows are bounded (``max_rows``);
+past the bound the oldest are dropped and counted. Usage is never dropped: it is merged in memory
+per (day, key, route, provider, model), a few numbers per group, until it can be written.
+
+What can be lost: ``kill -9`` loses the rows of the current batch window (at most ``interval``;
+more while the database is failing: everything still waiting). A clean stop (SIGTERM drain)
+flushes everything before the process exits.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
+from datetime import timezone as dt_timezone
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+
+from .db import BUSY_TIMEOUT_MS, MEMORY, StoreError, connect
+from .prices import usage_tokens
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..context import RequestContext
     from ..services import Recorder
+
+log = logging.getLogger("at_gateway.store")
+
+#: Paths whose successful answers are not logged (a load balancer's probes would fill the log).
+_UNLOGGED = frozenset({"/health", "/v1/health"})
+
+_INSERT_LOG = (
+    "INSERT INTO request_log (time, request_id, key_id, method, path, route, provider, model, status, outcome, "
+    "attempts, failed_attempts, latency_ms, ttfb_ms, stream, prompt_tokens, completion_tokens, cached_tokens, "
+    "reasoning_tokens, cost_nanousd, error, metadata) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_UPSERT_USAGE = (
+    "INSERT INTO usage_daily (day, key_id, route, provider, model, requests, errors, prompt_tokens, "
+    "completion_tokens, cached_tokens, reasoning_tokens, cost_nanousd, unpriced) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (day, key_id, route, provider, model) DO UPDATE SET "
+    "requests = requests + excluded.requests, errors = errors + excluded.errors, "
+    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = completion_tokens + excluded.completion_tokens, "
+    "cached_tokens = cached_tokens + excluded.cached_tokens, "
+    "reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens, "
+    "cost_nanousd = cost_nanousd + excluded.cost_nanousd, unpriced = unpriced + excluded.unpriced")
+
+def period_usage(conn: sqlite3.Connection, key_id: str, first_day: str) -> tuple[int, int]:
+    """``(tokens, cost_nanousd)`` that ``key_id`` used from ``first_day`` (``YYYY-MM-DD``, inclusive) to
+    now, summed over its daily aggregates (tokens = prompt + completion; days in ``budget_timezone``).
+
+    For the limiter at start: a quota period (today, this ISO week, this month) begins on a day, so
+    the period's usage is the sum of its days. Rows still waiting in a recorder are not in it.
+    """
+    row = conn.execute(
+        "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0), coalesce(sum(cost_nanousd), 0) "
+        "FROM usage_daily WHERE key_id = ? AND day >= ?", (key_id, first_day)).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def day_function(tz_name: str) -> Callable[[float], str]:
+    """Unix time -> ``YYYY-MM-DD`` in ``tz_name`` (``UTC`` or an IANA name).
+
+    The writer asks for every row, and rows come in time order, so the current day's bounds are
+    kept and the calendar is consulted only when a row falls outside them (once a day)."""
+    if tz_name == "UTC":
+        tz: Any = dt_timezone.utc
+    else:
+        import zoneinfo
+
+        tz = zoneinfo.ZoneInfo(tz_name)
+    lo, hi, text = 0.0, -1.0, ""  # the current day: its first second, the next day's first second, its name
+
+    def day(t: float) -> str:
+        nonlocal lo, hi, text
+        if lo <= t < hi:
+            return text
+        local = datetime.fromtimestamp(t, tz)
+        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        nxt = (start + timedelta(days=1)).replace(tzinfo=None)
+        lo = start.timestamp()
+        hi = nxt.replace(tzinfo=tz).timestamp()  # wall-clock midnight: DST days are 23 or 25 hours
+        text = local.strftime("%Y-%m-%d")
+        return text
+
+    return day
+
+
+def today(tz_name: str, now: float | None = None) -> date:
+    """Today in ``tz_name``."""
+    return date.fromisoformat(day_function(tz_name)(time.time() if now is None else now))
+
+
+class _Flush:
+    """One caller waiting for the writer to finish a round that started after it asked."""
+
+    __slots__ = ("target", "done")
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.done = threading.Event()
+
+
+class StoreRecorder:
+    """:class:`~at_gateway.services.Recorder` on a sqlite connection that one writer thread owns."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str, *, timezone_name: str = "UTC",
+                 retention: float = 30 * 86400.0, interval: float = 0.2, batch_rows: int = 500,
+                 max_rows: int = 100_000, retry_interval: float = 1.0, prune_interval: float = 600.0,
+                 report_interval: float = 60.0, redact: Callable[[str], str] | None = None) -> None:
+        self.path = path
+        self._conn = conn
+        self._day = day_function(timezone_name)
+        self.retention = retention
+        self.interval = interval
+        self.batch_rows = batch_rows
+        self.max_rows = max_rows
+        self.retry_interval = retry_interval
+        self.prune_interval = prune_interval
+        self.report_interval = report_interval
+        self._redact = redact
+        self._queue: deque[tuple[Any, ...]] = deque()  # record() appends, the writer pops
+        self._wake = threading.Event()
+        self._stop = False
+        # Writer-thread state: log rows waiting to be written, usage merged per group.
+        self._pending: deque[tuple[Any, ...]] = deque()
+        self._usage: dict[tuple[str, str, str, str, str], list[int]] = {}
+        self._lock = threading.Lock()  # guards the round counters and the flush waiters
+        self._rounds_started = 0
+        self._flushes: list[_Flush] = []
+        self._next_prune = 0.0  # prune once soon after start, then every prune_interval
+        # Counters (read by tests, `db info` and, later, metrics).
+        self.written = 0
+        self.batches = 0  # transactions that wrote rows
+        self.dropped = 0  # log rows dropped past max_rows while the database failed
+        self.failures = 0  # failed write attempts
+        self.last_error: str | None = None
+        self._unreported_drops = 0
+        self._last_report = -1e18
+        self._failing_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="at-gateway-store", daemon=True)
+        self._thread.start()
+
+    # -- the event loop's side -------------------------------------------------
+    def record(self, ctx: RequestContext) -> None:
+        """Queue the finished request; never blocks, never raises, no sqlite, no JSON."""
+        route = ctx.route
+        if route is None and ctx.status < 400 and ctx.path in _UNLOGGED:
+            return
+        end = time.perf_counter()
+        now = time.time()
+        first = ctx.first_byte
+        key = ctx.key
+        q = self._queue
+        # (started, finished, request_id, key_id, method, path, route, provider, model, status, outcome, stream,
+        #  attempts, latency_ms, ttfb_ms, error, usage, cost, counted, metadata): references, read later
+        q.append((
+            now - (end - ctx.started), now, ctx.request_id, ctx.client or None, ctx.method, ctx.path, route,
+            ctx.provider, ctx.model, ctx.status, ctx.outcome, ctx.stream, ctx.attempts,
+            (end - ctx.started) * 1000.0, (first - ctx.started) * 1000.0 if first is not None else None,
+            ctx.error, ctx.usage, ctx.cost_nanousd, route is not None and ctx.client != "",
+            key.metadata if key is not None else None,
+        ))
+        n = len(q)
+        if n == 1 or n == self.batch_rows:  # the first row opens a batch window; a full batch ends it
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Write everything queued so far (one attempt; what fails stays waiting, see :meth:`waiting`)."""
+        await anyio.to_thread.run_sync(self.flush_sync)
+
+    def flush_sync(self, timeout: float | None = None) -> bool:
+        """:meth:`flush` for threads: wait for a writer round that starts after this call."""
+        with self._lock:
+            waiter = _Flush(self._rounds_started + 1)
+            self._flushes.append(waiter)
+        self._wake.set()
+        waiter.done.wait(timeout)
+        return self.waiting() == 0
+
+    def waiting(self) -> int:
+        """Log rows and usage groups not yet in the database (queued or held after a failure)."""
+        return len(self._queue) + len(self._pending) + len(self._usage)
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Flush (retrying a failing database for up to ``timeout`` seconds), then stop the writer."""
+        await anyio.to_thread.run_sync(self.close_sync, timeout)
+
+    def close_sync(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.flush_sync(max(0.0, deadline - time.monotonic())) and time.monotonic() < deadline:
+            time.sleep(min(self.retry_interval, max(0.0, deadline - time.monotonic())))  # pace the retries
+        self._stop = True
+        self._wake.set()
+        self._thread.join()
+        left = len(self._pending) + len(self._queue)
+        if left or self._usage:
+            log.error("store %s: stopping with %d request-log rows and %d usage groups not written (%s)",
+                      self.path, left, len(self._usage), self.last_error or "the database kept failing")
+
+    # -- the writer thread -----------------------------------------------------
+    def _run(self) -> None:
+        conn = self._conn
+        try:
+            while True:
+                self._wake.wait(self._idle_timeout())
+                self._wake.clear()
+                if self._queue and not self._stop and not self._flushes:
+                    self._batch_window()
+                with self._lock:
+                    self._rounds_started += 1
+                    started = self._rounds_started
+                try:
+                    self._round(conn)
+                    if time.monotonic() >= self._next_prune and not self._pending:
+                        self._prune(conn)
+                except Exception:  # a bug: keep the thread (and the rows) alive, say it
+                    log.exception("store %s: writer round failed", self.path)
+                with self._lock:
+                    done = [f for f in self._flushes if f.target <= started]
+                    self._flushes = [f for f in self._flushes if f.target > started]
+                for f in done:
+                    f.done.set()
+                if self._stop and not self._queue:
+                    return
+        finally:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def _idle_timeout(self) -> float | None:
+        if self._queue:
+            return 0.0
+        if self._pending or self._usage:
+            return self.retry_interval
+        return max(0.0, self._next_prune - time.monotonic())
+
+    def _batch_window(self) -> None:
+        """Let rows gather for ``interval`` after the first, or until a batch is full / a flush asks."""
+        deadline = time.monotonic() + self.interval
+        while len(self._queue) < self.batch_rows and not self._stop and not self._flushes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
+            self._wake.clear()
+
+    def _round(self, conn: sqlite3.Connection) -> None:
+        q = self._queue
+        pending = self._pending
+        usage = self._usage
+        day = self._day
+        for _ in range(len(q)):
+            row = q.popleft()
+            entry = self._log_row(row)
+            pending.append(entry)
+            if row[18]:  # a routed request of a known caller: its usage counts, on the day it finished
+                self._merge_usage(usage, day(row[1]), entry)
+        if not pending and not usage:
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if pending:
+                    conn.executemany(_INSERT_LOG, pending)
+                if usage:
+                    conn.executemany(_UPSERT_USAGE, [(*k, *v) for k, v in usage.items()])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            return
+        self.written += len(pending)
+        self.batches += 1
+        pending.clear()
+        usage.clear()
+        if self._failing_since is not None:
+            log.warning("store %s: the database takes writes again (after %.0fs; %d log rows dropped while it "
+                        "failed)", self.path, time.monotonic() - self._failing_since, self._unreported_drops)
+            self._failing_since = None
+            self._unreported_drops = 0
+            self._last_report = -1e18
+
+    def _log_row(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A queued row as request_log's columns: tokens read, JSON encoded (here, off the loop)."""
+        (started, _end, request_id, key_id, method, path, route, provider, model, status, outcome, stream,
+         attempts, latency, ttfb, error, usage, cost, _counted, metadata) = row
+        failed = None
+        if attempts:
+            bad = [a.public() for a in attempts if not a.ok]
+            if bad:
+                failed = json.dumps(bad, ensure_ascii=False)
+        tokens = usage_tokens(usage) if usage else None
+        if error is not None and self._redact is not None:
+            error = self._redact(error)
+        meta = json.dumps(metadata, ensure_ascii=False, default=str) if metadata else None
+        if tokens is None:
+            p = c = cached = reasoning = None
+        else:
+            p, c, cached, reasoning = tokens
+        return (started, request_id, key_id, method, path, route, provider, model, status, outcome,
+                len(attempts), failed, latency, ttfb, 1 if stream else 0, p, c, cached, reasoning, cost, error, meta)
+
+    @staticmethod
+    def _merge_usage(usage: dict[tuple[str, str, str, str, str], list[int]], day: str,
+                     entry: tuple[Any, ...]) -> None:
+        group = (day, entry[2] or "", entry[5] or "", entry[6] or "", entry[7] or "")
+        counts = usage.get(group)
+        if counts is None:
+            counts = usage[group] = [0, 0, 0, 0, 0, 0, 0, 0]
+        counts[0] += 1
+        if entry[8] >= 400 or entry[9] is not None:
+            counts[1] += 1
+        if entry[15] is not None:
+            counts[2] += entry[15]
+            counts[3] += entry[16]
+            counts[4] += entry[17]
+            counts[5] += entry[18]
+            if entry[19] is None:
+                counts[7] += 1  # tokens without a price: unpriced, not free
+            else:
+                counts[6] += entry[19]
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        self.failures += 1
+        self.last_error = f"{exc.__class__.__name__}: {exc}"
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        pending = self._pending
+        over = len(pending) - self.max_rows
+        if over > 0:  # the oldest log rows go first; the usage aggregates stay
+            for _ in range(over):
+                pending.popleft()
+            self.dropped += over
+            self._unreported_drops += over
+        if now - self._last_report >= self.report_interval:
+            self._last_report = now
+            log.error("store %s: cannot write to the database (%s); requests are served, %d request-log rows "
+                      "and %d usage groups wait and are retried every %gs, %d oldest log rows dropped so far "
+                      "(max_rows %d)", self.path, self.last_error, len(pending), len(self._usage),
+                      self.retry_interval, self.dropped, self.max_rows)
+
+    def _prune(self, conn: sqlite3.Connection) -> None:
+        """Delete request-log rows older than the retention, a chunk per transaction (readers and the
+        next batch never wait long)."""
+        self._next_prune = time.monotonic() + self.prune_interval
+        cutoff = time.time() - self.retention
+        try:
+            while True:
+                cur = conn.execute("DELETE FROM request_log WHERE id IN (SELECT id FROM request_log WHERE time < ? "
+                                   "ORDER BY time LIMIT 5000)", (cutoff,))
+                if cur.rowcount < 5000:
+                    break
+                if self._queue:  # rows wait: write them first, prune on soon after
+                    self._next_prune = time.monotonic() + 1.0
+                    break
+        except sqlite3.Error as exc:
+            self._failed(exc)
+
+
+def open_db(path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """The store's connection for a writer thread (opened, migrated)."""
+    return connect(path, check_same_thread=False, busy_timeout_ms=busy_timeout_ms)
 
 
 async def open_recorder(config: Config) -> Recorder | None:
-    """The store's recorder for this process (the database opened, migrated); None when not in use."""
-    return None
+    """The store's recorder for this process (the database opened and migrated off the loop).
+
+    ``:memory:`` keeps the log and usage in this process's memory (one database per worker),
+    pruned like a file; a file that cannot be used is a start-up error naming it.
+    """
+    from ..errors import ConfigError
+    from ..logs import Redactor
+
+    path = config.store.path
+    try:
+        conn = await anyio.to_thread.run_sync(open_db, path)
+    except StoreError as exc:
+        raise ConfigError(config.source, [f"store.path: {exc}"]) from None
+    return StoreRecorder(conn, path, timezone_name=config.budget_timezone,
+                         retention=config.request_log_retention, redact=Redactor(config.secrets()))
+
+
+def describe_memory(path: str) -> str | None:
+    """The start-up notice for a store kept in memory; None for a file."""
+    if path != MEMORY:
+        return None
+    return ("store: in memory (store.path: \":memory:\"): client keys, usage and the request log are not kept "
+            "across restarts, and `at-gateway keys/usage/db` cannot see them")
+
