@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import time
+from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 from urllib.parse import unquote_to_bytes
 
@@ -46,9 +47,25 @@ _BAD_KEY = ("Incorrect API key provided. Send a key this gateway is configured w
 _WWW_AUTH = (b"www-authenticate", b'Bearer realm="at-gateway"')  # RFC 9110 §11.6.1: every 401 names a scheme
 
 # Client endpoint kinds (see Gateway._endpoint).
-_CHAT, _MODELS, _MODEL, _HEALTH_EP = range(4)
+_CHAT, _MODELS, _MODEL, _HEALTH_EP, _KEY = range(5)
 _MODEL_PREFIXES = (b"/v1/models/", b"/models/")
 _GET_HEAD = frozenset((b"GET", b"HEAD"))  # HEAD is GET without the body (RFC 9110 §9.3.2); the server drops it
+
+
+# OpenAI's reasoning models refuse max_tokens and take max_completion_tokens instead; a key's max_tokens cap
+# fills that field on routes whose openai/azure steps are such models (see Gateway._token_fields).
+_COMPLETION_TOKENS_MODEL = re.compile(r"(o\d|gpt-5)")
+_COMPLETION_TOKENS_TYPES = frozenset(("openai", "azure"))
+_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")
+_MAX_KEY_VIEWS = 4096  # cached per-key route sets; past it the cache starts over (keys are few)
+
+
+class _KeyView(NamedTuple):
+    """What a client key with ``routes`` may see, built once per key (and again after a key reload)."""
+
+    key: Any  # the ClientKey it was built for: the cache makes new ones on reload, so identity says current
+    allowed: frozenset[str]  # route names matching its patterns
+    models_body: bytes  # GET /v1/models for it
 
 
 class _Endpoint(NamedTuple):
@@ -139,14 +156,19 @@ class Gateway:
         models = [{"id": name, "object": "model", "created": created, "owned_by": "at-gateway"}
                   for name in config.routes]
         self._models_body = json.dumps({"object": "list", "data": models}, separators=(",", ":")).encode()
-        # GET /v1/models/{id}: one answer per route, encoded once. Every key may use every route.
+        # GET /v1/models/{id}: one answer per route, encoded once. A client key with routes sees only those.
         self._model_bodies = {m["id"]: json.dumps(m, separators=(",", ":")).encode() for m in models}
+        self._models = models
+        self._key_views: dict[str, _KeyView] = {}
+        self._token_fields = self._token_field_per_route(config)
         # The client endpoints. Only these ever get CORS: an admin API must get a table of its own.
         chat = _Endpoint(_CHAT, frozenset((b"POST",)), b"POST")
         listing = _Endpoint(_MODELS, _GET_HEAD, b"GET, HEAD")
         self._endpoints = {b"/v1/chat/completions": chat, b"/chat/completions": chat,
                            b"/v1/models": listing, b"/models": listing,
                            b"/health": _Endpoint(_HEALTH_EP, _GET_HEAD, b"GET, HEAD")}
+        key_info = _Endpoint(_KEY, _GET_HEAD, b"GET, HEAD")  # GET /v1/key: the caller's own limits and usage
+        self._endpoints[b"/v1/key"] = self._endpoints[b"/key"] = key_info
         self._model_endpoint = _Endpoint(_MODEL, _GET_HEAD, b"GET, HEAD")
         self._cors = None if config.cors is None else CORSPolicy(
             config.cors, {ep.allow for ep in (*self._endpoints.values(), self._model_endpoint)})
@@ -249,22 +271,45 @@ class Gateway:
             ctx.client = self._authenticate(request, ctx)
             await self.chat(ctx, request, responder)
             return
-        if kind == _HEALTH_EP:
+        if kind == _KEY:
+            ctx.client = self._authenticate(request, ctx)
+            body = await self.key_info(ctx)
+        elif kind == _HEALTH_EP:
             body = _HEALTH
         else:
             ctx.client = self._authenticate(request, ctx)  # before the lookup: no probing for route names
-            body = self._models_body if kind == _MODELS else self._model_body(path)
+            key = ctx.key
+            if kind == _MODELS:
+                body = self._models_body if key is None or not key.routes else self._key_view(key).models_body
+            else:
+                body = self._model_body(path, key)
         ctx.status = 200
         # For HEAD the responder writes this head (with the GET body's Content-Length) and no body.
         await responder.send(200, [_JSON_CT, (b"x-request-id", ctx.request_id.encode())], body)
 
-    def _model_body(self, path: bytes) -> bytes:
+    async def key_info(self, ctx: RequestContext) -> bytes:
+        """``GET /v1/key``, authenticated with the key itself: its limits, what it used and what is left
+        (OpenRouter's /api/v1/key), so an application can pace itself. Never the key or its hash."""
+        limiter = self.services.limiter
+        if limiter is not None:
+            info = await limiter.describe(ctx)
+        else:  # no limit can apply here (no store file, no route limits)
+            key = ctx.key
+            info = {"object": "key", "id": ctx.client, "name": getattr(key, "name", None),
+                    "operator": key is None, "limits": {}, "usage": {}}
+        return json.dumps(info, separators=(",", ":")).encode()
+
+    def _model_body(self, path: bytes, key: Any = None) -> bytes:
         """The model object of ``/v1/models/{id}``: the rest of the path, percent-decoded, is the id
-        (route names may hold '/', sent raw or as %2F)."""
+        (route names may hold '/', sent raw or as %2F). A route a client key may not use is not found
+        for it, as it is not listed for it."""
         raw = unquote_to_bytes(path.partition(b"/models/")[2])
         try:
-            body = self._model_bodies.get(raw.decode("utf-8"))
+            name = raw.decode("utf-8")
+            body = self._model_bodies.get(name)
         except UnicodeDecodeError:
+            body = None
+        if body is not None and key is not None and key.routes and name not in self._key_view(key).allowed:
             body = None
         if body is None:
             shown = quote(self.redact, raw.decode("utf-8", "replace"), 200)
@@ -350,9 +395,58 @@ class Gateway:
         ctx.first_byte = time.perf_counter()
 
     def apply_key(self, ctx: RequestContext, route: Any, body: dict[str, Any]) -> dict[str, Any]:
-        """What a store key's settings do to a request: the routes it may use (403 otherwise), its
-        system prompt, its max_tokens cap. (Filled in by the client-keys work.)"""
+        """What a store key's settings do to a request: the routes it may use (403 ``model_not_allowed``
+        otherwise), its system prompt (a system message before the client's), its max_tokens cap.
+
+        A key without settings costs three attribute tests; its route set is computed once per key.
+        """
+        key = ctx.key
+        if key.routes and route.name not in self._key_view(key).allowed:
+            raise Forbidden(f"this API key may not use the model {quote(self.redact, route.name, 200)!r} (it may use "
+                            f"{quote(self.redact, ', '.join(key.routes), 200)}; GET /v1/models lists them)",
+                            code="model_not_allowed")
+        if key.system_prompt:
+            body["messages"] = [{"role": "system", "content": key.system_prompt}, *body["messages"]]
+        cap = key.max_tokens
+        if cap is not None:
+            sent = False
+            for name in _TOKEN_FIELDS:  # cap each field the client sent; upstreams read either
+                value = body.get(name)
+                if value is None:
+                    continue
+                if type(value) is not int:
+                    raise BadRequest(f"'{name}' must be a whole number", code="invalid_type")
+                if value > cap:
+                    body[name] = cap
+                sent = True
+            if not sent:
+                body[self._token_fields.get(route.name, "max_tokens")] = cap
         return body
+
+    def _key_view(self, key: Any) -> _KeyView:
+        """The routes a client key with patterns may use and its model list, built on first use."""
+        view = self._key_views.get(key.id)
+        if view is None or view.key is not key:
+            allowed = frozenset(name for name in self.config.routes if any(fnmatchcase(name, p) for p in key.routes))
+            listing = {"object": "list", "data": [m for m in self._models if m["id"] in allowed]}
+            view = _KeyView(key, allowed, json.dumps(listing, separators=(",", ":")).encode())
+            if len(self._key_views) >= _MAX_KEY_VIEWS:
+                self._key_views.clear()
+            self._key_views[key.id] = view
+        return view
+
+    @staticmethod
+    def _token_field_per_route(config: Config) -> dict[str, str]:
+        """Which field a key's max_tokens cap fills when the client sent neither: ``max_completion_tokens``
+        where an OpenAI/Azure step runs a reasoning model (o1, o3, o4-mini, gpt-5...: they refuse
+        ``max_tokens``), else ``max_tokens``, which every OpenAI-compatible server and our adapters read."""
+        out = {}
+        for name, route in config.routes.items():
+            newer = any(_COMPLETION_TOKENS_MODEL.match(step.model) is not None
+                        and getattr(config.providers.get(step.provider), "type", "") in _COMPLETION_TOKENS_TYPES
+                        for step in route.steps)
+            out[name] = "max_completion_tokens" if newer else "max_tokens"
+        return out
 
     # -- the one place a finished request is accounted for -----------------
     def finish(self, ctx: RequestContext, request: Request) -> None:

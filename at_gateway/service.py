@@ -34,8 +34,9 @@ _RELOADED = frozenset({"source", "api_keys", "providers", "routes", "default_tim
                        "stream_keepalive_interval", "log_level", "log_bodies", "prices"})
 
 
-async def open_services(config: Config) -> Services:
-    """This process's store, client-key cache and limiter (each None when not in use)."""
+async def open_services(config: Config, limiter_channel: socket.socket | None = None) -> Services:
+    """This process's store, client-key cache and limiter (each None when not in use); ``limiter_channel``:
+    a worker's socket to the limiter state its supervisor holds for all workers."""
     from .limits import open_limiter
     from .store.keys import open_key_cache
     from .store.usage import open_recorder
@@ -44,7 +45,7 @@ async def open_services(config: Config) -> Services:
     try:
         services.store = await open_recorder(config)
         services.keys = await open_key_cache(config)
-        services.limiter = await open_limiter(config)
+        services.limiter = await open_limiter(config, limiter_channel)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await services.aclose()
@@ -120,8 +121,9 @@ def tune_gc() -> None:
     gc.set_threshold(20000, 50, 100)
 
 
-async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None = None) -> None:
-    services = await open_services(config)
+async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None = None,
+                limiter: socket.socket | None = None) -> None:
+    services = await open_services(config, limiter)
     gateway = Gateway(config, services=services)
     try:
         settings = server_settings(config)
@@ -190,18 +192,35 @@ def run(config: Config) -> int:
         print(exc.render(), file=sys.stderr)
         return 1
     log.log(loop.level, "%s", loop.note)
+    from .store.usage import describe_memory
+
+    memory_note = describe_memory(config.store.path)
+    if memory_note is not None:  # once, before any fork; a choice, not a fault: info
+        log.info("%s", memory_note)
     if config.workers > 1:
+        from .limits import limits_possible, new_state
+        from .limits.shared import Hub
+        from .store.db import StoreError
         from .workers import supervise
 
-        return supervise(config, functools.partial(run_worker, loop=loop))
+        # One limiter state for all workers, held here: limits are per machine, not per process.
+        try:
+            hub = Hub(new_state(config)) if limits_possible(config) else None
+        except StoreError as exc:
+            import sys
+
+            print(f"at-gateway: {exc}", file=sys.stderr)
+            return 1
+        return supervise(config, functools.partial(run_worker, loop=loop), hub=hub)
     return run_worker(config, loop=loop)
 
 
-def run_worker(config: Config, sock: socket.socket | None = None, *, loop: EventLoop | None = None) -> int:
+def run_worker(config: Config, sock: socket.socket | None = None, *, loop: EventLoop | None = None,
+               limiter: socket.socket | None = None) -> int:
     """Serve in this process until drained: the whole gateway, or one of ``workers`` (``sock``: a shared listener)."""
     try:
         options = (loop or choose_loop(config.loop, config.source)).options
-        anyio.run(_main, config, sock, backend="asyncio", backend_options=options)
+        anyio.run(_main, config, sock, limiter, backend="asyncio", backend_options=options)
     except ConfigError as exc:
         import sys
 
@@ -217,5 +236,5 @@ def run_worker(config: Config, sock: socket.socket | None = None, *, loop: Event
     return 0
 
 
-async def _main(config: Config, sock: socket.socket | None = None) -> None:
-    await serve(config, sock=sock)
+async def _main(config: Config, sock: socket.socket | None = None, limiter: socket.socket | None = None) -> None:
+    await serve(config, sock=sock, limiter=limiter)

@@ -13,6 +13,10 @@ after start), passes SIGHUP on (each worker reloads the config file), and on
 SIGTERM or SIGINT tells every worker to drain, waits for them all and exits 0.
 A second SIGTERM/SIGINT makes the workers stop at once.
 
+When limits can apply, the parent also holds the one limiter state all workers share (see
+:mod:`.limits.shared`): its loop then waits on the workers' limiter sockets and a signal wake-up
+pipe instead of in ``os.wait()``, still in one thread (forking from a threaded process is unsafe).
+
 Workers live in their own process group, so a Ctrl-C in a terminal reaches
 only the parent (which then drains them once), and on Linux they get SIGTERM
 if the parent dies. Under systemd use ``KillMode=mixed`` so that only the
@@ -23,14 +27,19 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
+
+if TYPE_CHECKING:
+    from .limits.shared import Hub
 
 log = logging.getLogger("at_gateway.workers")
 
@@ -39,7 +48,8 @@ QUICK_EXIT = 1.0
 # After this many quick exits in a row the supervisor gives up (a config that cannot serve).
 MAX_QUICK_EXITS = 5
 
-WorkerMain = Callable[[Config, "socket.socket | None"], int]
+# (config, the shared listener or None); with a limiter hub also ``limiter=`` the worker's socket to it.
+WorkerMain = Callable[..., int]
 
 
 def default_mode() -> str:
@@ -94,8 +104,11 @@ def _die_with_parent() -> None:
 
 
 class Supervisor:
-    def __init__(self, config: Config, worker_main: WorkerMain, mode: str | None = None) -> None:
+    def __init__(self, config: Config, worker_main: WorkerMain, mode: str | None = None,
+                 hub: Hub | None = None) -> None:
         self.config = config
+        self.hub = hub
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # signal wake-up pair (hub mode)
         self.worker_main = worker_main
         self.mode = mode or default_mode()
         self.workers: dict[int, float] = {}  # pid -> start time
@@ -106,11 +119,19 @@ class Supervisor:
     # -- processes ----------------------------------------------------------
     def _spawn(self) -> None:
         parent = os.getpid()
+        hub = self.hub
+        ends = hub.open() if hub is not None else None
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
-                os.setpgid(0, 0)
+                if hub is not None and ends is not None:
+                    signal.set_wakeup_fd(-1)
+                    if self._wake is not None:
+                        for w in self._wake:
+                            w.close()
+                    hub.close_in_child()
+                    ends[0].close()
                 for sig in (signal.SIGTERM, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -121,7 +142,10 @@ class Supervisor:
                 shared = self._sock if self.mode == "shared" else None
                 if shared is None and self._sock is not None:
                     self._sock.close()
-                code = self.worker_main(self.config, shared)
+                if ends is not None:
+                    code = self.worker_main(self.config, shared, limiter=ends[1])
+                else:
+                    code = self.worker_main(self.config, shared)
             except KeyboardInterrupt:
                 code = 0
             except BaseException as exc:  # never return into the supervisor's stack
@@ -136,6 +160,9 @@ class Supervisor:
                 finally:
                     os._exit(code)
         self.workers[pid] = time.monotonic()
+        if hub is not None and ends is not None:
+            ends[1].close()
+            hub.attach(pid, ends[0])
         if self.stopping:  # a stop signal came while forking: this one must drain too
             os.kill(pid, signal.SIGTERM)
 
@@ -176,6 +203,8 @@ class Supervisor:
         try:
             log.info("supervising %d workers on %s:%d (%s)", cfg.workers, cfg.host, port,
                      "SO_REUSEPORT" if self.mode == "reuseport" else "shared socket")
+            if self.hub is not None:
+                return self._serve_hub(cfg.workers)
             for _ in range(cfg.workers):
                 self._spawn()
             return self._wait()
@@ -183,6 +212,90 @@ class Supervisor:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             self._sock.close()
+
+    def _serve_hub(self, count: int) -> int:
+        """The loop with a limiter hub: serve the workers' limiter sockets, reap and restart workers."""
+        hub = self.hub
+        assert hub is not None
+        wake = socket.socketpair()
+        for w in wake:
+            w.setblocking(False)
+        self._wake = wake
+        old_fd = signal.set_wakeup_fd(wake[1].fileno(), warn_on_full_buffer=False)
+        old_chld = signal.signal(signal.SIGCHLD, _ignore)  # a handler, so SIGCHLD wakes the loop
+        sel = selectors.DefaultSelector()
+        sel.register(wake[0], selectors.EVENT_READ, None)
+        try:
+            for _ in range(count):
+                self._spawn()
+            return self._hub_loop(sel, hub, wake[0])
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            signal.signal(signal.SIGCHLD, old_chld)
+            sel.close()
+            hub.close()
+            for w in wake:
+                w.close()
+            self._wake = None
+
+    def _hub_loop(self, sel: selectors.BaseSelector, hub: Hub, wake: socket.socket) -> int:
+        quick_exits = 0
+        failed = False
+        restart_at: list[float] = []  # when a replacement worker is due (backing off)
+        watched: dict[int, Any] = {}
+        while self.workers or restart_at:
+            for pid, end in hub.sockets():
+                if pid not in watched:
+                    sel.register(end, selectors.EVENT_READ, pid)
+                    watched[pid] = end
+            timeout = max(0.0, min(restart_at) - time.monotonic()) if restart_at else None
+            for key, _ in sel.select(timeout):
+                if key.data is None:
+                    try:
+                        while wake.recv(512):
+                            pass
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                else:
+                    hub.serve(key.data)
+            while True:  # reap every worker that exited
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    pid = 0
+                if pid == 0:
+                    break
+                end = watched.pop(pid, None)
+                if end is not None:
+                    sel.unregister(end)
+                hub.detach(pid)
+                started = self.workers.pop(pid, None)
+                if started is None:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                if self.stopping:
+                    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+                        failed = True
+                    continue
+                lived = time.monotonic() - started
+                quick_exits = quick_exits + 1 if lived < QUICK_EXIT else 0
+                if quick_exits >= MAX_QUICK_EXITS:
+                    log.error("workers keep exiting right after start (last exit code %d): giving up", code)
+                    self.stopping = 1
+                    self._signal(signal.SIGTERM)
+                    failed = True
+                    continue
+                log.warning("worker %d exited (code %d) after %.1fs; starting a new one", pid, code, lived)
+                restart_at.append(time.monotonic() + (min(0.05 * 2 ** quick_exits, 5.0) if quick_exits else 0.0))
+            if self.stopping:
+                restart_at.clear()
+            now = time.monotonic()
+            due = [t for t in restart_at if t <= now]
+            if due:
+                restart_at[:] = [t for t in restart_at if t > now]
+                for _ in due:
+                    self._spawn()
+        return 1 if failed else 0
 
     def _wait(self) -> int:
         quick_exits = 0
@@ -216,9 +329,14 @@ class Supervisor:
         return 1 if failed else 0
 
 
-def supervise(config: Config, worker_main: WorkerMain, mode: str | None = None) -> int:
-    """Run ``config.workers`` workers until told to stop; the exit code for the whole gateway."""
+def _ignore(signum: int, frame: object) -> None:
+    """SIGCHLD's handler in hub mode: nothing to do here, the wake-up pipe wakes the loop."""
+
+
+def supervise(config: Config, worker_main: WorkerMain, mode: str | None = None, hub: Hub | None = None) -> int:
+    """Run ``config.workers`` workers until told to stop; the exit code for the whole gateway. ``hub``:
+    the limiter state the workers share (each gets its socket to it as ``limiter=``)."""
     if not hasattr(os, "fork"):
         log.warning("workers: %d needs fork(), which this OS lacks; serving in one process", config.workers)
         return worker_main(replace(config, workers=1), None)
-    return Supervisor(config, worker_main, mode).run()
+    return Supervisor(config, worker_main, mode, hub).run()

@@ -126,9 +126,12 @@ def start_mock(chunks: int, delay: float = 0.0, chunk_delay: float = 0.0,
     return proc, int(line.split()[1])
 
 
-def gateway_config(port: int, mock_port: int, loop: str, workers: int, log_level: str = "info") -> str:
+def gateway_config(port: int, mock_port: int, loop: str, workers: int, log_level: str = "info",
+                   store: Path | None = None) -> str:
+    # A store file in the run's directory: the request log and usage accounting on, as deployed.
     return f"""# written by bench/run.py
 api_key: {GATEWAY_KEY}
+store: {{path: "{store if store is not None else ':memory:'}"}}
 host: 127.0.0.1
 port: {port}
 log_level: {log_level}
@@ -198,8 +201,21 @@ def start_gateway(workdir: Path, mock_port: int, loop: str, workers: int, cpus: 
                   log_level: str = "info", name: str = "gateway") -> Gateway:
     port = free_port()
     cfg = workdir / f"{name}.yaml"
-    cfg.write_text(gateway_config(port, mock_port, loop, workers, log_level))
+    cfg.write_text(gateway_config(port, mock_port, loop, workers, log_level, store=workdir / f"{name}.db"))
     return start_gateway_from(cfg, port, workdir / f"{name}.log", workers, cpus)
+
+
+def create_client_key(cfg: Path, **limits: int) -> str:
+    """A client key in the gateway's store, made with the CLI as an operator would (issue 9's bench rows)."""
+    opts = [x for k, v in limits.items() for x in (f"--{k}", str(v))]
+    out = subprocess.run([sys.executable, "-m", "at_gateway", "keys", "create", "--name", "bench", *opts,
+                          "--json", "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise SystemExit(f"bench: keys create failed: {out.stderr.strip()[-500:]}")
+    key = json.loads(out.stdout).get("key")
+    if not isinstance(key, str) or not key.startswith("atg_"):
+        raise SystemExit(f"bench: keys create printed no key: {out.stdout[:200]!r}")
+    return key
 
 
 def start_gateway_from(cfg: Path, port: int, log_path: Path, workers: int, cpus: str | None,
@@ -234,7 +250,7 @@ def start_pyz(workdir: Path, mock_port: int, pyz: Path, python: str, cpus: str |
     """The .pyz as users run it: ``python3 -I -S at-gateway.pyz serve``, ``loop: auto``, a clean environment."""
     port = free_port()
     cfg = workdir / f"{name}.yaml"
-    cfg.write_text(gateway_config(port, mock_port, "auto", 1))
+    cfg.write_text(gateway_config(port, mock_port, "auto", 1, store=workdir / f"{name}.db"))
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "AT_GATEWAY_CACHE": str(workdir / "pyz-cache")}
     return start_gateway_from(cfg, port, workdir / f"{name}.log", 1, cpus,
                               cmd=[python, "-I", "-S", str(pyz), "serve"], env=env)
@@ -322,6 +338,7 @@ class Row:
     rss_mib: float | None = None
     ready_s: float | None = None
     python: str = ""  # the interpreter's version, for the .pyz rows
+    keyed: bool = False  # called with a client key from the store, limited (rpm + tpm), instead of a YAML key
 
     @property
     def label(self) -> str:
@@ -329,13 +346,14 @@ class Row:
             return "direct"
         if self.target == "pyz":
             return f"pyz {self.loop} py{self.python}"
-        return f"gateway {self.loop}" + (f" workers={self.workers}" if self.workers > 1 else "")
+        return (f"gateway {self.loop}" + (f" workers={self.workers}" if self.workers > 1 else "")
+                + (" db-key rpm+tpm" if self.keyed else ""))
 
 
 def measure(lg: LoadGen, gw: Gateway | None, port: int, scenario: str, args: argparse.Namespace,
-            row: Row) -> Row:
+            row: Row, key: str | None = None) -> Row:
     connections, stream = SCENARIOS[scenario]
-    key = GATEWAY_KEY if gw is not None else ""
+    key = key or (GATEWAY_KEY if gw is not None else "")
     model = "bench" if gw is not None else "bench-model"
     if args.warmup > 0:
         lg.run(port, key, model, connections, stream, args.warmup, args.chunks)
@@ -397,7 +415,7 @@ def table(rows: list[Row]) -> str:
 
 def goals(rows: list[Row], loop: str, target: str = "gateway") -> list[tuple[str, bool, str]]:
     direct = {r.scenario: r for r in rows if r.target == "direct"}
-    gw = {r.scenario: r for r in rows if r.target == target and r.loop == loop and r.workers == 1}
+    gw = {r.scenario: r for r in rows if r.target == target and r.loop == loop and r.workers == 1 and not r.keyed}
     out: list[tuple[str, bool, str]] = []
     if "c1" in gw and "c1" in direct:
         added = (gw["c1"].result["p50_us"] - direct["c1"].result["p50_us"]) / 1000
@@ -423,6 +441,22 @@ def goals(rows: list[Row], loop: str, target: str = "gateway") -> list[tuple[str
     return out
 
 
+def keyed_goals(rows: list[Row], loop: str) -> list[tuple[str, bool, str]]:
+    """Issue 9: a limited client key from the store costs at most 10 % of req/s (c32, s32) and 0.05 ms at c1."""
+    plain = {r.scenario: r for r in rows if r.target == "gateway" and r.loop == loop and r.workers == 1
+             and not r.keyed}
+    keyed = {r.scenario: r for r in rows if r.keyed and r.loop == loop}
+    out: list[tuple[str, bool, str]] = []
+    for s in ("c32", "s32"):
+        if s in plain and s in keyed and plain[s].result["rps"]:
+            ratio = keyed[s].result["rps"] / plain[s].result["rps"]
+            out.append((f"{s}: db key req/s >= 0.90x the YAML key's", ratio >= 0.90, f"{ratio:.3f}x"))
+    if "c1" in plain and "c1" in keyed:
+        grew = (keyed["c1"].result["p50_us"] - plain["c1"].result["p50_us"]) / 1000
+        out.append(("c1: p50 grows <= 0.05 ms with a db key", grew <= 0.05, f"{grew:+.3f} ms"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="gateway vs direct benchmark")
     p.add_argument("--duration", type=float, default=float(os.environ.get("BENCH_DURATION", 10)),
@@ -434,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loops", default=os.environ.get("BENCH_LOOPS", "asyncio,uvloop"),
                    help="event loops to measure the gateway with (uvloop skipped when not importable)")
     p.add_argument("--no-workers", action="store_true", help="skip the workers=2 row")
+    p.add_argument("--no-keyed", action="store_true", help="skip the rows with a limited client key from the store")
     p.add_argument("--pyz", type=Path, default=os.environ.get("BENCH_PYZ") or None,
                    help="also measure this .pyz under --pyz-python -I -S (make bench: dist/at-gateway.pyz)")
     p.add_argument("--pyz-python", default=os.environ.get("BENCH_PYZ_PYTHON") or (
@@ -492,6 +527,19 @@ def main(argv: list[str] | None = None) -> int:
                     exits[loop] = gw.stop()
                     log_lines[loop] = sum(1 for line in gw.log_path.read_text().splitlines()
                                           if '"msg":"request"' in line)
+            if not args.no_keyed:
+                loop = loops[0]
+                print(f"gateway, loop {loop}, a client key from the store with rpm and tpm limits:", flush=True)
+                gw = start_gateway(workdir, mock_port, loop, 1, "0", name=f"gw-{loop}-keyed")
+                try:
+                    # Limits far above what the run reaches: every request pays for the checks, none is refused.
+                    key = create_client_key(workdir / f"gw-{loop}-keyed.yaml", rpm=10**9, tpm=10**12)
+                    for s in scenarios:
+                        rows.append(measure(lg, gw, gw.port, s, args, Row(s, "gateway", loop, keyed=True), key=key))
+                finally:
+                    exits["keyed"] = gw.stop()
+                    log_lines["keyed"] = sum(1 for line in gw.log_path.read_text().splitlines()
+                                             if '"msg":"request"' in line)
             if args.pyz is not None:
                 # once unmeasured: the first start extracts the embedded wheels into the cache
                 first = start_pyz(workdir, mock_port, args.pyz, args.pyz_python, "0", name="pyz-first")
@@ -539,6 +587,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"goals (the .pyz on {loop}, one pinned core):")
         for name, met, value in goals(rows, loop, "pyz"):
             print(f"  [{'met' if met else 'MISSED'}] {name}: {value}")
+    for loop in sorted({r.loop for r in rows if r.keyed}):
+        print(f"goals (a limited client key from the store vs the YAML key, {loop}, one pinned core):")
+        for name, met, value in keyed_goals(rows, loop):
+            print(f"  [{'met' if met else 'MISSED'}] {name}: {value}")
     wrong = sum(r.result["bad"] + r.result["connect_errors"] + r.result["read_errors"] + r.result["write_errors"]
                 + r.result["timeouts"] for r in rows)
     if wrong:
@@ -557,13 +609,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(), "loadgen": lg.kind, "notes": notes,
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "chunks": args.chunks,
                      "pinning": "gateway CPU 0; mock + load generator CPU 1" if have_taskset() else "none"},
-        "rows": [{"scenario": r.scenario, "target": r.target, "loop": r.loop, "workers": r.workers,
+        "rows": [{"scenario": r.scenario, "target": r.target, "loop": r.loop, "workers": r.workers, "keyed": r.keyed,
                   "python": r.python or platform.python_version(),
                   "cpu_us_per_req": r.cpu_us_per_req, "rss_mib": r.rss_mib, "ready_s": r.ready_s, **r.result}
                  for r in rows],
         "goals": {loop: [{"goal": n, "met": m, "value": v} for n, m, v in goals(rows, loop)] for loop in loops},
         "pyz_goals": {loop: [{"goal": n, "met": m, "value": v} for n, m, v in goals(rows, loop, "pyz")]
                       for loop in pyz_loops},
+        "keyed_goals": {loop: [{"goal": n, "met": m, "value": v} for n, m, v in keyed_goals(rows, loop)]
+                        for loop in sorted({r.loop for r in rows if r.keyed})},
         "gateway_exit_codes": exits, "request_log_lines": log_lines, "ok": ok,
     }
     RESULTS.mkdir(exist_ok=True)

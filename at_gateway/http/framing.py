@@ -41,7 +41,9 @@ class HTTPError(Exception):
 
 
 # Fields whose value differs on every message: caching them would only crowd out the others.
-_UNIQUE_VALUES = frozenset({b"x-request-id", b"content-length", b"date"})
+_UNIQUE_VALUES = frozenset({b"x-request-id", b"content-length", b"date", b"retry-after",
+                            b"x-ratelimit-remaining-requests", b"x-ratelimit-remaining-tokens",
+                            b"x-ratelimit-reset-requests", b"x-ratelimit-reset-tokens"})
 
 
 class HeaderValidator:
@@ -52,10 +54,11 @@ class HeaderValidator:
     validator belongs to each server and each upstream client (no shared state).
     """
 
-    __slots__ = ("_seen", "_limit")
+    __slots__ = ("_seen", "_names", "_limit")
 
     def __init__(self, limit: int = 4096) -> None:
         self._seen: set[tuple[bytes, bytes]] = set()
+        self._names: set[bytes] = set()  # names already checked (values that change each time are not cached)
         self._limit = limit
 
     def check(self, headers: Headers, what: str = "header") -> None:
@@ -63,7 +66,14 @@ class HeaderValidator:
         for h in headers:
             if h not in seen:
                 name, value = h
-                if TOKEN.fullmatch(name) is None or FIELD_VALUE.fullmatch(value) is None:
+                if name not in self._names:
+                    if TOKEN.fullmatch(name) is None:
+                        raise HTTPError(f"illegal {what} {name!r}")
+                    if len(self._names) < self._limit:
+                        self._names.add(name)
+                # Letters and digits only (bytes.isalnum is ASCII-only) is a valid value: no regex for the
+                # counters and ids that differ on every message.
+                if not value.isalnum() and FIELD_VALUE.fullmatch(value) is None:
                     raise HTTPError(f"illegal {what} {name!r}")
                 if len(seen) < self._limit and name not in _UNIQUE_VALUES:
                     seen.add(h)
