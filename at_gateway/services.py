@@ -57,6 +57,10 @@ class Limiter(Protocol):
         """``GET /v1/key``: the caller's limits, usage and what is left."""
         ...
 
+    async def peek(self, ctx: RequestContext) -> None:
+        """Set ``ctx.extra_headers`` (x-ratelimit-*) for an answer given before admission; takes nothing."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -67,6 +71,15 @@ class Services:
     limiter: Limiter | None = None
 
     async def aclose(self) -> None:
-        for part in (self.limiter, self.keys, self.store):
-            if part is not None:
-                await part.aclose()
+        """Close every part, the store last (what the limiter and the drained requests left gets written)
+        and always: a part that fails to close does not keep the others open; its error is raised after."""
+        try:
+            if self.limiter is not None:
+                await self.limiter.aclose()
+        finally:
+            try:
+                if self.keys is not None:
+                    await self.keys.aclose()
+            finally:
+                if self.store is not None:
+                    await self.store.aclose()

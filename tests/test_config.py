@@ -126,7 +126,8 @@ def test_env_defaults_and_port_env() -> None:
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
-    ("300s", 300), ("5m", 300), ("1.5s", 1.5), (30, 30), ("45", 45), ("250ms", 0.25), ("1m30s", 90), ("1h", 3600)])
+    ("300s", 300), ("5m", 300), ("1.5s", 1.5), (30, 30), ("45", 45), ("250ms", 0.25), ("1m30s", 90), ("1h", 3600),
+    ("30d", 30 * 86400), ("2w", 14 * 86400), ("1d12h", 129600)])
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
@@ -252,3 +253,9 @@ def test_out_of_range_ports_are_problems_not_tracebacks(tmp_path: Path) -> None:
     assert build_config({"api_key": "k", "port": 81}, "c.yaml", {"PORT": "99999"}).port == 81
     r = run_cli("serve", "--config", str(write(tmp_path, "api_key: k\n")), "--port", "70000")
     assert r.returncode == 2 and "not a port number" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_request_log_retention_in_days() -> None:
+    """The README's and the issue's form, `request_log: {retention: 30d}`."""
+    cfg = build_config({"api_key": "k", "request_log": {"retention": "30d"}}, "c", {})
+    assert cfg.request_log_retention == 30 * 86400

@@ -28,6 +28,7 @@ import yaml
 
 from at_gateway.app import Gateway
 from at_gateway.config import Limits, build_config
+from at_gateway.errors import Unauthorized
 from at_gateway.http.server import Server
 from at_gateway.logs import Redactor, setup_logging
 from at_gateway.service import server_settings
@@ -514,7 +515,7 @@ def test_two_workers_both_see_a_cli_change_within_a_second(upstream: MockUpstrea
 
     def all_answer(url: str, status: int, n: int = 16) -> bool:
         # a new connection each time, so the kernel spreads them over both workers
-        return all(httpx.post(url + CHAT, headers=auth(key), json=body(), timeout=5).status_code == status
+        return all(httpx.post(url + CHAT, headers=auth(key), json=body("gpt-mini"), timeout=5).status_code == status
                    for _ in range(n))
 
     run_dir = tmp_path / "run"
@@ -522,7 +523,133 @@ def test_two_workers_both_see_a_cli_change_within_a_second(upstream: MockUpstrea
     with gateway_process(raw, run_dir) as (_, url, _, logfile):
         assert wait_until(lambda: logfile.read_text().count("listening on") == 2, 15), logfile.read_text()
         assert all_answer(url, 200)
+        # Both workers answered: each has its own upstream pool, and one worker answering these one at a
+        # time would have kept one keep-alive connection to the upstream.
+        assert upstream.connections >= 2, upstream.connections
         for action, status in (("disable", 401), ("enable", 200)):
             cli_json(cfg, action, key_id)
             assert wait_until(lambda status=status: all_answer(url, status), SEEN_WITHIN), action  # type: ignore[misc]
         assert "Traceback" not in logfile.read_text()
+
+
+@pytest.mark.parametrize(("args", "text"), [
+    (("--expires", "99999999d"), "--expires: must be before 9999-12-31"),
+    (("--expires", "9" * 40 + "w"), "--expires: must be before 9999-12-31"),
+    (("--rpm", "9" * 20), "--rpm: must be at most"),
+    (("--tpd", "9" * 400), "--tpd: must be at most"),
+    (("--max-tokens", str(2**63)), "--max-tokens: must be at most"),
+    (("--budget", "1e10"), "--budget: must be at most"),
+    (("--budget", "9" * 30), "--budget: must be at most"),
+])
+def test_values_past_what_the_store_holds_are_refused_before_anything_is_saved(
+        tmp_path: Path, args: tuple[str, ...], text: str) -> None:
+    cfg = write_config(store_config("http://127.0.0.1:9", tmp_path), tmp_path)
+    out = cli(cfg, "create", "--name", "big", *args)
+    assert (out.returncode, "Traceback" in out.stderr) == (2, False), out
+    assert text in out.stderr, out.stderr
+    assert cli_json(cfg, "list") == []  # nothing saved, no key made that nobody was shown
+
+
+def test_the_store_refuses_out_of_range_values_from_any_caller(tmp_path: Path) -> None:
+    conn, store = store_at(tmp_path / "gw.db")
+    try:
+        for kwargs in ({"expires_at": 1e300}, {"expires_at": float("nan")}, {"limits": Limits(rpm=2**63)},
+                       {"max_tokens": 2**63}, {"budget_nanousd": 2**63}):
+            with pytest.raises(ValueError):
+                store.create("x", **kwargs)  # type: ignore[arg-type]
+        key_id = store.create("ok")[0].key.id
+        with pytest.raises(ValueError):
+            store.update(key_id, limits={"tpm": 2**63})
+        assert [s.key.name for s in store.list()] == ["ok"]
+    finally:
+        conn.close()
+
+
+def test_keys_list_and_show_survive_odd_values_in_the_database(tmp_path: Path) -> None:
+    """A row written by an older build or by hand (an expiry past year 9999, text where a time belongs)
+    is shown as it is; it never breaks the listing of every other key."""
+    cfg = write_config(store_config("http://127.0.0.1:9", tmp_path), tmp_path)
+    conn, store = store_at(tmp_path / "gw.db")
+    try:
+        far = store.create("far")[0].key.id
+        odd = store.create("odd")[0].key.id
+        fine = store.create("fine")[0].key.id
+        conn.execute("UPDATE keys SET expires_at = 1e300 WHERE id = ?", (far,))
+        conn.execute("UPDATE keys SET expires_at = 'soon', created_at = 'then' WHERE id = ?", (odd,))
+    finally:
+        conn.close()
+    listing = cli(cfg, "list")
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr, listing
+    assert all(k in listing.stdout for k in (far, odd, fine))
+    by_id = {d["id"]: d for d in cli_json(cfg, "list")}
+    assert by_id[far]["state"] == "active" and by_id[fine]["state"] == "active"
+    assert by_id[odd]["state"] == "expired"  # an unreadable expiry allows nothing rather than everything
+    shown = cli(cfg, "show", far)
+    assert shown.returncode == 0 and "expires" in shown.stdout, shown
+
+
+def test_the_key_is_printed_first_and_the_database_named(tmp_path: Path) -> None:
+    """The key is printed before anything that could fail, and every command says which database
+    file it used (a relative store.path from another directory makes another database)."""
+    cfg = write_config(store_config("http://127.0.0.1:9", tmp_path), tmp_path)
+    dbfile = str((tmp_path / "gw.db").resolve())
+    made = cli(cfg, "create", "--name", "first")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("key: atg_") and f"database: {dbfile}" in made.stdout
+    made_json = cli(cfg, "create", "--name", "second", "--json")
+    assert json.loads(made_json.stdout)["key"].startswith("atg_")  # stdout stays JSON
+    assert dbfile in made_json.stderr
+    listing = cli(cfg, "list")
+    assert listing.stdout.splitlines()[0] == f"keys in {dbfile}"
+    usage = subprocess.run([sys.executable, "-m", "at_gateway", "usage", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 0 and dbfile in usage.stdout.splitlines()[0], usage
+
+
+def test_an_unknown_id_costs_the_same_hash_as_a_known_one(tmp_path: Path) -> None:
+    """verify() hashes the presented secret whether or not the id exists: how long it takes says
+    nothing about which ids exist. A long secret makes the hash the bulk of the time."""
+    conn, store = store_at(tmp_path / "gw.db")
+    try:
+        key = store.create("k")[1]
+    finally:
+        conn.close()
+    cache = KeyCache(db.connect(str(tmp_path / "gw.db")), str(tmp_path / "gw.db"))
+    try:
+        secret = b"x" * 4_000_000
+        known = b"atg_" + key[4:16].encode() + b"_" + secret
+        unknown = b"atg_zzzzzzzzzzzz_" + secret
+
+        def took(presented: bytes) -> float:
+            start = time.perf_counter()
+            with pytest.raises(Unauthorized):
+                cache.verify(presented)
+            return time.perf_counter() - start
+
+        pairs = [(took(known), took(unknown)) for _ in range(7)]
+        known_t = sorted(p[0] for p in pairs)[3]
+        unknown_t = sorted(p[1] for p in pairs)[3]
+        assert unknown_t > known_t * 0.3, (known_t, unknown_t)  # before: microseconds against milliseconds
+    finally:
+        cache.close()
+
+
+def test_a_keys_metadata_goes_to_the_request_log(upstream: MockUpstream, tmp_path: Path) -> None:
+    from tests.test_usage import store_gateway
+
+    conn, store = store_at(tmp_path / "gw.db")
+    try:
+        key = store.create("tagged", metadata={"team": "search", "cost_center": 42})[1]
+        plain = store.create("plain")[1]
+    finally:
+        conn.close()
+    with store_gateway(store_config(upstream.url, tmp_path)) as gw:
+        for k in (key, plain):
+            assert httpx.post(gw.url + CHAT, headers=auth(k), json=body(), timeout=5).status_code == 200
+    logged = sqlite3.connect(tmp_path / "gw.db")
+    try:
+        got = dict(logged.execute("SELECT key_id, metadata FROM request_log").fetchall())
+    finally:
+        logged.close()
+    assert json.loads(got[key[4:16]]) == {"team": "search", "cost_center": 42}
+    assert got[plain[4:16]] is None

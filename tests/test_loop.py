@@ -89,7 +89,9 @@ def loop_lines(log: Path) -> list[dict]:
 
 
 def warnings_of(log: Path) -> list[str]:
-    return [log_text(r) for r in log_records(log.read_text()) if r.get("level") in ("warning", "error")]
+    """Warnings and errors, but the in-memory store's notice: these configs choose ``store: :memory:``."""
+    return [log_text(r) for r in log_records(log.read_text()) if r.get("level") in ("warning", "error")
+            and not log_text(r).startswith("store: in memory")]
 
 
 def mapped_uvloop(pid: int) -> list[str]:

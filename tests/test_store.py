@@ -72,6 +72,56 @@ def test_an_older_schema_is_migrated_in_one_transaction_after_a_backup_copy(tmp_
     old.close()
 
 
+def test_the_backup_is_of_the_old_schema_when_another_process_migrated_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two starts upgrading one file at once: the one that finds it already migrated once it holds the
+    write lock makes no copy, so the copy of version 1 is never replaced by one of version 2."""
+    path = str(tmp_path / "old.db")
+    db.connect(path, migrations=[V1]).close()
+    real = db.schema_version
+    looks = 0
+
+    def first_look_then_another_process_migrates(conn: sqlite3.Connection) -> int:
+        nonlocal looks
+        version = real(conn)
+        looks += 1
+        if looks == 1:  # this start has seen version 1; another one migrates before it goes on
+            monkeypatch.setattr(db, "schema_version", real)
+            db.connect(path, migrations=[V1, V2]).close()
+            monkeypatch.setattr(db, "schema_version", first_look_then_another_process_migrates)
+        return version
+
+    monkeypatch.setattr(db, "schema_version", first_look_then_another_process_migrates)
+    conn = db.connect(path, migrations=[V1, V2])
+    assert real(conn) == 2
+    conn.close()
+    copies = sorted(tmp_path.glob("old.db.v1-*.bak"))
+    assert len(copies) == 1, copies
+    old = sqlite3.connect(copies[0])
+    assert old.execute("SELECT version FROM schema_version").fetchone() == (1,)
+    assert [r[1] for r in old.execute("PRAGMA table_info(notes)")] == ["id", "text"]
+    old.close()
+
+
+def test_a_backup_copy_never_replaces_a_file(tmp_path: Path) -> None:
+    """Copies made in the same second get their own names (created exclusively), whatever is there."""
+    import time
+
+    path = tmp_path / "old.db"
+    db.connect(str(path), migrations=[V1]).close()
+    now = time.time()
+    taken = {tmp_path / f"old.db.v1-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(t))}.bak" for t in (now, now + 1)}
+    for f in taken:
+        f.write_bytes(b"someone else's file")
+    db.connect(str(path), migrations=[V1, V2]).close()
+    assert all(f.read_bytes() == b"someone else's file" for f in taken)
+    [copy] = set(tmp_path.glob("old.db.v1-*.bak")) - taken
+    old = sqlite3.connect(copy)
+    assert old.execute("SELECT version FROM schema_version").fetchone() == (1,)
+    old.close()
+    assert mode(copy) == 0o600
+
+
 def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db.connect(str(path), migrations=[V1]).close()
@@ -155,7 +205,19 @@ def _ctx(model: str, usage: dict[str, Any] | None, route: str = "r", provider: s
                                  "completion_tokens_details": {"reasoning_tokens": 60}}, 300_000 + 250_000),
     ("gemini-2.5-flash-lite-preview-06-17", {"prompt_tokens": 1000, "completion_tokens": 0}, 100_000),
     ("gpt-5-nano", {"prompt_tokens": 10, "completion_tokens": 0}, 500),  # $0.05 per million: 50 nano a token
+    # the presets' providers: USD per million (input + output) for a million tokens of each
+    *[(model, {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000}, nano) for model, nano in [
+        ("deepseek-chat", 700_000_000), ("deepseek-reasoner", 700_000_000),
+        ("grok-4", 18_000_000_000), ("grok-4-0709", 18_000_000_000), ("grok-3-mini", 800_000_000),
+        ("grok-code-fast-1", 1_700_000_000), ("grok-4-fast-reasoning", 700_000_000),
+        ("llama-3.3-70b-versatile", 1_380_000_000), ("llama-3.1-8b-instant", 130_000_000),
+        ("mistral-large-2411", 8_000_000_000), ("mistral-medium-2505", 2_400_000_000),
+        ("mistral-small-2503", 400_000_000), ("codestral-2501", 1_200_000_000), ("open-mistral-nemo", 300_000_000),
+        ("ministral-8b-2410", 200_000_000), ("ministral-3b-2410", 80_000_000)]],
+    ("deepseek-chat", {"prompt_tokens": 1_000_000, "completion_tokens": 0,
+                       "prompt_tokens_details": {"cached_tokens": 1_000_000}}, 28_000_000),  # a cache hit
     # not priced: unknown models, and look-alikes that cost something else
+    ("mistral-large-latest", {"prompt_tokens": 10, "completion_tokens": 10}, None),  # an alias that moves
     ("my-finetune", {"prompt_tokens": 10, "completion_tokens": 10}, None),
     ("gpt-4-1106-preview", {"prompt_tokens": 10, "completion_tokens": 10}, None),
     ("gpt-4o", None, None),

@@ -181,16 +181,17 @@ def _migrate(conn: sqlite3.Connection, path: str, migrations: Sequence[Sequence[
         raise StoreError(f"{path}: schema version {version}, this at-gateway needs {current}: start the "
                          "gateway once (it migrates, after a backup copy)")
     copy = None
-    if version > 0 and path != MEMORY:
-        copy = f"{path}.v{version}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.bak"
-        backup(conn, copy)
-        log.info("store %s: schema version %d -> %d; backup copy in %s", path, version, current, copy)
     conn.execute("BEGIN IMMEDIATE")
     try:
         # Read again under the write lock: another process (a worker starting at the same time) may
-        # have migrated between the first look and this lock.
+        # have migrated between the first look and this lock; then there is nothing to copy or do.
         version = schema_version(conn)
         if version < current:
+            if version > 0 and path != MEMORY:
+                # Copied while this connection holds the write lock: nobody can change the file in
+                # between, so the copy is the version it names.
+                copy = _backup_copy(path, version)
+                log.info("store %s: schema version %d -> %d; backup copy in %s", path, version, current, copy)
             if version == 0:
                 conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
                 conn.execute("INSERT INTO schema_version (version) VALUES (0)")
@@ -200,7 +201,8 @@ def _migrate(conn: sqlite3.Connection, path: str, migrations: Sequence[Sequence[
             conn.execute("UPDATE schema_version SET version = ?", (current,))
         conn.execute("COMMIT")
     except BaseException as exc:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         if isinstance(exc, sqlite3.Error):
             kept = f"; a copy from before is {copy}" if copy else ""
             raise StoreError(f"{path}: migrating schema version {version} to {current} failed ({exc}); the "
@@ -213,6 +215,40 @@ def _refuse_newer(path: str, version: int, current: int) -> None:
     if version > current:
         raise StoreError(f"{path}: the database has schema version {version}, newer than this at-gateway "
                          f"knows ({current}); run the at-gateway that wrote it, or restore a backup")
+
+
+def _backup_copy(path: str, version: int) -> str:
+    """A copy of the database beside it, named for its version and the time, under a name of its own:
+    created exclusively (two copies in one second, or a file already there, are never overwritten).
+
+    Read through a connection of its own: sqlite's backup cannot read through the connection that
+    holds the write lock, and another reader sees the last committed state, which that lock keeps
+    as it is (WAL readers, and rollback-journal readers before the commit, do not wait for it)."""
+    stem = f"{path}.v{version}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    for n in range(1, 1000):
+        name = f"{stem}.bak" if n == 1 else f"{stem}-{n}.bak"
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the backup copy {name} before migrating: "
+                             f"{exc.strerror or exc}") from None
+        os.close(fd)
+        try:
+            reader = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True, isolation_level=None)
+            try:
+                backup(reader, name)
+            finally:
+                reader.close()
+        except BaseException:
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
+            raise
+        return name
+    raise StoreError(f"{path}: no free name for a backup copy beside it ({stem}.bak and 998 more exist)")
 
 
 def backup(conn: sqlite3.Connection, dest: str) -> None:

@@ -45,6 +45,15 @@ STATES = ("active", "disabled", "revoked")
 POLL_INTERVAL = 0.25  # seconds between two looks at keys_version: a change is seen well within 1 s
 _ERROR_LOG_INTERVAL = 60.0
 
+#: The largest limit, token cap and count a key may have (2^53: exact as a JSON number everywhere).
+MAX_COUNT = 2**53
+#: The largest budget, in nano-dollars ($1e9): far below what sqlite's 64-bit integers hold.
+MAX_BUDGET_NANOUSD = 10**18
+#: The last expiry a key may have: 9999-12-31T23:59:59Z (the calendar's end for dates and time stamps).
+MAX_EXPIRES_AT = 253402300799.0
+#: What an unknown id's secret is compared with: the same work as for a known id (see KeyCache.verify).
+_NO_DIGEST = hashlib.sha256(b"no such key").digest()
+
 _WWW_AUTH = (b"www-authenticate", b'Bearer realm="at-gateway"')
 _BAD = "Incorrect API key provided"
 
@@ -125,9 +134,21 @@ _COLUMNS = ("id, name, secret_hash, prefix, state, routes, rpm, rph, rpd, tpm, t
             "max_tokens, system_prompt, metadata, expires_at, created_at, updated_at")
 
 
+def _stamp(value: Any, unreadable: float | None) -> float | None:
+    """A stored time as a float; ``unreadable`` for what is not a number (a row written by hand)."""
+    if value is None:
+        return None
+    try:
+        stamp = float(value)
+    except (TypeError, ValueError):
+        return unreadable
+    return stamp if stamp == stamp else unreadable  # NaN
+
+
 def _from_row(row: tuple[Any, ...]) -> tuple[bytes, StoredKey]:
     (key_id, name, secret_hash, prefix, state, routes, rpm, rph, rpd, tpm, tpd, budget, period, max_tokens,
-     system_prompt, metadata, expires_at, created_at, updated_at) = row
+     system_prompt, metadata, raw_expires, created_at, updated_at) = row
+    expires_at = _stamp(raw_expires, 0.0)  # an unreadable expiry: expired, allowing nothing rather than everything
     try:
         patterns = tuple(str(p) for p in json.loads(routes or "[]"))
     except (ValueError, TypeError):
@@ -140,7 +161,7 @@ def _from_row(row: tuple[Any, ...]) -> tuple[bytes, StoredKey]:
                     limits=Limits(rpm=rpm, rph=rph, rpd=rpd, tpm=tpm, tpd=tpd), budget_nanousd=budget,
                     budget_period=period, max_tokens=max_tokens, system_prompt=system_prompt, metadata=meta,
                     expires_at=expires_at)
-    return bytes(secret_hash), StoredKey(key, float(created_at), float(updated_at))
+    return bytes(secret_hash), StoredKey(key, _stamp(created_at, 0.0) or 0.0, _stamp(updated_at, 0.0) or 0.0)
 
 
 def _normalise_routes(routes: Iterable[str]) -> list[str]:
@@ -169,10 +190,12 @@ class KeyStore:
                system_prompt: str | None = None, metadata: Mapping[str, Any] | None = None,
                expires_at: float | None = None) -> tuple[StoredKey, str]:
         """A new key and the key itself (``atg_<id>_<secret>``), the only time it can be seen."""
-        _check(name=name, budget_nanousd=budget_nanousd, budget_period=budget_period, max_tokens=max_tokens)
+        _check(name=name, budget_nanousd=budget_nanousd, budget_period=budget_period, max_tokens=max_tokens,
+               expires_at=expires_at)
+        lim = limits or Limits()
+        _check_limits((k, getattr(lim, k)) for k in LIMIT_KEYS)
         if budget_nanousd is not None and budget_period is None:
             budget_period = "month"
-        lim = limits or Limits()
         now = time.time()
         secret = new_secret()
         for _ in range(5):  # 36^12 ids: a collision is all but impossible, but never fatal
@@ -207,18 +230,20 @@ class KeyStore:
         current = self.get(key_id).key
         if current.state == "revoked":
             raise KeyStoreError(f"key {key_id} is revoked: it cannot be changed (create a new one)")
-        _check(**{k: v for k, v in changes.items() if k in ("name", "budget_nanousd", "budget_period", "max_tokens")})
+        _check(**{k: v for k, v in changes.items()
+                  if k in ("name", "budget_nanousd", "budget_period", "max_tokens", "expires_at")})
         sets: dict[str, Any] = {}
         for name, value in changes.items():
             if name == "routes":
                 sets["routes"] = json.dumps(_normalise_routes(value))
             elif name == "limits":
-                items = value.items() if isinstance(value, Mapping) else (
-                    (k, getattr(value, k)) for k in LIMIT_KEYS if getattr(value, k) is not None)
-                for k, v in items:
+                items: list[tuple[str, Any]] = list(value.items()) if isinstance(value, Mapping) else [
+                    (k, getattr(value, k)) for k in LIMIT_KEYS if getattr(value, k) is not None]
+                for k, _v in items:
                     if k not in LIMIT_KEYS:
                         raise TypeError(f"unknown limit {k!r}")
-                    sets[k] = v
+                _check_limits(items)
+                sets.update(items)
             elif name == "metadata":
                 sets["metadata"] = json.dumps(dict(value or {}), separators=(",", ":"))
             else:
@@ -270,12 +295,25 @@ def _check(**fields: Any) -> None:
     budget = fields.get("budget_nanousd")
     if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
         raise ValueError("budget: must be an amount in USD, 0 or more")
+    if budget is not None and budget > MAX_BUDGET_NANOUSD:
+        raise ValueError(f"budget: must be at most {MAX_BUDGET_NANOUSD // 10**9} USD")
     period = fields.get("budget_period")
     if period is not None and period not in BUDGET_PERIODS:
         raise ValueError(f"budget_period: must be one of {', '.join(BUDGET_PERIODS)}")
     mt = fields.get("max_tokens")
-    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
-        raise ValueError("max_tokens: must be a whole number, 1 or more")
+    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or not 1 <= mt <= MAX_COUNT):
+        raise ValueError(f"max_tokens: must be a whole number from 1 to {MAX_COUNT}")
+    expires = fields.get("expires_at")
+    if expires is not None and (not isinstance(expires, (int, float)) or isinstance(expires, bool)
+                                or not 0 <= expires <= MAX_EXPIRES_AT):  # NaN fails the comparison too
+        raise ValueError("expires_at: must be a unix time before 9999-12-31T23:59:59Z")
+
+
+def _check_limits(items: Iterable[tuple[str, Any]]) -> None:
+    for name, value in items:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 1 <= value <= MAX_COUNT):
+            raise ValueError(f"{name}: must be a whole number from 1 to {MAX_COUNT} (or none)")
 
 
 # -- what a running gateway asks -----------------------------------------------
@@ -312,7 +350,11 @@ class KeyCache:
             return None  # not a client key: the gateway's own 401 (as for a wrong YAML key)
         parts = split_key(presented)
         entry = self.keys.get(parts[0]) if parts is not None else None
-        if entry is None or not hmac.compare_digest(hashlib.sha256(parts[1]).digest(), entry[0]):  # type: ignore[index]
+        # The secret is hashed and compared for an unknown id too (with a digest no secret has), so
+        # neither the answer nor the time it takes says which ids exist.
+        secret = parts[1] if parts is not None else presented
+        matched = hmac.compare_digest(hashlib.sha256(secret).digest(), entry[0] if entry is not None else _NO_DIGEST)
+        if entry is None or not matched:
             # Unknown id and wrong secret read the same: nothing is learnt about which ids exist.
             raise _refused("no such key (check it was copied whole; a rotated key's old secret no longer works)")
         key = entry[1]
@@ -321,7 +363,10 @@ class KeyCache:
                 raise _refused(f"the key {key.id} is disabled (at-gateway keys enable {key.id} turns it back on)")
             raise _refused(f"the key {key.id} was revoked")
         if key.expires_at is not None and key.expires_at <= time.time():
-            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(key.expires_at))
+            try:
+                when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(key.expires_at))
+            except (OverflowError, OSError, ValueError):  # a stored time no calendar has
+                when = "an unreadable date"
             raise _refused(f"the key {key.id} expired on {when}")
         return key
 

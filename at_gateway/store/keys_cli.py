@@ -19,12 +19,13 @@ from typing import Any
 
 from ..config import LIMIT_KEYS, Config, Limits
 from . import db
-from .keys import BUDGET_PERIODS, KeyStore, KeyStoreError, StoredKey
+from .keys import BUDGET_PERIODS, MAX_BUDGET_NANOUSD, MAX_COUNT, MAX_EXPIRES_AT, KeyStore, KeyStoreError, StoredKey
 
 NANO = 10**9
 _CLEAR = ("none", "null", "-")
 _EXPIRY_PART = re.compile(r"(\d+)([wdhms])")
 _EXPIRY_UNIT = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_TOO_LATE = "must be before 9999-12-31T23:59:59Z (or 'never')"
 _LIMIT_HELP = {"rpm": "requests per minute", "rph": "requests per hour", "rpd": "requests per day",
                "tpm": "tokens (prompt + completion) per minute", "tpd": "tokens (prompt + completion) per day"}
 
@@ -38,12 +39,17 @@ class _Usage(Exception):
 def _count(text: str) -> int | None:
     if text.strip().lower() in _CLEAR:
         return None
+    t = text.strip()
+    if len(t) > 20:  # more digits than any allowed value (and than int() reads without a limit)
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}")
     try:
-        n = int(text)
+        n = int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text[:30]!r} is not a whole number (or 'none' to clear)") from None
     if n < 1:
         raise argparse.ArgumentTypeError("must be 1 or more (or 'none' to clear)")
+    if n > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}")
     return n
 
 
@@ -58,6 +64,8 @@ def _budget(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text[:30]!r} is not an amount in USD (e.g. 10 or 2.50)") from None
     if not d.is_finite() or d < 0:
         raise argparse.ArgumentTypeError("must be an amount in USD, 0 or more")
+    if d > MAX_BUDGET_NANOUSD // NANO:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BUDGET_NANOUSD // NANO} USD")
     return int((d * NANO).to_integral_value(ROUND_HALF_EVEN))
 
 
@@ -75,6 +83,8 @@ def _expiry(text: str) -> float | None:
     if pos == len(t) and pos:
         if seconds <= 0:
             raise argparse.ArgumentTypeError("must be in the future (e.g. 30d)")
+        if seconds > MAX_EXPIRES_AT - time.time():
+            raise argparse.ArgumentTypeError(_TOO_LATE)
         return time.time() + seconds
     try:
         when = dt.datetime.fromisoformat(t.replace("Z", "+00:00"))
@@ -83,9 +93,14 @@ def _expiry(text: str) -> float | None:
                                          "(2027-01-31, 2027-01-31T12:00Z) or 'never'") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
-    stamp = when.timestamp()
+    try:
+        stamp = when.timestamp()
+    except (OverflowError, ValueError):  # 9999-12-31T23:00-05:00 is in year 10000 in UTC
+        raise argparse.ArgumentTypeError(_TOO_LATE) from None
     if stamp <= time.time():
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is in the past")
+    if stamp > MAX_EXPIRES_AT:
+        raise argparse.ArgumentTypeError(_TOO_LATE)
     return stamp
 
 
@@ -165,9 +180,14 @@ def usd(nanousd: int | None) -> str:
 
 
 def _when(stamp: float | None) -> str | None:
+    """A stored time as ISO text; a time no calendar has (a row written by hand or by an older build)
+    is shown as the number it is, never an error that would hide every other key."""
     if stamp is None:
         return None
-    return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"unix time {stamp:g}"
 
 
 def _zone(config: Config) -> dt.tzinfo:
@@ -247,7 +267,8 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-def _print_list(items: list[dict[str, Any]]) -> None:
+def _print_list(items: list[dict[str, Any]], path: str) -> None:
+    print(f"keys in {path}")
     if not items:
         print("no client keys yet (at-gateway keys create --name NAME)")
         return
@@ -264,10 +285,7 @@ def _print_list(items: list[dict[str, Any]]) -> None:
         print("(* from limits: in the config)")
 
 
-def _print_one(d: dict[str, Any], key: str | None = None) -> None:
-    if key is not None:
-        print(f"key: {key}")
-        print("  (shown once: store it now; only its hash is kept)")
+def _print_one(d: dict[str, Any]) -> None:
     u = d["usage_today"]
     lines = [("id", d["id"]), ("name", d["name"]), ("prefix", d["prefix"]), ("state", d["state"]),
              ("routes", ", ".join(d["routes"])), ("limits", _limits_text(d))]
@@ -332,7 +350,7 @@ def main(argv: list[str], config: Config) -> int:
         return 1
     try:
         return _run(args, conn, config)
-    except (KeyStoreError, ValueError) as exc:
+    except (KeyStoreError, ValueError, OverflowError) as exc:
         print(f"at-gateway keys: {exc}", file=sys.stderr)
         return 1
     except db.sqlite3.Error as exc:
@@ -355,7 +373,7 @@ def _run(args: argparse.Namespace, conn: Any, config: Config) -> int:
         if args.json:
             print(json.dumps(items, indent=2, ensure_ascii=False))
         else:
-            _print_list(items)
+            _print_list(items, _where(config))
         return 0
     if action == "create":
         changes = _changes(args, update=False)
@@ -369,16 +387,29 @@ def _run(args: argparse.Namespace, conn: Any, config: Config) -> int:
         stored = store.update(args.id, **changes)
     elif action == "rotate":
         stored, secret = store.rotate(args.id)
-    elif action == "show":
+    if secret is not None:  # first, before anything that could fail: the only time the key can be seen
+        if args.json:
+            print(f"at-gateway keys: database {_where(config)}", file=sys.stderr)
+        else:
+            print(f"key: {secret}")
+            print("  (shown once: store it now; only its hash is kept)")
+            print(f"database: {_where(config)}")
+            sys.stdout.flush()
+    if action == "show":
         stored = store.get(args.id)
-    else:
+    elif action not in ("create", "update", "rotate"):
         stored = getattr(store, action)(args.id)
     k = stored.key
-    period = None
-    if k.budget_nanousd is not None and k.budget_period:
-        first = _period_start(today_date, k.budget_period).isoformat()
-        period = _usage(conn, config, k.id, first).get(k.id)
-    d = as_dict(stored, config, _usage(conn, config, k.id, today).get(k.id), period or dict(_NO_USAGE))
+    try:
+        period = None
+        if k.budget_nanousd is not None and k.budget_period:
+            first = _period_start(today_date, k.budget_period).isoformat()
+            period = _usage(conn, config, k.id, first).get(k.id)
+        d = as_dict(stored, config, _usage(conn, config, k.id, today).get(k.id), period or dict(_NO_USAGE))
+    except Exception:
+        if args.json and secret is not None:  # the key exists now: it must be seen, whatever failed after
+            print(json.dumps({"key": secret, "id": k.id}, indent=2))
+        raise
     if args.json:
         if secret is not None:
             d = {"key": secret, **d}
@@ -386,5 +417,12 @@ def _run(args: argparse.Namespace, conn: Any, config: Config) -> int:
     else:
         if action in ("disable", "enable", "revoke"):
             print(f"{k.id}: {d['state']} (running gateways see it within a second)")
-        _print_one(d, secret)
+        _print_one(d)
     return 0
+
+
+def _where(config: Config) -> str:
+    """The database file as opened: a relative store.path names another file from another directory."""
+    from pathlib import Path
+
+    return str(Path(config.store.path).resolve())

@@ -102,6 +102,29 @@ BUILTIN: dict[str, Price] = {
     "gemini-2.0-flash-lite": _p("0.075", "0.3"),
     "gemini-1.5-pro": _p("1.25", "5", "0.3125"),
     "gemini-1.5-flash": _p("0.075", "0.3", "0.01875"),
+    # DeepSeek (V3.2, both names; cached input = cache hits)
+    "deepseek-chat": _p("0.28", "0.42", "0.028"),
+    "deepseek-reasoner": _p("0.28", "0.42", "0.028"),
+    # xAI (grok-4-fast: prompts up to 128k tokens)
+    "grok-4": _p("3", "15", "0.75"),
+    "grok-4-0709": _p("3", "15", "0.75"),
+    "grok-4-fast-reasoning": _p("0.2", "0.5", "0.05"),
+    "grok-4-fast-non-reasoning": _p("0.2", "0.5", "0.05"),
+    "grok-code-fast-1": _p("0.2", "1.5", "0.02"),
+    "grok-3": _p("3", "15", "0.75"),
+    "grok-3-mini": _p("0.3", "0.5", "0.075"),
+    # Groq (its own model names; models other providers serve too, such as gpt-oss, are left unpriced)
+    "llama-3.3-70b-versatile": _p("0.59", "0.79"),
+    "llama-3.1-8b-instant": _p("0.05", "0.08"),
+    # Mistral: dated names only (the -latest aliases move to new models at new prices)
+    "mistral-large-2411": _p("2", "6"),
+    "mistral-medium-2505": _p("0.4", "2"),
+    "mistral-small-2503": _p("0.1", "0.3"),
+    "mistral-small-2506": _p("0.1", "0.3"),
+    "codestral-2501": _p("0.3", "0.9"),
+    "open-mistral-nemo": _p("0.15", "0.15"),
+    "ministral-8b-2410": _p("0.1", "0.1"),
+    "ministral-3b-2410": _p("0.04", "0.04"),
 }
 
 # One trailing date or version: -2024-08-06, -20250514, @20241022, -001, -latest, -preview(-05-20|-09-2025).
@@ -151,26 +174,33 @@ def _candidates(name: str) -> list[str]:
     return out
 
 
-def usage_tokens(usage: dict[str, Any]) -> tuple[int, int, int, int] | None:
-    """(prompt, completion, cached, reasoning) tokens of an OpenAI ``usage`` object; None without any count."""
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens")
-    if type(prompt) is not int and type(completion) is not int:
+#: The largest token count taken from an upstream's ``usage`` (2^53: exact in JSON everywhere). A bigger
+#: (or negative) number is an upstream's bug; clamped, it can still be stored, priced and summed.
+MAX_TOKENS = 2**53
+
+
+def _count(value: Any) -> int | None:
+    """A token count as a whole number in 0..MAX_TOKENS; None when it is not one (a float, a string, a bool)."""
+    if type(value) is not int:
         return None
-    p = prompt if type(prompt) is int and prompt > 0 else 0
-    c = completion if type(completion) is int and completion > 0 else 0
+    return value if 0 <= value <= MAX_TOKENS else (0 if value < 0 else MAX_TOKENS)
+
+
+def usage_tokens(usage: dict[str, Any]) -> tuple[int, int, int, int] | None:
+    """(prompt, completion, cached, reasoning) tokens of an OpenAI ``usage`` object, each clamped to
+    0..MAX_TOKENS; None without any count."""
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    if prompt is None and completion is None:
+        return None
     cached = reasoning = 0
     details = usage.get("prompt_tokens_details")
     if type(details) is dict:
-        v = details.get("cached_tokens")
-        if type(v) is int and v > 0:
-            cached = v
+        cached = _count(details.get("cached_tokens")) or 0
     details = usage.get("completion_tokens_details")
     if type(details) is dict:
-        v = details.get("reasoning_tokens")
-        if type(v) is int and v > 0:
-            reasoning = v
-    return p, c, cached, reasoning
+        reasoning = _count(details.get("reasoning_tokens")) or 0
+    return prompt or 0, completion or 0, cached, reasoning
 
 
 class Pricing:

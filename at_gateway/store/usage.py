@@ -10,10 +10,17 @@ route, provider and model; the day in ``budget_timezone``, the day the request f
 limiter counts it). JSON (failed attempts, key metadata) is encoded there too, off the loop.
 
 A database that fails (locked past the busy timeout, disk full, read-only, an I/O error) never
-fails a request: the writer keeps the rows and retries every ``retry_interval``, logging once a
-minute how many rows wait and how many were dropped. Waiting log rows are bounded (``max_rows``);
-past the bound the oldest are dropped and counted. Usage is never dropped: it is merged in memory
-per (day, key, route, provider, model), a few numbers per group, until it can be written.
+fails a request: the writer keeps the rows and retries every ``retry_interval`` (new rows do not
+cut that wait short, only a flush or the stop does: each attempt re-sends every waiting row),
+logging once a minute how many rows wait and how many were dropped. Waiting log rows are bounded
+(``max_rows``); past the bound the oldest are dropped and counted. Usage is never dropped: it is
+merged in memory per (day, key, route, provider, model), a few numbers per group (sums saturate at
+the 64-bit integer sqlite stores), until it can be written.
+
+A row the database refuses for what it holds (a value sqlite cannot bind, a constraint) fails its
+batch, not the store: the batch is then written row by row in one transaction, and a row that
+fails alone is dropped and counted (``rejected``, logged once a minute). Token counts are clamped
+on the way in (``prices.MAX_TOKENS``), so an upstream's absurd usage is stored, not refused.
 
 What can be lost: ``kill -9`` loses the rows of the current batch window (at most ``interval``;
 more while the database is failing: everything still waiting). A clean stop (SIGTERM drain)
@@ -54,17 +61,21 @@ _INSERT_LOG = (
     "attempts, failed_attempts, latency_ms, ttfb_ms, stream, prompt_tokens, completion_tokens, cached_tokens, "
     "reasoning_tokens, cost_nanousd, error, metadata) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+#: The most a request-log row's cost or a usage group's counter holds (2^56: 72 billion nano-dollars is
+#: $72M, 7e16 tokens): an absurd value saturates here, so the store can still bind it, and readers'
+#: sum() over many such groups stays within sqlite's 64-bit integers instead of failing.
+_SUM_MAX = 2**56
 _UPSERT_USAGE = (
     "INSERT INTO usage_daily (day, key_id, route, provider, model, requests, errors, prompt_tokens, "
     "completion_tokens, cached_tokens, reasoning_tokens, cost_nanousd, unpriced) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (day, key_id, route, provider, model) DO UPDATE SET "
     "requests = requests + excluded.requests, errors = errors + excluded.errors, "
-    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-    "completion_tokens = completion_tokens + excluded.completion_tokens, "
-    "cached_tokens = cached_tokens + excluded.cached_tokens, "
-    "reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens, "
-    "cost_nanousd = cost_nanousd + excluded.cost_nanousd, unpriced = unpriced + excluded.unpriced")
+    f"prompt_tokens = min(prompt_tokens + excluded.prompt_tokens, {_SUM_MAX}), "
+    f"completion_tokens = min(completion_tokens + excluded.completion_tokens, {_SUM_MAX}), "
+    f"cached_tokens = min(cached_tokens + excluded.cached_tokens, {_SUM_MAX}), "
+    f"reasoning_tokens = min(reasoning_tokens + excluded.reasoning_tokens, {_SUM_MAX}), "
+    f"cost_nanousd = min(cost_nanousd + excluded.cost_nanousd, {_SUM_MAX}), unpriced = unpriced + excluded.unpriced")
 
 def period_usage(conn: sqlite3.Connection, key_id: str, first_day: str) -> tuple[int, int]:
     """``(tokens, cost_nanousd)`` that ``key_id`` used from ``first_day`` (``YYYY-MM-DD``, inclusive) to
@@ -150,12 +161,17 @@ class StoreRecorder:
         self._rounds_started = 0
         self._flushes: list[_Flush] = []
         self._next_prune = 0.0  # prune once soon after start, then every prune_interval
+        self._retry_at = 0.0  # while the database fails: the next attempt (only a flush or the stop is sooner)
+        self._closed = False  # the writer has stopped: a flush has nobody to wait for
         # Counters (read by tests, `db info` and, later, metrics).
         self.written = 0
         self.batches = 0  # transactions that wrote rows
         self.dropped = 0  # log rows dropped past max_rows while the database failed
         self.failures = 0  # failed write attempts
+        self.rejected = 0  # log rows the database refused on their own (dropped; the others written)
+        self.rejected_groups = 0  # usage groups likewise (none expected: the sums saturate)
         self.last_error: str | None = None
+        self._last_reject_report = -1e18
         self._unreported_drops = 0
         self._last_report = -1e18
         self._failing_since: float | None = None
@@ -193,6 +209,8 @@ class StoreRecorder:
     def flush_sync(self, timeout: float | None = None) -> bool:
         """:meth:`flush` for threads: wait for a writer round that starts after this call."""
         with self._lock:
+            if self._closed:
+                return self.waiting() == 0
             waiter = _Flush(self._rounds_started + 1)
             self._flushes.append(waiter)
         self._wake.set()
@@ -204,16 +222,34 @@ class StoreRecorder:
         return len(self._queue) + len(self._pending) + len(self._usage)
 
     async def aclose(self, timeout: float = 10.0) -> None:
-        """Flush (retrying a failing database for up to ``timeout`` seconds), then stop the writer."""
-        await anyio.to_thread.run_sync(self.close_sync, timeout)
+        """Flush (retrying a failing database for up to ``timeout`` seconds), then stop the writer; what
+        could not be written is logged with its count, never lost silently.
+
+        Cancellable (serve() bounds it after a second stop signal): the retries end, and the writer
+        still makes its one last attempt, within a short wait, before it stops."""
+        hurried = True
+        try:
+            with anyio.move_on_after(timeout):
+                while not await anyio.to_thread.run_sync(self.flush_sync, None, abandon_on_cancel=True):
+                    await anyio.sleep(self.retry_interval)  # pace the retries of a failing database
+            hurried = False
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._stop_writer, 1.0 if hurried else _STOP_WAIT)
 
     def close_sync(self, timeout: float = 10.0) -> None:
+        """:meth:`aclose` for threads."""
         deadline = time.monotonic() + timeout
         while not self.flush_sync(max(0.0, deadline - time.monotonic())) and time.monotonic() < deadline:
             time.sleep(min(self.retry_interval, max(0.0, deadline - time.monotonic())))  # pace the retries
+        self._stop_writer(_STOP_WAIT)
+
+    def _stop_writer(self, wait: float) -> None:
+        """Stop the writer after its last round (at most ``wait`` seconds: a round stuck on a locked
+        database is left behind) and say what is not in the database."""
         self._stop = True
         self._wake.set()
-        self._thread.join()
+        self._thread.join(wait)
         left = len(self._pending) + len(self._queue)
         if left or self._usage:
             log.error("store %s: stopping with %d request-log rows and %d usage groups not written (%s)",
@@ -224,10 +260,13 @@ class StoreRecorder:
         conn = self._conn
         try:
             while True:
-                self._wake.wait(self._idle_timeout())
-                self._wake.clear()
-                if self._queue and not self._stop and not self._flushes:
-                    self._batch_window()
+                if self._failing_since is not None and (self._pending or self._usage):
+                    self._retry_wait()
+                else:
+                    self._wake.wait(self._idle_timeout())
+                    self._wake.clear()
+                    if self._queue and not self._stop and not self._flushes:
+                        self._batch_window()
                 with self._lock:
                     self._rounds_started += 1
                     started = self._rounds_started
@@ -245,6 +284,11 @@ class StoreRecorder:
                 if self._stop and not self._queue:
                     return
         finally:
+            with self._lock:  # nobody may wait for a round that will not come
+                self._closed = True
+                waiters, self._flushes = self._flushes, []
+            for f in waiters:
+                f.done.set()
             try:
                 conn.close()
             except sqlite3.Error:
@@ -256,6 +300,16 @@ class StoreRecorder:
         if self._pending or self._usage:
             return self.retry_interval
         return max(0.0, self._next_prune - time.monotonic())
+
+    def _retry_wait(self) -> None:
+        """While the database fails: wait for the next attempt; new rows queue meanwhile (each attempt
+        re-sends every waiting row, so traffic must not make attempts more frequent)."""
+        while not self._stop and not self._flushes:
+            left = self._retry_at - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
+            self._wake.clear()
 
     def _batch_window(self) -> None:
         """Let rows gather for ``interval`` after the first, or until a batch is full / a flush asks."""
@@ -274,32 +328,34 @@ class StoreRecorder:
         day = self._day
         for i in range(len(q)):
             row = q.popleft()
-            entry = self._log_row(row)
+            try:
+                entry = self._log_row(row)
+                if row[18]:  # a routed request of a known caller: its usage counts, on the day it finished
+                    self._merge_usage(usage, day(row[1]), entry)
+            except Exception as exc:  # noqa: BLE001 (a value the writer cannot read: that row alone goes)
+                self._rejected(1, 0, exc)
+                continue
             pending.append(entry)
-            if row[18]:  # a routed request of a known caller: its usage counts, on the day it finished
-                self._merge_usage(usage, day(row[1]), entry)
             if i & 31 == 31:
                 # Hand the GIL back now and then: otherwise the event loop waits out the interpreter's switch
                 # interval (5 ms) behind a batch of hundreds of rows, which shows at p99.
                 time.sleep(0)
         if not pending and not usage:
             return
+        refused = 0
         try:
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                if pending:
-                    conn.executemany(_INSERT_LOG, pending)
-                if usage:
-                    conn.executemany(_UPSERT_USAGE, [(*k, *v) for k, v in usage.items()])
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
+                _write(conn, pending, usage)
+            except Exception as exc:  # noqa: BLE001
+                if _database_fault(exc):
+                    raise
+                # Something in the rows: write them one by one; those that fail alone are dropped.
+                refused, groups, first = _write_singly(conn, pending, usage)
+                self._rejected(refused, groups, first)
+        except Exception as exc:  # noqa: BLE001 (the database failed: keep everything, retry)
             self._failed(exc)
             return
-        self.written += len(pending)
+        self.written += len(pending) - refused
         self.batches += 1
         pending.clear()
         usage.clear()
@@ -327,6 +383,8 @@ class StoreRecorder:
             p = c = cached = reasoning = None
         else:
             p, c, cached, reasoning = tokens
+        if type(cost) is int and not 0 <= cost <= _SUM_MAX:
+            cost = _SUM_MAX if cost > 0 else 0
         return (started, request_id, key_id, method, path, route, provider, model, status, outcome,
                 len(attempts), failed, latency, ttfb, 1 if stream else 0, p, c, cached, reasoning, cost, error, meta)
 
@@ -349,11 +407,28 @@ class StoreRecorder:
                 counts[7] += 1  # tokens without a price: unpriced, not free
             else:
                 counts[6] += entry[19]
+            if max(counts[2], counts[3], counts[4], counts[5], counts[6]) > _SUM_MAX:  # saturate (see _SUM_MAX)
+                for j in (2, 3, 4, 5, 6):
+                    counts[j] = min(counts[j], _SUM_MAX)
 
-    def _failed(self, exc: sqlite3.Error) -> None:
+    def _rejected(self, rows: int, groups: int, exc: BaseException | None) -> None:
+        """Rows (and usage groups) the database refused on their own: dropped and counted, logged once a minute."""
+        if not rows and not groups:
+            return
+        self.rejected += rows
+        self.rejected_groups += groups
+        now = time.monotonic()
+        if now - self._last_reject_report >= self.report_interval:
+            self._last_reject_report = now
+            log.error("store %s: %d request-log row(s) and %d usage group(s) could not be written and were "
+                      "dropped (%s: %s); %d row(s) and %d group(s) so far, the others are written", self.path, rows,
+                      groups, exc.__class__.__name__ if exc else "?", exc, self.rejected, self.rejected_groups)
+
+    def _failed(self, exc: BaseException) -> None:
         self.failures += 1
         self.last_error = f"{exc.__class__.__name__}: {exc}"
         now = time.monotonic()
+        self._retry_at = now + self.retry_interval
         if self._failing_since is None:
             self._failing_since = now
         pending = self._pending
@@ -388,6 +463,64 @@ class StoreRecorder:
             self._failed(exc)
 
 
+_STOP_WAIT = 6.0  # seconds the last round may take at a clean stop (more than the busy timeout)
+
+
+def _database_fault(exc: BaseException) -> bool:
+    """The database failed (locked, read-only, full, I/O, damaged), not one row: keep the rows and retry."""
+    return isinstance(exc, (sqlite3.OperationalError, MemoryError)) or type(exc) is sqlite3.DatabaseError
+
+
+def _write(conn: sqlite3.Connection, pending: deque[tuple[Any, ...]],
+           usage: dict[tuple[str, str, str, str, str], list[int]]) -> None:
+    """The batch in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if pending:
+            conn.executemany(_INSERT_LOG, pending)
+        if usage:
+            conn.executemany(_UPSERT_USAGE, [(*k, *v) for k, v in usage.items()])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _write_singly(conn: sqlite3.Connection, pending: deque[tuple[Any, ...]],
+                  usage: dict[tuple[str, str, str, str, str], list[int]]) -> tuple[int, int, BaseException | None]:
+    """The batch row by row in one transaction: a statement that fails alone is skipped (sqlite undoes
+    just that statement); a database fault aborts it all. ``(rows, groups, first error)`` skipped."""
+    rows = groups = 0
+    first: BaseException | None = None
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for i, entry in enumerate(pending):
+            try:
+                conn.execute(_INSERT_LOG, entry)
+            except Exception as exc:  # noqa: BLE001
+                if _database_fault(exc):
+                    raise
+                rows += 1
+                first = first or exc
+            if i & 31 == 31:
+                time.sleep(0)  # the GIL, as in a round
+        for k, v in usage.items():
+            try:
+                conn.execute(_UPSERT_USAGE, (*k, *v))
+            except Exception as exc:  # noqa: BLE001
+                if _database_fault(exc):
+                    raise
+                groups += 1
+                first = first or exc
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return rows, groups, first
+
+
 def open_db(path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """The store's connection for a writer thread (opened, migrated)."""
     return connect(path, check_same_thread=False, busy_timeout_ms=busy_timeout_ms)
@@ -411,10 +544,13 @@ async def open_recorder(config: Config) -> Recorder | None:
                          retention=config.request_log_retention, redact=Redactor(config.secrets()))
 
 
-def describe_memory(path: str) -> str | None:
-    """The start-up notice for a store kept in memory; None for a file."""
+def describe_memory(path: str, workers: int = 1) -> str | None:
+    """The start-up warning for a store kept in memory (nothing survives the process; fine for tests
+    and throwaway runs, a surprise anywhere else); None for a file."""
     if path != MEMORY:
         return None
+    each = (f"; with workers: {workers} each worker has its own memory store (its own request log and usage)"
+            if workers > 1 else "")
     return ("store: in memory (store.path: \":memory:\"): client keys, usage and the request log are not kept "
-            "across restarts, and `at-gateway keys/usage/db` cannot see them")
+            f"across restarts, and `at-gateway keys/usage/db` cannot see them{each}")
 

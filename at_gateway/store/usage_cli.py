@@ -14,6 +14,7 @@ import re
 import sqlite3
 import sys
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
@@ -41,10 +42,15 @@ def first_day(since: str, tz_name: str, now: float | None = None) -> dt.date:
     """The first day ``--since`` covers: ``Nd`` = today and the N-1 days before, ``Nw`` = 7N days."""
     m = _SINCE.match(since.strip().lower())
     if m:
+        if len(m.group(1)) > 7:
+            raise ValueError("at most 9999999d")
         n = int(m.group(1)) * (7 if m.group(2) == "w" else 1)
         if n < 1:
             raise ValueError("must cover at least one day (1d)")
-        return today(tz_name, now) - dt.timedelta(days=n - 1)
+        try:
+            return today(tz_name, now) - dt.timedelta(days=n - 1)
+        except OverflowError:  # before year 1: everything there is
+            return dt.date.min
     try:
         return dt.date.fromisoformat(since.strip())
     except ValueError:
@@ -150,7 +156,7 @@ def main(argv: list[str], config: Config) -> int:
             print(json.dumps(r, sort_keys=True))
         return 0
     scope = f" for key {args.key}" if args.key else ""
-    print(f"usage{scope} since {since.isoformat()} ({config.budget_timezone}), by {args.by}; cost in USD, "
-          "unpriced = requests of models without a price")
+    print(f"usage{scope} in {Path(config.store.path).resolve()} since {since.isoformat()} "
+          f"({config.budget_timezone}), by {args.by}; cost in USD, unpriced = requests of models without a price")
     print(render(rows, args.by))
     return 0
