@@ -160,6 +160,7 @@ class Gateway:
         self._model_bodies = {m["id"]: json.dumps(m, separators=(",", ":")).encode() for m in models}
         self._models = models
         self._key_views: dict[str, _KeyView] = {}
+        self._unenforced: set[str] = set()  # routes whose limits no limiter applies (warned once)
         self._token_fields = self._token_field_per_route(config)
         # The client endpoints. Only these ever get CORS: an admin API must get a table of its own.
         chat = _Endpoint(_CHAT, frozenset((b"POST",)), b"POST")
@@ -274,6 +275,8 @@ class Gateway:
         if kind == _KEY:
             ctx.client = self._authenticate(request, ctx)
             body = await self.key_info(ctx)
+            if ctx.key is not None and self.services.limiter is not None:
+                await self.services.limiter.peek(ctx)  # the x-ratelimit-* headers of every answer to a limited key
         elif kind == _HEALTH_EP:
             body = _HEALTH
         else:
@@ -283,9 +286,11 @@ class Gateway:
                 body = self._models_body if key is None or not key.routes else self._key_view(key).models_body
             else:
                 body = self._model_body(path, key)
+            if key is not None and self.services.limiter is not None:
+                await self.services.limiter.peek(ctx)  # the x-ratelimit-* headers of every answer to a limited key
         ctx.status = 200
         # For HEAD the responder writes this head (with the GET body's Content-Length) and no body.
-        await responder.send(200, [_JSON_CT, (b"x-request-id", ctx.request_id.encode())], body)
+        await responder.send(200, [_JSON_CT, (b"x-request-id", ctx.request_id.encode()), *ctx.extra_headers], body)
 
     async def key_info(self, ctx: RequestContext) -> bytes:
         """``GET /v1/key``, authenticated with the key itself: its limits, what it used and what is left
@@ -373,18 +378,30 @@ class Gateway:
         return body
 
     async def chat(self, ctx: RequestContext, request: Request, responder: Responder) -> None:
-        body = self.parse_chat(request)
-        model = body["model"]
-        route = self.config.routes.get(model)
-        if route is None:
-            raise NotFound(f"the model {quote(self.redact, model, 200)!r} does not exist (no route of that name; "
-                           "GET /v1/models lists them)", code="model_not_found")
-        ctx.route = route.name
-        if ctx.key is not None:
-            body = self.apply_key(ctx, route, body)
         limiter = self.services.limiter
+        try:
+            body = self.parse_chat(request)
+            model = body["model"]
+            route = self.config.routes.get(model)
+            if route is None:
+                raise NotFound(f"the model {quote(self.redact, model, 200)!r} does not exist (no route of that "
+                               "name; GET /v1/models lists them)", code="model_not_found")
+            ctx.route = route.name
+            if ctx.key is not None:
+                body = self.apply_key(ctx, route, body)
+        except GatewayError:
+            if ctx.key is not None and limiter is not None:
+                await limiter.peek(ctx)  # a limited key's headers on this answer too; nothing is counted
+            raise
         if limiter is not None:
             await limiter.admit(ctx, route, body)  # 429s raise here; sets ctx.extra_headers
+        elif route.limits is not None and route.name not in self._unenforced:
+            # No limiter was built at start (nothing could be limited then): a reload added this route's
+            # limits, which only a restart can enforce. Said once, not silently ignored.
+            self._unenforced.add(route.name)
+            logging.getLogger("at_gateway.limits").warning(
+                "route %r has limits, but they are not enforced: the gateway started without any limit to "
+                "apply (restart it to apply them)", route.name)
         if body.get("stream"):
             ctx.stream = True
             await self.router.stream(ctx, route, body, responder)

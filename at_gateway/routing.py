@@ -191,6 +191,12 @@ class Router:
                 ctx.usage = state.usage
                 await responder.end(DONE_EVENT)
                 return
+            except BaseException:
+                # The client left (ClientGone, or the server cancelled us): what the upstream reported so far
+                # is what the limiter and the store charge; without it the limiter charges the worst case.
+                if ctx.usage is None:
+                    ctx.usage = state.usage
+                raise
             finally:
                 await agen.aclose()
         err_obj = self.all_failed(ctx)

@@ -121,58 +121,107 @@ def tune_gc() -> None:
     gc.set_threshold(20000, 50, 100)
 
 
+#: After a second stop signal: how long what was recorded may take to reach the store before the exit.
+HURRY_SECONDS = 3.0
+
+
 async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None = None,
                 limiter: socket.socket | None = None) -> None:
-    services = await open_services(config, limiter)
-    gateway = Gateway(config, services=services)
+    """Serve until stopped: a first SIGTERM/SIGINT drains (up to ``shutdown_timeout``), a second one
+    (the supervisor passes one on as SIGINT) stops the requests still running, a third stops waiting
+    for the store. Whatever way serving ends, the store is flushed last: a second signal bounds
+    that to :data:`HURRY_SECONDS`, and rows that could not be written are logged with their count.
+    """
     try:
         settings = server_settings(config)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(config.source, [f"tls: cannot load certificate or key: {exc}"]) from None
     settings.sock = sock
-    server = Server(gateway.handle, settings)
-    state = {"gateway": gateway}
-
-    async def signals() -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as receiver:
-            async for signum in receiver:
-                if signum == signal.SIGHUP:
-                    await reload()
-                else:
-                    log.info("signal %s: draining (up to %gs)", signal.Signals(signum).name, config.shutdown_timeout)
-                    server.shutdown()
-                    return
-
-    async def reload() -> None:
+    # The stop signals are handled from before anything opens to after the last write: outside that,
+    # a second signal would be a KeyboardInterrupt (or SIGTERM's default action) that skips the flush.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as receiver:
+        services = await open_services(config, limiter)
         try:
-            new = load_config(config.source)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running config: %s", exc.render())
-            return
-        kept = [f.name for f in dataclasses.fields(Config)
-                if f.name not in _RELOADED and getattr(new, f.name) != getattr(config, f.name)]
-        if kept:
-            log.warning("reload: changes to %s need a restart; the others are applied", ", ".join(kept))
-        old = state["gateway"]
-        fresh = Gateway(new, client=old.client, usage=old.usage, services=old.services)
-        state["gateway"] = fresh
-        server.handler = fresh.handle
-        # Log lines are redacted by value: the new keys from now on (and the old ones, for requests still
-        # running on the old config). The log level follows the file too.
-        setup_logging(new.log_level, Redactor([*old.config.secrets(), *new.secrets()]))
-        log.info("config reloaded from %s (%d routes)", config.source, len(new.routes))
+            gateway = Gateway(config, services=services)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await services.aclose()
+            raise
+        server = Server(gateway.handle, settings)
+        state = {"gateway": gateway}
+        serving = anyio.CancelScope()  # the server: a second stop signal cancels it (the drain cut short)
+        final = anyio.CancelScope(shield=True)  # the last writes: a second signal bounds them, a third ends them
 
-    await server.bind()
-    tune_gc()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(signals)
-        port = await tg.start(server.serve)
-        log.info("listening on %s:%s", config.host, port)
-        if ready is not None:
-            ready(port)
-    await state["gateway"].aclose()
-    with anyio.CancelScope(shield=True):
-        await services.aclose()  # the store flushes what the drained requests left (SIGTERM loses nothing)
+        async def signals() -> None:
+            stops = 0
+            async for signum in receiver:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if stops:
+                        log.info("signal SIGHUP: stopping, the config is not reloaded")
+                    else:
+                        await reload()
+                    continue
+                stops += 1
+                if stops == 1:
+                    log.info("signal %s: draining (up to %gs)", name, config.shutdown_timeout)
+                    server.shutdown()
+                elif stops == 2:
+                    log.warning("signal %s again: stopping the requests still running; writing what was "
+                                "recorded (up to %gs)", name, HURRY_SECONDS)
+                    serving.cancel()
+                    final.deadline = min(final.deadline, anyio.current_time() + HURRY_SECONDS)
+                else:
+                    log.warning("signal %s: not waiting for the store any longer", name)
+                    final.cancel()
+
+        async def reload() -> None:
+            try:
+                new = load_config(config.source)
+            except ConfigError as exc:
+                log.error("reload failed, keeping the running config: %s", exc.render())
+                return
+            kept = [f.name for f in dataclasses.fields(Config)
+                    if f.name not in _RELOADED and getattr(new, f.name) != getattr(config, f.name)]
+            if kept:
+                log.warning("reload: changes to %s need a restart; the others are applied", ", ".join(kept))
+            old = state["gateway"]
+            fresh = Gateway(new, client=old.client, usage=old.usage, services=old.services)
+            state["gateway"] = fresh
+            server.handler = fresh.handle
+            # Log lines are redacted by value: the new keys from now on (and the old ones, for requests still
+            # running on the old config). The log level follows the file too.
+            setup_logging(new.log_level, Redactor([*old.config.secrets(), *new.secrets()]))
+            log.info("config reloaded from %s (%d routes)", config.source, len(new.routes))
+
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(signals)
+            try:
+                with serving:
+                    await server.bind()
+                    tune_gc()
+                    async with anyio.create_task_group() as serving_tg:
+                        port = await serving_tg.start(server.serve)
+                        log.info("listening on %s:%s", config.host, port)
+                        if ready is not None:
+                            ready(port)
+            except Exception as exc:  # noqa: BLE001 (raised below, as it was, after the last writes)
+                failure = exc
+            finally:
+                with final:
+                    await _close(state["gateway"], services)
+                tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+
+async def _close(gateway: Gateway, services: Services) -> None:
+    """The upstream pools, then the services (the store flushes what the drained requests left)."""
+    try:
+        await gateway.aclose()
+    finally:
+        await services.aclose()
 
 
 def run(config: Config) -> int:
@@ -194,9 +243,9 @@ def run(config: Config) -> int:
     log.log(loop.level, "%s", loop.note)
     from .store.usage import describe_memory
 
-    memory_note = describe_memory(config.store.path)
-    if memory_note is not None:  # once, before any fork; a choice, not a fault: info
-        log.info("%s", memory_note)
+    memory_note = describe_memory(config.store.path, config.workers)
+    if memory_note is not None:  # once, before any fork: nothing of it survives a restart
+        log.warning("%s", memory_note)
     if config.workers > 1:
         from .limits import limits_possible, new_state
         from .limits.shared import Hub
@@ -231,7 +280,7 @@ def run_worker(config: Config, sock: socket.socket | None = None, *, loop: Event
 
         print(f"at-gateway: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a stop before serve() took the signals (nothing opened yet) or after it ended
         return 0
     return 0
 

@@ -109,6 +109,7 @@ class Supervisor:
         self.config = config
         self.hub = hub
         self._wake: tuple[socket.socket, socket.socket] | None = None  # signal wake-up pair (hub mode)
+        self._sel: selectors.BaseSelector | None = None  # the hub loop's selector (an epoll fd)
         self.worker_main = worker_main
         self.mode = mode or default_mode()
         self.workers: dict[int, float] = {}  # pid -> start time
@@ -121,15 +122,24 @@ class Supervisor:
         parent = os.getpid()
         hub = self.hub
         ends = hub.open() if hub is not None else None
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except BaseException:
+            if ends is not None:
+                for end in ends:
+                    end.close()
+            raise
         if pid == 0:  # the worker
             code = 1
             try:
+                os.setpgid(0, 0)  # its own group: a terminal's Ctrl-C reaches the supervisor only
                 if hub is not None and ends is not None:
                     signal.set_wakeup_fd(-1)
                     if self._wake is not None:
                         for w in self._wake:
                             w.close()
+                    if self._sel is not None:
+                        self._sel.close()  # the supervisor's epoll is not the worker's
                     hub.close_in_child()
                     ends[0].close()
                 for sig in (signal.SIGTERM, signal.SIGCHLD):
@@ -223,7 +233,7 @@ class Supervisor:
         self._wake = wake
         old_fd = signal.set_wakeup_fd(wake[1].fileno(), warn_on_full_buffer=False)
         old_chld = signal.signal(signal.SIGCHLD, _ignore)  # a handler, so SIGCHLD wakes the loop
-        sel = selectors.DefaultSelector()
+        sel = self._sel = selectors.DefaultSelector()
         sel.register(wake[0], selectors.EVENT_READ, None)
         try:
             for _ in range(count):
@@ -233,6 +243,7 @@ class Supervisor:
             signal.set_wakeup_fd(old_fd)
             signal.signal(signal.SIGCHLD, old_chld)
             sel.close()
+            self._sel = None
             hub.close()
             for w in wake:
                 w.close()

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
+import threading
 import time
 from typing import TYPE_CHECKING
 
 from .base import LimitState
-from .quota import Baseline, baseline_from_days, no_baseline, timezone
+from .quota import Baseline, NeedBaseline, no_baseline
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("at_gateway.limits")
 
-__all__ = ["LimitState", "limits_possible", "load_baseline", "new_state", "open_limiter"]
+__all__ = ["LimitState", "StoreBaseline", "limits_possible", "new_state", "open_limiter"]
 
 
 def limits_possible(config: Config) -> bool:
@@ -33,34 +35,81 @@ def limits_possible(config: Config) -> bool:
     return config.store.path != ":memory:" or any(r.limits is not None for r in config.routes.values())
 
 
-def load_baseline(config: Config, wall: float | None = None) -> Baseline:
-    """What each key and route used in the days the current periods cover (up to 31 days back), read
-    once at start from the daily aggregates, so quotas and budgets survive restarts."""
-    if config.store.path == ":memory:":
-        return no_baseline
-    import datetime as dt
+class StoreBaseline:
+    """What the store's daily aggregates say a subject used in a period: read when a quota is first
+    needed (see :mod:`.quota`), one indexed query per key and period, on a read connection of its own.
 
-    from ..store.db import connect
+    ``inline``: read right away (the supervisor of ``workers: N``, which runs no event loop), on a
+    connection opened for that read and closed after it, so none is inherited by the workers it
+    forks later; else raise :class:`NeedBaseline`, and the caller reads with :meth:`read` on a thread
+    and hands the figure over in :attr:`ready` before asking again (``workers: 1``: never a query
+    on the loop; the connection is kept).
+    """
 
-    wall = time.time() if wall is None else wall
-    first = (dt.datetime.fromtimestamp(wall, timezone(config.budget_timezone)).date()
-             - dt.timedelta(days=31)).isoformat()
-    days: dict[str, dict[str, tuple[int, int]]] = {}
-    conn = connect(config.store.path)
-    try:
-        for column, prefix in (("key_id", "key:"), ("route", "route:")):
-            rows = conn.execute(
-                f"SELECT {column}, day, SUM(prompt_tokens + completion_tokens), SUM(cost_nanousd) "  # noqa: S608
-                f"FROM usage_daily WHERE day >= ? GROUP BY {column}, day", (first,))
-            for name, day, tokens, cost in rows:
-                days.setdefault(prefix + str(name), {})[str(day)] = (int(tokens or 0), int(cost or 0))
-    finally:
-        conn.close()
-    return baseline_from_days(days)
+    def __init__(self, path: str, *, inline: bool) -> None:
+        self.path = path
+        self.inline = inline
+        self.ready: dict[tuple[str, str], tuple[int, int]] = {}  # read, waiting for the quota it is for
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # reads may come from more than one thread
+        self._failed_at = float("-inf")
+
+    def __call__(self, subject: str, first_day: str) -> tuple[int, int]:
+        got = self.ready.pop((subject, first_day), None)
+        if got is not None:
+            return got
+        if not self.inline:
+            raise NeedBaseline(subject, first_day)
+        return self.read(subject, first_day)
+
+    def read(self, subject: str, first_day: str) -> tuple[int, int]:
+        """``(tokens, nano-dollars)`` of ``subject`` from ``first_day`` on; (0, 0) when the store cannot
+        be read (logged at most once a minute: the quota then counts from now)."""
+        from ..store.db import StoreError, connect
+        from ..store.usage import period_usage
+
+        kind, _, name = subject.partition(":")
+        with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = connect(self.path, migrate=False)
+                if kind == "key":
+                    return period_usage(self._conn, name, first_day)
+                row = self._conn.execute(
+                    "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0), coalesce(sum(cost_nanousd), 0) "
+                    "FROM usage_daily WHERE route = ? AND day >= ?", (name, first_day)).fetchone()
+                return int(row[0]), int(row[1])
+            except (sqlite3.Error, StoreError) as exc:
+                self._drop()
+                now = time.monotonic()
+                if now - self._failed_at >= 60:
+                    self._failed_at = now
+                    log.warning("limits: cannot read %s's usage since %s from the store (%s); its quota counts "
+                                "from now", subject, first_day, exc)
+                return 0, 0
+            finally:
+                if self.inline:
+                    self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
 
 
-def new_state(config: Config) -> LimitState:
-    return LimitState(config.budget_timezone, baseline=load_baseline(config))
+def new_state(config: Config, *, inline: bool = True) -> LimitState:
+    """The limiter state; quotas read their period's usage from the store when first needed."""
+    baseline: Baseline = no_baseline
+    if config.store.path != ":memory:":
+        baseline = StoreBaseline(config.store.path, inline=inline)
+    return LimitState(config.budget_timezone, baseline=baseline)
 
 
 async def open_limiter(config: Config, channel: socket.socket | None = None) -> Limiter | None:
@@ -72,9 +121,6 @@ async def open_limiter(config: Config, channel: socket.socket | None = None) -> 
         return SharedLimiter(config, channel)
     if not limits_possible(config):
         return None
-    import anyio.to_thread
-
     from .local import LocalLimiter
 
-    state = await anyio.to_thread.run_sync(new_state, config)  # one read of the store, off the loop
-    return LocalLimiter(config, state)
+    return LocalLimiter(config, new_state(config, inline=False))

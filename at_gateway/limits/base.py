@@ -9,7 +9,9 @@ without the request path changing. What travels between the two is small tuples 
   global cap over every caller;
 - an admission ``(subjects, tokens, nanousd)``: the request's worst case, reserved when admitted;
 - a *verdict* ``(ticket, head, code, message, retry_after)``: ticket > 0 when admitted (settled with
-  it at the end), else the refusal; ``head`` is what the x-ratelimit-* headers say.
+  it at the end), else the refusal; ``head`` is what the x-ratelimit-* headers say;
+- a *settlement* ``(ticket, tokens, nanousd)``: what the request used (tokens = prompt + completion,
+  as the store counts them), ``None`` for nothing (released), or :data:`RESERVED` for its worst case.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GatewayError, RateLimited, ServiceUnavailable
-from .quota import Baseline, Quota, no_baseline, timezone
+from .quota import Baseline, Quota, no_baseline, period_bounds, timezone
 from .window import RequestWindow, TokenWindow
 
 if TYPE_CHECKING:
@@ -39,11 +41,16 @@ RatesOf = Callable[[str, str, str], "Sequence[int] | None"]  # store.prices.Pric
 _SPANS = ((1, 60.0, "requests per minute"), (2, 3600.0, "requests per hour"), (3, 86400.0, "requests per day"))
 _NO_HEAD: Head = (None, None, None, None, None, None)
 
+#: A settlement's figure that means "what was reserved": the request reached an upstream, which
+#: generated (and bills) tokens nobody told us the number of.
+RESERVED = -1
+
 
 def duration(seconds: float) -> str:
     """OpenAI's x-ratelimit-reset-* form: ``20ms``, ``1s``, ``6m0s``, ``1h2m3s`` (rounded up)."""
-    if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    ms = math.ceil(seconds * 1000)
+    if ms < 1000:  # 0.9996 s is 1000 ms when rounded up: that is "1s"
+        return f"{max(0, ms)}ms"
     s = math.ceil(seconds)
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)
@@ -77,7 +84,8 @@ class LimitState:
         self.baseline = baseline
         self.requests: dict[tuple[str, float], RequestWindow] = {}
         self.tokens: dict[str, TokenWindow] = {}
-        self.quotas: dict[tuple[str, str], Quota] = {}
+        # subject -> its quotas by name ("tpd", "$day", "$week", "$month"): only those its limits have now
+        self.quotas: dict[str, dict[str, Quota]] = {}
         # ticket -> what it reserved: [(TokenWindow | Quota, amount)]
         self.tickets: dict[int, list[tuple[Any, int]]] = {}
         self._next = 0
@@ -95,18 +103,49 @@ class LimitState:
             w = self.tokens[sid] = TokenWindow(60.0)
         return w
 
-    def _quota(self, sid: str, period: str, money: bool, wall: float) -> Quota:
-        name = f"${period}" if money else "tpd"
-        q = self.quotas.get((sid, name))
-        if q is None:
-            q = self.quotas[(sid, name)] = Quota(sid, "day" if not money else period, money)
-        q.roll(wall, self.tz, self.baseline)
+    def _quotas(self, sub: Subject, wall: float) -> tuple[Quota | None, Quota | None]:
+        """The subject's token quota and budget, each counted since it first applied: a quota that is
+        new (since start, or again after a spell without it) starts from what the store says the
+        period used (``baseline``, which may raise :class:`~.quota.NeedBaseline`), and one the subject's
+        limits no longer have is dropped, since the requests admitted without it are not in it."""
+        sid, tpd, budget = sub[0], sub[5], sub[6]
+        qs = self.quotas.get(sid)
+        if qs is None:
+            if tpd is None and budget is None:
+                return None, None
+            qs = self.quotas[sid] = {}
+        tq = bq = None
+        if tpd is not None:
+            tq = qs.get("tpd")
+            if tq is None:
+                tq = qs["tpd"] = self._new_quota(sid, "day", False, wall)
+            else:
+                tq.roll(wall, self.tz)
+        if budget is not None:
+            name = "$" + (sub[7] or "month")
+            bq = qs.get(name)
+            if bq is None:
+                bq = qs[name] = self._new_quota(sid, sub[7] or "month", True, wall)
+            else:
+                bq.roll(wall, self.tz)
+        if len(qs) > (tq is not None) + (bq is not None):  # a limit was removed or its period changed
+            for name in [n for n, q in qs.items() if q is not tq and q is not bq]:
+                del qs[name]
+        return tq, bq
+
+    def _new_quota(self, sid: str, period: str, money: bool, wall: float) -> Quota:
+        q = Quota(sid, period, money)
+        q.first_day, q.ends = period_bounds(period, wall, self.tz)
+        tokens, cost = self.baseline(sid, q.first_day)
+        q.used = cost if money else tokens
         return q
 
     # -- the decisions -------------------------------------------------------
-    def admit(self, subjects: Sequence[Subject], tokens: int, nanousd: int) -> Verdict:
+    def admit(self, subjects: Sequence[Subject], tokens: int, nanousd: int, dry: bool = False) -> Verdict:
         """Check every limit of every subject and, only when all pass, count the request and take its
-        reservations: one atomic step, so concurrent requests cannot all slip through."""
+        reservations: one atomic step, so concurrent requests cannot all slip through.
+
+        ``dry``: a peek, for the headers of an answer given before admission; nothing is taken."""
         now = self.clock()
         wall = self.wall()
         take_req: list[RequestWindow] = []
@@ -116,28 +155,30 @@ class LimitState:
         refusal: Verdict | None = None
         for sub in subjects:
             sid = sub[0]
-            who = _who(sid)
             # Quotas first: when one ran out, that is what the caller must hear about.
-            tpd = sub[5]
-            if tpd is not None:
-                q = self._quota(sid, "day", False, wall)
+            if sub[5] is None and sub[6] is None and sid not in self.quotas:
+                continue  # no quota (the common case: no call)
+            tq, bq = self._quotas(sub, wall)
+            if tq is not None:
+                tpd = sub[5]
+                q = tq
                 left = q.left(tpd)
                 if left <= 0 and refusal is None:
                     refusal = (0, None, "insufficient_quota",
-                               f"Quota exceeded for {who}: tokens per day: {tpd} ({max(0, tpd - q.used)} left, "
+                               f"Quota exceeded for {_who(sid)}: tokens per day: {tpd} ({max(0, tpd - q.used)} left, "
                                f"{q.reserved} reserved by requests in flight; resets in "
                                f"{duration(q.ends - wall)}, at the start of the next day in {self.tz_name}).",
                                q.ends - wall)
                 take.append((q, tokens))
                 if sub[4] is None and (head_tok is None or left - tokens < head_tok[1]):
                     head_tok = (tpd, left - tokens, q.ends - wall)
-            budget = sub[6]
-            if budget is not None:
+            if bq is not None:
+                budget = sub[6]
                 period = sub[7] or "month"
-                q = self._quota(sid, period, True, wall)
+                q = bq
                 if q.left(budget) <= 0 and refusal is None:
                     refusal = (0, None, "insufficient_quota",
-                               f"Budget exceeded for {who}: budget per {period}: {usd(budget)} (spent "
+                               f"Budget exceeded for {_who(sid)}: budget per {period}: {usd(budget)} (spent "
                                f"{usd(q.used)}, {usd(max(0, budget - q.used - q.reserved))} left after the "
                                f"requests in flight; resets in {duration(q.ends - wall)}, at the start of the "
                                f"next {period} in {self.tz_name}).", q.ends - wall)
@@ -150,8 +191,8 @@ class LimitState:
                     continue
                 w = self._rwin(sid, span)
                 n = w.count(now)
+                wait = w.frees_in(now, limit) if n >= limit else 0.0  # once: the refusal and the head say it
                 if n >= limit and refusal is None:
-                    wait = w.frees_in(now, limit)
                     refusal = (0, None, "rate_limit_exceeded",
                                f"Rate limit reached for {_who(sid)}: {name}: {limit}. Try again in "
                                f"{duration(wait)}.", wait)
@@ -159,25 +200,31 @@ class LimitState:
                 remaining = limit - n - 1
                 if head_req is None or remaining < head_req[1]:
                     # reset: when the next slot frees (the oldest logged admission leaves the window)
-                    oldest = w.times[0] if w.times else now
-                    head_req = (limit, remaining, w.frees_in(now, limit) if n >= limit else oldest + span - now)
+                    if n < limit:
+                        oldest = w.oldest()
+                        wait = oldest + span - now if oldest is not None else 0.0
+                    head_req = (limit, remaining, max(0.0, wait))
             tpm = sub[4]
             if tpm is not None:
                 tw = self._twin(sid)
                 used = tw.used(now)
+                wait = tw.frees_in(now, tpm) if used >= tpm else 0.0
                 if used >= tpm and refusal is None:
-                    wait = tw.frees_in(now, tpm)
                     refusal = (0, None, "rate_limit_exceeded",
                                f"Rate limit reached for {_who(sid)}: tokens per minute: {tpm} ({used} used or "
                                f"reserved by requests in flight). Try again in {duration(wait)}.", wait)
                 take.append((tw, tokens))
                 left = tpm - used - tokens
                 if head_tok is None or left < head_tok[1]:
-                    reset = tw.frees_in(now, tpm) if used >= tpm else (tw.log[0][0] + 60.0 - now if tw.log else 0.0)
-                    head_tok = (tpm, left, reset)
+                    if used < tpm:
+                        oldest = tw.oldest()
+                        wait = max(0.0, oldest + 60.0 - now) if oldest is not None else 0.0
+                    head_tok = (tpm, left, wait)
         if refusal is not None:
             head = _head(head_req, head_tok, tokens)
             return (0, head, refusal[2], refusal[3], refusal[4])
+        if dry:
+            return (0, _head(head_req, head_tok, tokens), None, None, None)
         for w in take_req:
             w.add(now)
         for part, amount in take:
@@ -188,7 +235,8 @@ class LimitState:
         return (ticket, _head(head_req, head_tok), None, None, None)
 
     def settle(self, ticket: int, tokens: int | None, nanousd: int | None) -> None:
-        """Replace the ticket's reservations by what the request used (None: nothing known; released)."""
+        """Replace the ticket's reservations by what the request used (None: nothing, released;
+        :data:`RESERVED`: its worst case, what it reserved)."""
         taken = self.tickets.pop(ticket, None)
         if taken is None:
             return
@@ -197,13 +245,20 @@ class LimitState:
         for part, amount in taken:
             part.reserved -= amount
             if isinstance(part, TokenWindow):
-                if tokens:
-                    part.add(now, tokens)
+                used = amount if tokens == RESERVED else tokens
+                if used:
+                    part.add(now, used)
             else:
-                part.roll(wall, self.tz, self.baseline)  # a request that ran over midnight counts in the new day
+                part.roll(wall, self.tz)  # a request that ran over midnight counts in the new day
                 used = nanousd if part.money else tokens
+                if used == RESERVED:
+                    used = amount
                 if used:
                     part.used += used
+
+    def peek(self, subject: Subject) -> Head:
+        """The x-ratelimit-* figures of a subject as they stand, taking nothing."""
+        return self.admit((subject,), 0, 0, dry=True)[1]
 
     def release(self, tickets: Sequence[int]) -> None:
         """A worker died: what its requests in flight reserved is given back."""
@@ -229,10 +284,11 @@ class LimitState:
             out["tokens_per_minute"] = {"limit": subject[4], "used": tw.total, "reserved": tw.reserved,
                                         "remaining": max(0, subject[4] - used),
                                         "resets_in": round(tw.resets_in(now), 3)}
-        if subject[5] is not None:
-            out["tokens_per_day"] = self._quota(sid, "day", False, wall).describe(subject[5], wall)
-        if subject[6] is not None:
-            d = self._quota(sid, subject[7] or "month", True, wall).describe(subject[6], wall)
+        tq, bq = self._quotas(subject, wall)
+        if tq is not None:
+            out["tokens_per_day"] = tq.describe(subject[5], wall)
+        if bq is not None:
+            d = bq.describe(subject[6], wall)
             out["budget"] = {**{k: v for k, v in d.items() if k not in ("limit", "used", "reserved", "remaining")},
                              "limit_usd": usd(d["limit"])[1:], "spent_usd": usd(d["used"])[1:],
                              "reserved_usd": usd(d["reserved"])[1:], "remaining_usd": usd(d["remaining"])[1:]}
@@ -360,10 +416,17 @@ class Admissions:
         cached = self._step_rates.get(route.name)
         if cached is None or cached[0] is not route:
             rates = []
+            unpriced = []
             for step in route.steps:
                 r = self.rates(route.name, step.provider, step.model)
                 if r is not None:
                     rates.append((r[0], r[1]))
+                else:
+                    unpriced.append(f"{step.provider}/{step.model}")
+            if unpriced:  # once per route (and config): what such a step costs is unknown, so never counted
+                log.warning("route %r: step(s) %s are unpriced: a key's budget counts nothing for what they "
+                            "answer and reserves nothing for them (set prices: or the step's price:)",
+                            route.name, ", ".join(unpriced))
             cached = self._step_rates[route.name] = (route, rates)
         worst = 0
         for inp, out in cached[1]:
@@ -403,17 +466,34 @@ class Admissions:
         ctx.admission = verdict[0]
 
     def settle(self, ctx: RequestContext) -> None:
+        """Replace the request's reservation: by its usage (prompt + completion tokens, as the store
+        counts them) when the upstream reported it; by its worst case when it reached an upstream that
+        did not say (its client left or was cancelled mid-answer, a stream broke, an answer without
+        usage): the upstream generated and bills tokens; released when it never reached one, or
+        every step it tried failed."""
         ticket = ctx.admission
         ctx.admission = None
         usage = ctx.usage
-        tokens = None
         if usage:
-            total = usage.get("total_tokens")
-            if type(total) is not int:
-                p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-                total = (p if type(p) is int else 0) + (c if type(c) is int else 0)
-            tokens = total
-        self.finished(ticket, tokens, ctx.cost_nanousd if usage else None)
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            self.finished(ticket, (p if type(p) is int else 0) + (c if type(c) is int else 0), ctx.cost_nanousd)
+            return
+        attempts = ctx.attempts
+        if attempts and (attempts[-1].ok or attempts[-1].error is None):  # answered, or still at it when cut off
+            self.finished(ticket, RESERVED, RESERVED)
+        else:
+            self.finished(ticket, None, None)
+
+    async def peek(self, ctx: RequestContext) -> None:
+        """The key's x-ratelimit-* headers on an answer given before admission (a bad body, an unknown
+        or forbidden model, /v1/models, /v1/key): a read, nothing taken; none when it cannot be had."""
+        key = ctx.key
+        sub = self.key_subject(key) if key is not None else None
+        if sub is None:
+            return
+        head = await self.peek_subject(sub)
+        if head is not None:
+            ctx.extra_headers = render_head(head)
 
     def failed(self) -> None:
         """Count an undecided admission; say so at most once a minute."""
@@ -434,6 +514,9 @@ class Admissions:
         raise NotImplementedError
 
     async def describe_subject(self, subject: Subject) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    async def peek_subject(self, subject: Subject) -> Head | None:
         raise NotImplementedError
 
     async def describe(self, ctx: RequestContext) -> dict[str, Any]:

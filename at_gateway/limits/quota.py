@@ -6,9 +6,18 @@ or applied twice, and a gateway that was down over midnight starts in the right 
 
 A request is admitted while ``limit - used - reserved > 0``; it then reserves its worst case (its
 prompt estimate plus its ``max_tokens`` cap, priced for budgets), atomically with the check. When it
-finishes the reservation is replaced by what it used (a failed request just releases it). So
-requests one after another overshoot by at most the last answer, concurrent ones by at most one
-request's worth, never by the number in flight.
+finishes the reservation is replaced by what it used: its usage when the upstream reported it, its
+worst case when it reached an upstream that said nothing (its client left, the stream broke), and
+nothing when it never reached one or all its steps failed (released). So requests one after
+another overshoot by at most the last answer, concurrent ones by at most one request's worth, never
+by the number in flight.
+
+What a quota starts from: the store's daily aggregates for the period (:data:`Baseline`), read
+when the quota is first needed in this process (at the key's first request, or when a running
+gateway sees a key get a ``tpd`` or budget, or a new budget period), not once at start. From then
+on every request of the subject that carries the quota is counted in memory; a new period of a
+quota counted all along starts at zero. Not in the figure read: rows the recorder had not written
+yet (at most one batch interval) and requests that were already in flight when the quota appeared.
 """
 
 from __future__ import annotations
@@ -48,8 +57,17 @@ def period_bounds(period: str, wall: float, tz: dt.tzinfo) -> tuple[str, float]:
     return start.isoformat(), ends
 
 
-#: What a store read at start says was used before: (subject, first day) -> (tokens, nano-dollars).
+#: What the store says was used in a period so far: (subject, first day) -> (tokens, nano-dollars).
+#: May raise :class:`NeedBaseline` where it must not read here (on an event loop).
 Baseline = Callable[[str, str], "tuple[int, int]"]
+
+
+class NeedBaseline(Exception):  # noqa: N818 -- a request for a read, not an error
+    """A quota is needed whose period usage must first be read from the store, off the event loop."""
+
+    def __init__(self, subject: str, first_day: str) -> None:
+        super().__init__(subject, first_day)
+        self.item = (subject, first_day)
 
 
 def no_baseline(subject: str, first_day: str) -> tuple[int, int]:
@@ -57,7 +75,7 @@ def no_baseline(subject: str, first_day: str) -> tuple[int, int]:
 
 
 def baseline_from_days(days: Mapping[str, Mapping[str, tuple[int, int]]]) -> Baseline:
-    """A baseline from per-subject daily totals ``{subject: {day: (tokens, nanousd)}}`` read at start."""
+    """A baseline from per-subject daily totals ``{subject: {day: (tokens, nanousd)}}`` (tests)."""
 
     def baseline(subject: str, first_day: str) -> tuple[int, int]:
         per_day = days.get(subject)
@@ -83,17 +101,17 @@ class Quota:
         self.period = period
         self.money = money
         self.first_day = ""
-        self.ends = float("-inf")  # unix time the current period ends: the first use rolls it
+        self.ends = float("-inf")  # unix time the current period ends
         self.used = 0
         self.reserved = 0
 
-    def roll(self, wall: float, tz: dt.tzinfo, baseline: Baseline) -> None:
-        """Enter the period holding ``wall`` when the one counted so far is over."""
+    def roll(self, wall: float, tz: dt.tzinfo) -> None:
+        """Enter the period holding ``wall`` when the one counted so far is over: it starts at zero,
+        since this quota counted every request that carries it (none of the new period is elsewhere)."""
         if wall < self.ends:
             return
         self.first_day, self.ends = period_bounds(self.period, wall, tz)
-        tokens, cost = baseline(self.subject, self.first_day)
-        self.used = cost if self.money else tokens
+        self.used = 0
 
     def left(self, limit: int) -> int:
         return limit - self.used - self.reserved

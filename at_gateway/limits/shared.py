@@ -8,7 +8,10 @@ times the limit spread over the workers admits exactly the limit. It costs one r
 local socket per limited request (tens of microseconds), settling is one datagram the worker does
 not wait for, and requests that no limit applies to never ask.
 
-When a worker dies, what its requests in flight reserved is released. When the supervisor cannot
+A quota's first use reads the store's usage for its period in the supervisor, synchronously (it
+runs no event loop, and a thread would make forking the next worker unsafe): one indexed query per
+key and period for the life of the process. When a worker dies, what its requests in flight
+reserved is released, as is a verdict that arrives just as its request is cancelled. When the supervisor cannot
 be asked (no answer within :data:`TIMEOUT`, a broken socket), ``limits.on_error`` decides: ``open``
 serves the request without a check (counted, logged once a minute), ``closed`` answers 503; never a
 silent limit per process. The messages are tuples of builtins in :mod:`marshal` form, between
@@ -25,7 +28,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .base import Admissions, LimitState, RatesOf, Subject, Verdict
+from .base import Admissions, Head, LimitState, RatesOf, Subject, Verdict
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -35,7 +38,7 @@ log = logging.getLogger("at_gateway.limits")
 TIMEOUT = 1.0  # seconds a worker waits for the supervisor's verdict before limits.on_error applies
 _MAX_DATAGRAM = 65536
 
-_ADMIT, _SETTLE, _DESCRIBE = "a", "s", "d"
+_ADMIT, _SETTLE, _DESCRIBE, _PEEK = "a", "s", "d", "p"
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -78,6 +81,9 @@ class Hub:
     def close(self) -> None:
         for pid in list(self.ends):
             self.detach(pid)
+        close = getattr(self.state.baseline, "close", None)
+        if close is not None:
+            close()
 
     def close_in_child(self) -> None:
         """In a new worker: the supervisor's ends are not its business."""
@@ -115,6 +121,8 @@ class Hub:
                     continue
                 elif op == _DESCRIBE:
                     reply = (msg[1], state.describe(msg[2]))
+                elif op == _PEEK:  # a dict, so the worker never takes a late head for an admission's verdict
+                    reply = (msg[1], {"head": state.peek(msg[2])})
                 else:
                     continue
             except Exception as exc:  # a malformed message is a bug: never the supervisor's end
@@ -225,6 +233,14 @@ class SharedLimiter(Admissions):
         timer = loop.call_later(TIMEOUT, _expire, fut)
         try:
             return await fut
+        except BaseException:
+            # Cancelled (the client left) after the verdict had resolved the future but before this task
+            # resumed: the reader has consumed the reply, so an admission's ticket is released here.
+            if op == _ADMIT and fut.done() and not fut.cancelled():
+                got = fut.result()
+                if isinstance(got, tuple) and got and got[0]:
+                    self._send(marshal.dumps((_SETTLE, got[0], None, None)))
+            raise
         finally:
             timer.cancel()
             self._pending.pop(rid, None)
@@ -240,6 +256,10 @@ class SharedLimiter(Admissions):
     async def describe_subject(self, subject: Subject) -> dict[str, Any] | None:
         got: dict[str, Any] | None = await self._call(_DESCRIBE, subject)
         return got
+
+    async def peek_subject(self, subject: Subject) -> Head | None:
+        got = await self._call(_PEEK, subject)
+        return got["head"] if isinstance(got, dict) else None
 
     async def aclose(self) -> None:
         if self._backlog:  # settlements not sent yet: one blocking try each (the supervisor is still reading)
