@@ -280,24 +280,10 @@ class Supervisor:
                 if end is not None:
                     sel.unregister(end)
                 hub.detach(pid)
-                started = self.workers.pop(pid, None)
-                if started is None:
-                    continue
-                code = os.waitstatus_to_exitcode(status)
-                if self.stopping:
-                    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-                        failed = True
-                    continue
-                lived = time.monotonic() - started
-                quick_exits = quick_exits + 1 if lived < QUICK_EXIT else 0
-                if quick_exits >= MAX_QUICK_EXITS:
-                    log.error("workers keep exiting right after start (last exit code %d): giving up", code)
-                    self.stopping = 1
-                    self._signal(signal.SIGTERM)
-                    failed = True
-                    continue
-                log.warning("worker %d exited (code %d) after %.1fs; starting a new one", pid, code, lived)
-                restart_at.append(time.monotonic() + (min(0.05 * 2 ** quick_exits, 5.0) if quick_exits else 0.0))
+                quick_exits, bad, delay = self._reaped(pid, status, quick_exits)
+                failed = failed or bad
+                if delay is not None:
+                    restart_at.append(time.monotonic() + delay)
             if self.stopping:
                 restart_at.clear()
             now = time.monotonic()
@@ -316,28 +302,34 @@ class Supervisor:
                 pid, status = os.wait()
             except ChildProcessError:
                 break
-            started = self.workers.pop(pid, None)
-            if started is None:
+            quick_exits, bad, delay = self._reaped(pid, status, quick_exits)
+            failed = failed or bad
+            if delay is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
-            if self.stopping:
-                if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-                    failed = True
-                continue
-            lived = time.monotonic() - started
-            quick_exits = quick_exits + 1 if lived < QUICK_EXIT else 0
-            if quick_exits >= MAX_QUICK_EXITS:
-                log.error("workers keep exiting right after start (last exit code %d): giving up", code)
-                self.stopping = 1
-                self._signal(signal.SIGTERM)
-                failed = True
-                continue
-            log.warning("worker %d exited (code %d) after %.1fs; starting a new one", pid, code, lived)
-            if quick_exits:
-                time.sleep(min(0.05 * 2 ** quick_exits, 5.0))
+            if delay:
+                time.sleep(delay)
             if not self.stopping:
                 self._spawn()
         return 1 if failed else 0
+
+    def _reaped(self, pid: int, status: int, quick_exits: int) -> tuple[int, bool, float | None]:
+        """A worker exited: ``(quick exits in a row, whether that is a failure, the delay before starting a new
+        one, or None for none)``. While stopping, only an unclean exit counts; a crash loop gives up."""
+        started = self.workers.pop(pid, None)
+        if started is None:
+            return quick_exits, False, None
+        code = os.waitstatus_to_exitcode(status)
+        if self.stopping:
+            return quick_exits, code not in (0, -signal.SIGTERM, -signal.SIGINT), None
+        lived = time.monotonic() - started
+        quick_exits = quick_exits + 1 if lived < QUICK_EXIT else 0
+        if quick_exits >= MAX_QUICK_EXITS:
+            log.error("workers keep exiting right after start (last exit code %d): giving up", code)
+            self.stopping = 1
+            self._signal(signal.SIGTERM)
+            return quick_exits, True, None
+        log.warning("worker %d exited (code %d) after %.1fs; starting a new one", pid, code, lived)
+        return quick_exits, False, (min(0.05 * 2 ** quick_exits, 5.0) if quick_exits else 0.0)
 
 
 def _ignore(signum: int, frame: object) -> None:
