@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,12 +67,16 @@ def base_config(upstream_url: str, routes: list[dict[str, Any]] | None = None, *
 
 
 @contextmanager
-def run_gateway(raw_config: dict[str, Any]) -> Iterator[RunningGateway]:
+def run_gateway(raw_config: dict[str, Any],
+                services: Callable[[Any], Awaitable[Any]] | None = None) -> Iterator[RunningGateway]:
+    """An in-process gateway on a real socket. ``services``: an async factory of its Services from the
+    config (``service.open_services`` opens the store, keys and limiter as ``serve`` does); closed after
+    the drain, as ``serve`` closes them."""
     config = build_config(copy.deepcopy(raw_config), "test-config")
     logs = io.StringIO()
     setup_logging(config.log_level, Redactor(config.secrets()), logs)
     with anyio.from_thread.start_blocking_portal() as portal:
-        gateway = portal.call(_make, config)
+        gateway = portal.call(_make, config, services)
         server = Server(gateway.handle, server_settings(config))
         future, port = portal.start_task(server.serve)
         try:
@@ -81,11 +85,13 @@ def run_gateway(raw_config: dict[str, Any]) -> Iterator[RunningGateway]:
             portal.call(server.shutdown)
             future.result(timeout=10)
             portal.call(gateway.aclose)
+            if services is not None:
+                portal.call(gateway.services.aclose)
     logging.getLogger("at_gateway").handlers.clear()
 
 
-async def _make(config: Any) -> Gateway:
-    return Gateway(config)
+async def _make(config: Any, services: Callable[[Any], Awaitable[Any]] | None) -> Gateway:
+    return Gateway(config, services=await services(config) if services is not None else None)
 
 
 @pytest.fixture

@@ -6,36 +6,26 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
-import logging
 import re
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.from_thread
 import httpx
 import openai
 import pytest
 import yaml
 
-from at_gateway.app import Gateway
-from at_gateway.config import Limits, build_config
+from at_gateway.config import Limits
 from at_gateway.errors import Unauthorized
-from at_gateway.http.server import Server
-from at_gateway.logs import Redactor, setup_logging
-from at_gateway.service import server_settings
 from at_gateway.services import Services
 from at_gateway.store import db
 from at_gateway.store.keys import KeyCache, KeyStore, open_key_cache, split_key
-from tests.conftest import GATEWAY_KEY, RunningGateway, base_config
+from tests.conftest import GATEWAY_KEY, RunningGateway, base_config, run_gateway
 from tests.mock_upstream import MockUpstream, Received, Reply, chat_completion, stream_of, wait_until
 from tests.test_service import gateway_process
 
@@ -82,28 +72,13 @@ def cli_json(config_path: Path, *args: str) -> Any:
     return json.loads(out.stdout)
 
 
-@contextmanager
-def keyed_gateway(raw: dict[str, Any]) -> Iterator[RunningGateway]:
+async def _keys_only(config: Any) -> Services:
+    return Services(keys=await open_key_cache(config))
+
+
+def keyed_gateway(raw: dict[str, Any]) -> Any:
     """conftest's run_gateway with this process's key cache opened on the config's store (as serve() does)."""
-    config = build_config(copy.deepcopy(raw), "test-config")
-    logs = io.StringIO()
-    setup_logging(config.log_level, Redactor(config.secrets()), logs)
-    with anyio.from_thread.start_blocking_portal() as portal:
-
-        async def make() -> Gateway:
-            return Gateway(config, services=Services(keys=await open_key_cache(config)))
-
-        gateway = portal.call(make)
-        server = Server(gateway.handle, server_settings(config))
-        future, port = portal.start_task(server.serve)
-        try:
-            yield RunningGateway(portal, gateway, server, port, logs)
-        finally:
-            portal.call(server.shutdown)
-            future.result(timeout=10)
-            portal.call(gateway.aclose)
-            portal.call(gateway.services.aclose)
-    logging.getLogger("at_gateway").handlers.clear()
+    return run_gateway(raw, services=_keys_only)
 
 
 def cache_of(gw: RunningGateway) -> KeyCache:

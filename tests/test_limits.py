@@ -4,17 +4,12 @@ two workers sharing one limit, on_error."""
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
-import io
 import json
-import logging
 import os
 import random
 import socket
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +24,10 @@ from at_gateway.limits.base import LimitState, duration, render_head, usd
 from at_gateway.limits.quota import baseline_from_days, period_bounds, timezone
 from at_gateway.limits.shared import SharedLimiter
 from at_gateway.limits.window import GRANULES
-from at_gateway.logs import Redactor, setup_logging
 from at_gateway.service import open_services, server_settings
 from at_gateway.store import db
 from at_gateway.store.keys import KeyStore
-from tests.conftest import GATEWAY_KEY, RunningGateway, base_config
+from tests.conftest import GATEWAY_KEY, RunningGateway, base_config, run_gateway
 from tests.mock_upstream import MockUpstream, Reply, chat_completion, chunk, stream_of, wait_until
 from tests.test_service import gateway_process
 
@@ -236,30 +230,9 @@ def test_headers_and_money_formatting() -> None:
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello limits"}]}
 
 
-@contextmanager
-def serving(raw: dict[str, Any]) -> Iterator[RunningGateway]:
+def serving(raw: dict[str, Any]) -> Any:
     """An in-process gateway with this process's services (store, keys, limiter), as ``serve`` builds them."""
-    from at_gateway.app import Gateway
-
-    config = build_config(copy.deepcopy(raw), "test-config")
-    logs = io.StringIO()
-    setup_logging(config.log_level, Redactor(config.secrets()), logs)
-
-    async def make() -> Gateway:
-        return Gateway(config, services=await open_services(config))
-
-    with anyio.from_thread.start_blocking_portal() as portal:
-        gateway = portal.call(make)
-        server = Server(gateway.handle, server_settings(config))
-        future, port = portal.start_task(server.serve)
-        try:
-            yield RunningGateway(portal, gateway, server, port, logs)
-        finally:
-            portal.call(server.shutdown)
-            future.result(timeout=10)
-            portal.call(gateway.aclose)
-            portal.call(gateway.services.aclose)
-    logging.getLogger("at_gateway").handlers.clear()
+    return run_gateway(raw, services=open_services)
 
 
 def new_key(path: Path, **kw: Any) -> str:
