@@ -330,7 +330,7 @@ def test_v1_key_answers_the_keys_own_limits_and_usage(upstream: MockUpstream, tm
     assert info["usage"]["requests_per_minute"]["remaining"] == 4
     assert info["usage"]["requests_per_hour"]["used"] == 1
     assert info["usage"]["tokens_per_day"]["used"] > 0
-    assert k.split("_")[-1] not in json.dumps(info)  # never the secret
+    assert k.split("_", 2)[2] not in json.dumps(info)  # never the secret (atg_<id>_<secret>; the secret may hold "_")
     assert operator["operator"] is True and operator["limits"] == {}
     assert nobody.status_code == 401
 
