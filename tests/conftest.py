@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from at_gateway.app import Gateway
 from at_gateway.config import build_config
@@ -19,6 +21,12 @@ from at_gateway.http.server import Server
 from at_gateway.logs import Redactor, setup_logging
 from at_gateway.service import server_settings
 from tests.mock_upstream import MockUpstream
+
+# The suite is deterministic: property tests draw the same examples on every run (derandomize), and keep no
+# example database in the checkout. HYPOTHESIS_PROFILE=explore draws new ones, for hunting by hand.
+hypothesis_settings.register_profile("deterministic", derandomize=True, database=None)
+hypothesis_settings.register_profile("explore", derandomize=False, database=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 GATEWAY_KEY = "test-gateway-key-123"
 
