@@ -73,12 +73,7 @@ class StoreBaseline:
             try:
                 if self._conn is None:
                     self._conn = connect(self.path, migrate=False)
-                if kind == "key":
-                    return period_usage(self._conn, name, first_day)
-                row = self._conn.execute(
-                    "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0), coalesce(sum(cost_nanousd), 0) "
-                    "FROM usage_daily WHERE route = ? AND day >= ?", (name, first_day)).fetchone()
-                return int(row[0]), int(row[1])
+                return period_usage(self._conn, name, first_day, by="key_id" if kind == "key" else "route")
             except (sqlite3.Error, StoreError) as exc:
                 self._drop()
                 now = time.monotonic()

@@ -77,16 +77,22 @@ _UPSERT_USAGE = (
     f"reasoning_tokens = min(reasoning_tokens + excluded.reasoning_tokens, {_SUM_MAX}), "
     f"cost_nanousd = min(cost_nanousd + excluded.cost_nanousd, {_SUM_MAX}), unpriced = unpriced + excluded.unpriced")
 
-def period_usage(conn: sqlite3.Connection, key_id: str, first_day: str) -> tuple[int, int]:
-    """``(tokens, cost_nanousd)`` that ``key_id`` used from ``first_day`` (``YYYY-MM-DD``, inclusive) to
-    now, summed over its daily aggregates (tokens = prompt + completion; days in ``budget_timezone``).
+_PERIOD_USAGE = {
+    column: "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0), coalesce(sum(cost_nanousd), 0) "
+            f"FROM usage_daily WHERE {column} = ? AND day >= ?"
+    for column in ("key_id", "route")
+}
 
-    For the limiter at start: a quota period (today, this ISO week, this month) begins on a day, so
-    the period's usage is the sum of its days. Rows still waiting in a recorder are not in it.
+
+def period_usage(conn: sqlite3.Connection, key_id: str, first_day: str, *, by: str = "key_id") -> tuple[int, int]:
+    """``(tokens, cost_nanousd)`` that ``key_id`` (or, with ``by="route"``, a route over every caller) used from
+    ``first_day`` (``YYYY-MM-DD``, inclusive) to now, summed over the daily aggregates (tokens = prompt +
+    completion; days in ``budget_timezone``).
+
+    For the limiter: a quota period (today, this ISO week, this month) begins on a day, so the period's
+    usage is the sum of its days. Rows still waiting in a recorder are not in it.
     """
-    row = conn.execute(
-        "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0), coalesce(sum(cost_nanousd), 0) "
-        "FROM usage_daily WHERE key_id = ? AND day >= ?", (key_id, first_day)).fetchone()
+    row = conn.execute(_PERIOD_USAGE[by], (key_id, first_day)).fetchone()
     return int(row[0]), int(row[1])
 
 
