@@ -768,3 +768,23 @@ def test_route_limits_without_a_limiter_are_named_not_silently_ignored(upstream:
                               json=CHAT).status_code == 200
         warned = [ln for ln in gw.log_lines() if "not enforced" in ln]
     assert len(warned) == 1 and "demo" in warned[0], gw.log_lines()
+
+
+def test_a_store_baseline_sums_a_key_alone_and_a_route_over_every_caller(tmp_path: Path) -> None:
+    """A key's quota counts that key's days; a route cap (routes[].limits) counts every caller of the route."""
+    from at_gateway.limits import StoreBaseline
+
+    path = tmp_path / "gw.db"
+    day = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    conn = db.connect(str(path))
+    try:
+        for key_id, route, tokens in (("k1", "demo", 40), ("k2", "demo", 5), ("k1", "other", 100)):
+            conn.execute("INSERT INTO usage_daily (day, key_id, route, provider, model, prompt_tokens, "
+                         "completion_tokens, cost_nanousd) VALUES (?, ?, ?, 'echo', 'e', ?, 1, 3)",
+                         (day, key_id, route, tokens))
+    finally:
+        conn.close()
+    read = StoreBaseline(str(path), inline=True).read
+    assert read("key:k1", day) == (142, 6)
+    assert read("route:demo", day) == (47, 6)
+    assert read("route:demo", "9999-12-31") == (0, 0)
