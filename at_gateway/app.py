@@ -20,7 +20,7 @@ from urllib.parse import unquote_to_bytes
 from .config import Config
 from .context import RequestContext
 from .cors import CORSPolicy
-from .errors import BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound, Unauthorized
+from .errors import AdminDisabled, BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound, Unauthorized
 from .http.pool import UpstreamClient
 from .http.server import ClientGone, Request, Responder
 from .logs import Redactor, access_log, quote
@@ -50,6 +50,7 @@ _WWW_AUTH = (b"www-authenticate", b'Bearer realm="at-gateway"')  # RFC 9110 §11
 _CHAT, _MODELS, _MODEL, _HEALTH_EP, _KEY = range(5)
 _MODEL_PREFIXES = (b"/v1/models/", b"/models/")
 _GET_HEAD = frozenset((b"GET", b"HEAD"))  # HEAD is GET without the body (RFC 9110 §9.3.2); the server drops it
+_ADMIN_PREFIX = b"/admin/api/"
 
 
 # OpenAI's reasoning models refuse max_tokens and take max_completion_tokens instead; a key's max_tokens cap
@@ -173,6 +174,14 @@ class Gateway:
         self._model_endpoint = _Endpoint(_MODEL, _GET_HEAD, b"GET, HEAD")
         self._cors = None if config.cors is None else CORSPolicy(
             config.cors, {ep.allow for ep in (*self._endpoints.values(), self._model_endpoint)})
+        # base_path: every endpoint below it; None (no prefix) costs the request path nothing.
+        self._base = config.base_path.encode() if config.base_path else None
+        self._admin: Any = None  # the admin door (scripts, the dashboard), when an admin token or forward auth is set
+        if config.admin.enabled:
+            # Imported now, not on first use: serving must import nothing more from the .pyz (see above).
+            from .admin.api import AdminAPI
+
+            self._admin = AdminAPI(self)
         # Built once: json.loads with options would build a decoder per call.
         self._json_decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
 
@@ -224,6 +233,8 @@ class Gateway:
         ctx = RequestContext(self._request_id(request), method=request.method.decode("latin-1"),
                              path=request.path.decode("latin-1"))
         try:
+            if self._base is not None:
+                self._strip_base(request)
             if self._cors is not None and (ep := self._endpoint(request.path)) is not None:
                 origin = request.header(b"origin")
                 if (origin is not None and request.method == b"OPTIONS"
@@ -251,6 +262,18 @@ class Gateway:
                 ctx.error = "client disconnected before the response ended"
             self.finish(ctx, request)
 
+    def _strip_base(self, request: Request) -> None:
+        """Serve ``{base_path}/...`` as ``/...`` (the log keeps the full path); 404 for anything outside it."""
+        base = self._base
+        assert base is not None
+        path = request.path
+        if path.startswith(base) and (len(path) == len(base) or path[len(base)] == 0x2F):  # "/"
+            request.path = path[len(base):] or b"/"
+            return
+        shown = quote(self.redact, f"{request.method.decode('latin-1')} {path.decode('latin-1')}", 200)
+        raise NotFound(f"no such endpoint: {shown} (this gateway serves under {self.config.base_path}/)",
+                       code="unknown_url")
+
     def _endpoint(self, path: bytes) -> _Endpoint | None:
         """The client endpoint at ``path``; None for any other path (which never gets CORS)."""
         ep = self._endpoints.get(path)
@@ -261,6 +284,13 @@ class Gateway:
     async def _dispatch(self, ctx: RequestContext, request: Request, responder: Responder) -> None:
         path = request.path
         ep = self._endpoint(path)
+        if ep is None and path.startswith(_ADMIN_PREFIX):
+            if self._admin is None:
+                ctx.unlogged = True
+                raise AdminDisabled("the admin API is off: set admin_token (or admin_tokens, or admin.forward_auth) "
+                                    "in the config to enable it")
+            await self._admin.handle(ctx, request, responder)
+            return
         if ep is None:
             shown = quote(self.redact, f"{request.method.decode('latin-1')} {path.decode('latin-1')}", 200)
             raise NotFound(f"no such endpoint: {shown}", code="unknown_url")
@@ -473,7 +503,7 @@ class Gateway:
         services = self.services
         if services.limiter is not None and ctx.admission is not None:
             services.limiter.settle(ctx)
-        if services.store is not None:
+        if services.store is not None and not ctx.unlogged:
             services.store.record(ctx)
         end = time.perf_counter()
         fields: dict[str, Any] = {

@@ -38,11 +38,14 @@ TOP_KEYS = frozenset({
     "stream_keepalive_interval", "max_body_size", "max_header_size", "header_timeout",
     "body_timeout", "keepalive_timeout", "cors", "max_connections", "shutdown_timeout", "tls", "log_level",
     "log_bodies", "upstream", "workers", "loop", "state_dir", "providers", "routes",
-    "store", "request_log", "limits", "budget_timezone", "prices",
+    "store", "request_log", "limits", "budget_timezone", "prices", "admin_token", "admin_tokens", "admin",
+    "base_path",
 })
 STEP_KEYS = frozenset({"provider", "model", "timeout", "conflict_resolution", "price"})
 ROUTE_KEYS = frozenset({"name", "steps", "limits"})
-STORE_KEYS = frozenset({"path"})
+STORE_KEYS = frozenset({"path", "encryption_key"})
+ADMIN_KEYS = frozenset({"forward_auth", "max_body_size"})
+FORWARD_AUTH_KEYS = frozenset({"address", "auth_request_headers", "auth_response_headers", "timeout"})
 REQUEST_LOG_KEYS = frozenset({"retention"})
 LIMIT_KEYS = ("rpm", "rph", "rpd", "tpm", "tpd")
 LIMITS_KEYS = frozenset({*LIMIT_KEYS, "on_error"})
@@ -104,6 +107,33 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: str  # a file, or ":memory:"
+    # Any passphrase (usually ${AT_GATEWAY_ENCRYPTION_KEY}): provider credentials stored in the database are
+    # encrypted with a key stretched from it. None: they are stored as they are (a warning at start).
+    encryption_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ForwardAuthConfig:
+    """``admin.forward_auth``: every admin request is first asked about at an auth service (an SSO proxy's
+    verify endpoint); its 2xx lets the request through, anything else is the answer. The body never goes."""
+
+    address: str  # http(s)://host[:port]/path
+    auth_request_headers: tuple[str, ...] = ("authorization", "cookie")  # sent to the auth service (lowercase)
+    auth_response_headers: tuple[str, ...] = ()  # taken from its 2xx; the first one present names the actor
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin API: on when a token or forward auth is configured (explicit opt-in), else 403."""
+
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    forward_auth: ForwardAuthConfig | None = None
+    max_body_size: int = 1 * 2**20
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens) or self.forward_auth is not None
 
 
 @dataclass(frozen=True)
@@ -186,10 +216,22 @@ class Config:
     prices: Mapping[str, Price] = field(default_factory=dict)  # model name -> price (over the built-in table)
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     routes: Mapping[str, Route] = field(default_factory=dict)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    base_path: str = ""  # every endpoint under this prefix ("/llm"); "" serves at the root
+    # Where each provider and route was defined: "config" (the YAML file) or "database" (the admin API; a
+    # database entry replaces the file's entry of the same name).
+    provider_sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    route_sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # The parsed YAML document as read (before ${VAR} substitution): what the database's entries are merged
+    # over again when they change (see :func:`build_config`'s ``overlay``).
+    document: Any = field(default=None, compare=False, repr=False)
 
     def secrets(self) -> list[str]:
         """Every configured secret value, for redaction by value."""
         out = list(self.api_keys)
+        out += self.admin.tokens
+        if self.store.encryption_key:
+            out.append(self.store.encryption_key)
         for p in self.providers.values():
             if p.api_key:
                 out.append(p.api_key)
@@ -379,15 +421,69 @@ def _sequence(v: Any, path: str, problems: list[str]) -> list[Any]:
     return v
 
 
-def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) -> Config:
-    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+@dataclass(frozen=True)
+class Overlay:
+    """Providers and routes kept in the database (as the admin API wrote them, credentials decrypted):
+    each replaces the YAML entry of the same name, or comes after the YAML ones. Never ${VAR}-substituted:
+    an admin must not be able to send the gateway's environment upstream."""
+
+    providers: tuple[Mapping[str, Any], ...] = ()
+    routes: tuple[Mapping[str, Any], ...] = ()
+
+
+def _merge(items: list[Any], stored: tuple[Mapping[str, Any], ...], kind: str,
+           problems: list[str]) -> tuple[list[Any], list[str], dict[str, str]]:
+    """The YAML list with the database entries merged in by name; each entry's path for problems, and the
+    source of each name."""
+    out = list(items)
+    paths = [f"{kind}[{i}]" for i in range(len(items))]
+    sources: dict[str, str] = {}
+    index: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            index.setdefault(item["name"], i)
+            sources[item["name"]] = "config"
+    for spec in stored:
+        name = spec.get("name")
+        if not isinstance(name, str):
+            problems.append(f"{kind} (database): an entry without a name")
+            continue
+        path = f"{kind}[{name!r}] (database)"
+        if name in index:
+            out[index[name]], paths[index[name]] = dict(spec), path
+        else:
+            index[name] = len(out)
+            out.append(dict(spec))
+            paths.append(path)
+        sources[name] = "database"
+    return out, paths, sources
+
+
+def _list_or_empty(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None,
+                 overlay: Overlay | None = None) -> Config:
+    """Validate a parsed YAML document (with the database's ``overlay`` merged in); raise ConfigError listing
+    every problem."""
     env = os.environ if env is None else env
     problems: list[str] = []
+    document = raw
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, ["the top level must be a mapping of keys (api_key, providers, routes, ...)"])
     data = substitute_env(raw, env, "", problems)
+    provider_paths = route_paths = None
+    provider_sources: dict[str, str] = {}
+    route_sources: dict[str, str] = {}
+    if overlay is not None and (overlay.providers or overlay.routes):
+        data = dict(data)
+        data["providers"], provider_paths, provider_sources = _merge(
+            _list_or_empty(data.get("providers")), overlay.providers, "providers", problems)
+        data["routes"], route_paths, route_sources = _merge(
+            _list_or_empty(data.get("routes")), overlay.routes, "routes", problems)
     r = _Reader(problems)
     _unknown_keys(data, TOP_KEYS, "", problems)
 
@@ -467,8 +563,13 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
         price = _build_price(raw_price, f"prices.{model}", problems)
         if price is not None:
             prices[str(model)] = price
-    providers = _build_providers(data.get("providers"), r, problems)
-    routes = _build_routes(data.get("routes"), r, problems, providers, default_timeout)
+    providers = _build_providers(data.get("providers"), r, problems, provider_paths)
+    routes = _build_routes(data.get("routes"), r, problems, providers, default_timeout, route_paths)
+    admin = _build_admin(data, r, problems)
+    base_path = _build_base_path(data.get("base_path"), problems)
+    if not provider_sources:
+        provider_sources = {name: "config" for name in providers}
+        route_sources = {name: "config" for name in routes}
 
     cfg = Config(
         source=source,
@@ -500,10 +601,94 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
         prices=prices,
         providers=providers,
         routes=routes,
+        admin=admin,
+        base_path=base_path,
+        provider_sources={n: provider_sources.get(n, "config") for n in providers},
+        route_sources={n: route_sources.get(n, "config") for n in routes},
+        document=document,
     )
     if problems:
         raise ConfigError(source, problems)
     return cfg
+
+
+def _build_admin(data: dict[str, Any], r: _Reader, problems: list[str]) -> AdminConfig:
+    tokens: list[str] = []
+    if data.get("admin_token") not in (None, ""):
+        token = r.string(data, "admin_token", "", secret=True)
+        if token:
+            tokens.append(token)
+    for i, token in enumerate(_sequence(data.get("admin_tokens"), "admin_tokens", problems)):
+        if not isinstance(token, str) or not token:
+            problems.append(f"admin_tokens[{i}]: must be a non-empty string")
+        else:
+            tokens.append(token)
+    for i, token in enumerate(tokens):
+        if len(token) < 16:
+            problems.append(f"admin_token{'s' if len(tokens) > 1 else ''}: the {_ordinal(i)} token is shorter than "
+                            "16 characters (use a long random one: openssl rand -hex 32)")
+    raw = _mapping(data.get("admin"), "admin", problems)
+    _unknown_keys(raw, ADMIN_KEYS, "admin", problems)
+    forward = None
+    fa_raw = raw.get("forward_auth")
+    if fa_raw is not None:
+        fa = _mapping(fa_raw, "admin.forward_auth", problems)
+        _unknown_keys(fa, FORWARD_AUTH_KEYS, "admin.forward_auth", problems)
+        address = r.string(fa, "address", "admin.forward_auth")
+        if not address or not re.match(r"^https?://[^/\s]+", address) or not _valid_port(address):
+            problems.append("admin.forward_auth.address: required, an http:// or https:// URL of the auth service "
+                            "(e.g. http://127.0.0.1:4181/verify)")
+            address = None
+        lists: dict[str, tuple[str, ...]] = {}
+        for key in ("auth_request_headers", "auth_response_headers"):
+            value = fa.get(key)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(
+                    isinstance(v, str) and re.fullmatch(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+", v) for v in value):
+                problems.append(f"admin.forward_auth.{key}: must be a list of header names")
+                continue
+            lists[key] = tuple(v.lower() for v in value)
+        timeout = r.duration(fa, "timeout", "admin.forward_auth", 5.0, positive=True)
+        if address:
+            base = ForwardAuthConfig(address)
+            forward = ForwardAuthConfig(address, lists.get("auth_request_headers", base.auth_request_headers),
+                                        lists.get("auth_response_headers", base.auth_response_headers), timeout)
+    return AdminConfig(tokens=tuple(tokens), forward_auth=forward,
+                       max_body_size=_size(raw, "max_body_size", "admin", 1 * 2**20, problems))
+
+
+def _ordinal(i: int) -> str:
+    return {0: "first", 1: "second", 2: "third"}.get(i, f"{i + 1}th")
+
+
+def _build_base_path(value: Any, problems: list[str]) -> str:
+    """``/llm`` (leading slash, no trailing one); "" or "/" serve at the root."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not re.fullmatch(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*/?", value):
+        problems.append(f"base_path: {str(value)[:60]!r} is not a path prefix (like /llm: a leading slash, "
+                        "path characters only, no query)")
+        return ""
+    return value.rstrip("/")
+
+
+def validate_provider(spec: Any) -> tuple[ProviderConfig | None, list[str]]:
+    """One provider as the admin API receives it, checked as the YAML would check it: the provider, or every
+    problem with its path (``provider.base_url: ...``)."""
+    problems: list[str] = []
+    out = _build_providers([spec], _Reader(problems), problems, ["provider"])
+    return (next(iter(out.values())) if out and not problems else None), problems
+
+
+def validate_route(spec: Any, providers: Mapping[str, ProviderConfig], default_timeout: float = 300.0
+                   ) -> tuple[Route | None, list[str]]:
+    """One route as the admin API receives it (its providers must be among ``providers``)."""
+    problems: list[str] = []
+    out = _build_routes([spec], _Reader(problems), problems, providers, default_timeout, ["route"])
+    return (next(iter(out.values())) if out and not problems else None), problems
 
 
 def default_store_path(state_dir: str | None, env: Mapping[str, str]) -> str:
@@ -523,7 +708,11 @@ def _build_store(raw: Any, r: _Reader, problems: list[str], state_dir: Any, env:
         path = default_store_path(state_dir if isinstance(state_dir, str) else None, env)
     elif not path.strip():
         problems.append("store.path: empty (a file name, or \":memory:\" to keep everything in memory)")
-    return StoreConfig(path)
+    key = r.string(data, "encryption_key", "store", secret=True) or None
+    if key is not None and len(key) < 16:
+        problems.append("store.encryption_key: shorter than 16 characters (use a long random passphrase: "
+                        "openssl rand -base64 32, usually as ${AT_GATEWAY_ENCRYPTION_KEY})")
+    return StoreConfig(path, key)
 
 
 def _build_limits(data: dict[str, Any], path: str, r: _Reader) -> Limits:
@@ -611,10 +800,11 @@ def _valid_port(url: str) -> bool:
     return True
 
 
-def _build_providers(raw: Any, r: _Reader, problems: list[str]) -> dict[str, ProviderConfig]:
+def _build_providers(raw: Any, r: _Reader, problems: list[str],
+                     paths: list[str] | None = None) -> dict[str, ProviderConfig]:
     out: dict[str, ProviderConfig] = {}
     for i, p in enumerate(_sequence(raw, "providers", problems)):
-        path = f"providers[{i}]"
+        path = paths[i] if paths is not None else f"providers[{i}]"
         if not isinstance(p, dict):
             problems.append(f"{path}: must be a mapping with name, type, base_url, api_key")
             continue
@@ -680,10 +870,10 @@ def _build_providers(raw: Any, r: _Reader, problems: list[str]) -> dict[str, Pro
 
 
 def _build_routes(raw: Any, r: _Reader, problems: list[str], providers: Mapping[str, ProviderConfig],
-                  default_timeout: float) -> dict[str, Route]:
+                  default_timeout: float, paths: list[str] | None = None) -> dict[str, Route]:
     out: dict[str, Route] = {}
     for i, rt in enumerate(_sequence(raw, "routes", problems)):
-        path = f"routes[{i}]"
+        path = paths[i] if paths is not None else f"routes[{i}]"
         if not isinstance(rt, dict):
             problems.append(f"{path}: must be a mapping with name and steps")
             continue

@@ -49,6 +49,7 @@ class RequestContext:
     admission: Any = None  # the limiter's record of this request (its reservation), settled in finish
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*, on every answer
     cost_nanousd: int | None = None  # None: unpriced (or no usage)
+    unlogged: bool = False  # kept out of the request log (admin API calls: the audit log has those)
 
     def gateway_headers(self) -> list[tuple[bytes, bytes]]:
         h = [(b"x-request-id", self.request_id.encode()), *self.extra_headers]

@@ -65,6 +65,16 @@ class Forbidden(GatewayError):
     code = "forbidden"
 
 
+class AdminDisabled(Forbidden):
+    code = "admin_disabled"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"

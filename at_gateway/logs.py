@@ -22,6 +22,8 @@ _TOKEN_PATTERNS = [
     r"[Bb][Ee][Aa][Rr][Ee][Rr]\s+[A-Za-z0-9._~+/=-]{8,}",
     r"\bsk-[A-Za-z0-9_-]{8,}",
     r"\bAIza[0-9A-Za-z_-]{20,}",
+    # A whole client key (atg_<id>_<secret>): its id may show (the admin API's URLs name it), never the secret.
+    r"(?<=\batg_[a-z0-9]{12}_)[A-Za-z0-9_-]{8,}",
     r"(?i)(api[_-]?key|token|secret|password)([\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]{6,}",
 ]
 # "token" is in every line with usage ("tokens", "prompt_tokens"): only an assignment needs the full pattern.
@@ -40,8 +42,8 @@ class Redactor:
         # How far the start of a secret cut off at a text's end can reach back from that end.
         self.reach = max(_PATTERN_REACH, len(values[0]) if values else 0)
         self._values = re.compile("|".join(parts)) if parts else None
-        self._tokens = re.compile("|".join(f"(?:{p})" for p in _TOKEN_PATTERNS[:3]))
-        self._assign = re.compile(_TOKEN_PATTERNS[3])
+        self._tokens = re.compile("|".join(f"(?:{p})" for p in _TOKEN_PATTERNS[:4]))
+        self._assign = re.compile(_TOKEN_PATTERNS[4])
 
     def quote(self, data: bytes | str, limit: int) -> str:
         """:func:`quote` with this redactor: for callers that hold the redactor and not this module."""
@@ -55,7 +57,7 @@ class Redactor:
             # each only when the words it needs are present. For ASCII text these checks are exact
             # necessary conditions; anything else takes the full path below.
             low = text.lower()
-            if "bearer" in low or "sk-" in text or "AIza" in text:
+            if "bearer" in low or "sk-" in text or "AIza" in text or "atg_" in text:
                 text = self._tokens.sub("[REDACTED]", text)
                 low = text.lower()
             if not ("api" in low or "secret" in low or "password" in low

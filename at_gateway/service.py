@@ -8,36 +8,37 @@ listening server and the upstream pools need a restart (a reload says which).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gc
 import logging
 import signal
 import socket
 import ssl
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 
 from .app import Gateway
-from .config import Config, load_config
+from .config import Config
 from .errors import ConfigError
 from .http.server import Server, ServerSettings
+from .live import Live
 from .logs import Redactor, setup_logging
 from .services import Services
 
+if TYPE_CHECKING:
+    from .store.crypto import Keyring
+
 log = logging.getLogger("at_gateway.service")
 
-# What a SIGHUP reload changes (a new Gateway, and the log set-up); every other setting belongs to the
-# listening server or the upstream pools, which keep running as they started.
-_RELOADED = frozenset({"source", "api_keys", "providers", "routes", "default_timeout", "stream_idle_timeout",
-                       "stream_keepalive_interval", "log_level", "log_bodies", "prices"})
-
-
-async def open_services(config: Config, limiter_channel: socket.socket | None = None) -> Services:
-    """This process's store, client-key cache and limiter (each None when not in use); ``limiter_channel``:
-    a worker's socket to the limiter state its supervisor holds for all workers."""
+async def open_services(config: Config, limiter_channel: socket.socket | None = None,
+                        keyring: Keyring | None = None) -> Services:
+    """This process's store, client-key cache, limiter and catalog (each None when not in use);
+    ``limiter_channel``: a worker's socket to the limiter state its supervisor holds for all workers;
+    ``keyring``: the stored credentials' key, from :func:`.store.catalog.prepare` (once, before any fork)."""
     from .limits import open_limiter
+    from .store.catalog import open_catalog
+    from .store.db import MEMORY, StoreError
     from .store.keys import open_key_cache
     from .store.usage import open_recorder
 
@@ -46,11 +47,33 @@ async def open_services(config: Config, limiter_channel: socket.socket | None = 
         services.store = await open_recorder(config)
         services.keys = await open_key_cache(config)
         services.limiter = await open_limiter(config, limiter_channel)
+        if config.store.path != MEMORY:
+            if keyring is None:
+                keyring = await anyio.to_thread.run_sync(prepare_keyring, config)
+            try:
+                services.catalog = await anyio.to_thread.run_sync(open_catalog, config.store.path, keyring)
+            except StoreError as exc:
+                raise ConfigError(config.source, [f"store.path: {exc}"]) from None
     except BaseException:
         with anyio.CancelScope(shield=True):
             await services.aclose()
         raise
     return services
+
+
+def prepare_keyring(config: Config) -> Keyring:
+    """The stored credentials' key for ``config`` (see :func:`.store.catalog.prepare`); a wrong key, or a
+    database that cannot be read, is a :class:`ConfigError` (exit 1) naming the database and the row."""
+    from .store.catalog import prepare
+    from .store.crypto import Keyring
+    from .store.db import MEMORY, StoreError
+
+    if config.store.path == MEMORY:
+        return Keyring(None)
+    try:
+        return prepare(config.store.path, config.store.encryption_key, config.source)
+    except StoreError as exc:
+        raise ConfigError(config.source, [f"store: {exc}"]) from None
 
 
 def server_settings(config: Config) -> ServerSettings:
@@ -126,7 +149,7 @@ HURRY_SECONDS = 3.0
 
 
 async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None = None,
-                limiter: socket.socket | None = None) -> None:
+                limiter: socket.socket | None = None, keyring: Keyring | None = None) -> None:
     """Serve until stopped: a first SIGTERM/SIGINT drains (up to ``shutdown_timeout``), a second one
     (the supervisor passes one on as SIGINT) stops the requests still running, a third stops waiting
     for the store. Whatever way serving ends, the store is flushed last: a second signal bounds
@@ -140,19 +163,31 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
     # The stop signals are handled from before anything opens to after the last write: outside that,
     # a second signal would be a KeyboardInterrupt (or SIGTERM's default action) that skips the flush.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as receiver:
-        services = await open_services(config, limiter)
+        services = await open_services(config, limiter, keyring)
+        server: Server | None = None
+
+        def swapped(old: Gateway, fresh: Gateway) -> None:
+            if server is not None:
+                server.handler = fresh.handle
+            # Log lines are redacted by value: the new secrets from now on (and the old ones, for requests still
+            # running on the old config). The log level follows the file too.
+            setup_logging(fresh.config.log_level, Redactor([*old.config.secrets(), *fresh.config.secrets()]))
+
+        live = Live(config, services, on_swap=swapped)
         try:
-            gateway = Gateway(config, services=services)
+            gateway = await live.start()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await services.aclose()
             raise
+        if gateway.config is not config:  # the database added secrets the log must not show
+            setup_logging(config.log_level, Redactor(gateway.config.secrets()))
         server = Server(gateway.handle, settings)
-        state = {"gateway": gateway}
         serving = anyio.CancelScope()  # the server: a second stop signal cancels it (the drain cut short)
         final = anyio.CancelScope(shield=True)  # the last writes: a second signal bounds them, a third ends them
 
         async def signals() -> None:
+            assert server is not None
             stops = 0
             async for signum in receiver:
                 name = signal.Signals(signum).name
@@ -160,7 +195,7 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
                     if stops:
                         log.info("signal SIGHUP: stopping, the config is not reloaded")
                     else:
-                        await reload()
+                        await live.reload_file()
                     continue
                 stops += 1
                 if stops == 1:
@@ -175,25 +210,6 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
                     log.warning("signal %s: not waiting for the store any longer", name)
                     final.cancel()
 
-        async def reload() -> None:
-            try:
-                new = load_config(config.source)
-            except ConfigError as exc:
-                log.error("reload failed, keeping the running config: %s", exc.render())
-                return
-            kept = [f.name for f in dataclasses.fields(Config)
-                    if f.name not in _RELOADED and getattr(new, f.name) != getattr(config, f.name)]
-            if kept:
-                log.warning("reload: changes to %s need a restart; the others are applied", ", ".join(kept))
-            old = state["gateway"]
-            fresh = Gateway(new, client=old.client, usage=old.usage, services=old.services)
-            state["gateway"] = fresh
-            server.handler = fresh.handle
-            # Log lines are redacted by value: the new keys from now on (and the old ones, for requests still
-            # running on the old config). The log level follows the file too.
-            setup_logging(new.log_level, Redactor([*old.config.secrets(), *new.secrets()]))
-            log.info("config reloaded from %s (%d routes)", config.source, len(new.routes))
-
         failure: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(signals)
@@ -203,6 +219,7 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
                     tune_gc()
                     async with anyio.create_task_group() as serving_tg:
                         port = await serving_tg.start(server.serve)
+                        tg.start_soon(live.watch)  # in the outer group: cancelled with it, once served
                         log.info("listening on %s:%s", config.host, port)
                         if ready is not None:
                             ready(port)
@@ -210,7 +227,7 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
                 failure = exc
             finally:
                 with final:
-                    await _close(state["gateway"], services)
+                    await _close(live.gateway, services)
                 tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
@@ -246,6 +263,15 @@ def run(config: Config) -> int:
     memory_note = describe_memory(config.store.path, config.workers)
     if memory_note is not None:  # once, before any fork: nothing of it survives a restart
         log.warning("%s", memory_note)
+    try:
+        # Once, before any fork: a wrong encryption key is one clear error and exit 1, and the stretched key
+        # (and the boot secret a rotation hands the new key over with) is inherited by every worker.
+        keyring = prepare_keyring(config)
+    except ConfigError as exc:
+        import sys
+
+        print(exc.render(), file=sys.stderr)
+        return 1
     if config.workers > 1:
         from .limits import limits_possible, new_state
         from .limits.shared import Hub
@@ -260,16 +286,16 @@ def run(config: Config) -> int:
 
             print(f"at-gateway: {exc}", file=sys.stderr)
             return 1
-        return supervise(config, functools.partial(run_worker, loop=loop), hub=hub)
-    return run_worker(config, loop=loop)
+        return supervise(config, functools.partial(run_worker, loop=loop, keyring=keyring), hub=hub)
+    return run_worker(config, loop=loop, keyring=keyring)
 
 
 def run_worker(config: Config, sock: socket.socket | None = None, *, loop: EventLoop | None = None,
-               limiter: socket.socket | None = None) -> int:
+               limiter: socket.socket | None = None, keyring: Keyring | None = None) -> int:
     """Serve in this process until drained: the whole gateway, or one of ``workers`` (``sock``: a shared listener)."""
     try:
         options = (loop or choose_loop(config.loop, config.source)).options
-        anyio.run(_main, config, sock, limiter, backend="asyncio", backend_options=options)
+        anyio.run(_main, config, sock, limiter, keyring, backend="asyncio", backend_options=options)
     except ConfigError as exc:
         import sys
 
@@ -285,5 +311,6 @@ def run_worker(config: Config, sock: socket.socket | None = None, *, loop: Event
     return 0
 
 
-async def _main(config: Config, sock: socket.socket | None = None, limiter: socket.socket | None = None) -> None:
-    await serve(config, sock=sock, limiter=limiter)
+async def _main(config: Config, sock: socket.socket | None = None, limiter: socket.socket | None = None,
+                keyring: Keyring | None = None) -> None:
+    await serve(config, sock=sock, limiter=limiter, keyring=keyring)

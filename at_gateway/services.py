@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from .config import Route
     from .context import RequestContext
+    from .store.catalog import Catalog
     from .store.keys import ClientKey
 
 
@@ -69,6 +70,8 @@ class Services:
     store: Recorder | None = None
     keys: KeyVerifier | None = None
     limiter: Limiter | None = None
+    catalog: Catalog | None = None  # providers, routes and audit in the database (the admin API's); None in memory
+    control: Any = None  # the :class:`~at_gateway.live.Live` holding the current gateway (reloads, health)
 
     async def aclose(self) -> None:
         """Close every part, the store last (what the limiter and the drained requests left gets written)
@@ -81,5 +84,9 @@ class Services:
                 if self.keys is not None:
                     await self.keys.aclose()
             finally:
-                if self.store is not None:
-                    await self.store.aclose()
+                try:
+                    if self.catalog is not None:
+                        await self.catalog.aclose()
+                finally:
+                    if self.store is not None:
+                        await self.store.aclose()

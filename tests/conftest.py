@@ -98,6 +98,46 @@ def run_gateway(raw_config: dict[str, Any],
     logging.getLogger("at_gateway").handlers.clear()
 
 
+@contextmanager
+def run_live(raw_config: dict[str, Any], source: str = "test-config") -> Iterator[RunningGateway]:
+    """An in-process gateway as ``serve`` runs it: services opened (store, keys, limiter, catalog), the
+    configuration merged with the database's providers and routes and rebuilt when they change (the
+    :class:`~at_gateway.live.Live` watch runs). ``raw_config`` should name a store file (``store.path``).
+    ``gateway.gateway`` is the gateway at start; ``gateway.live.gateway`` the current one."""
+    from at_gateway.live import Live
+    from at_gateway.service import open_services
+
+    config = build_config(copy.deepcopy(raw_config), source)
+    logs = io.StringIO()
+    setup_logging(config.log_level, Redactor(config.secrets()), logs)
+    with anyio.from_thread.start_blocking_portal() as portal:
+        services = portal.call(open_services, config)
+        holder: dict[str, Any] = {}
+
+        def swapped(old: Any, fresh: Any) -> None:
+            if "server" in holder:
+                holder["server"].handler = fresh.handle
+            setup_logging(fresh.config.log_level, Redactor([*old.config.secrets(), *fresh.config.secrets()]), logs)
+
+        live = Live(config, services, on_swap=swapped)
+        gateway = portal.call(live.start)
+        setup_logging(config.log_level, Redactor(gateway.config.secrets()), logs)
+        server = holder["server"] = Server(gateway.handle, server_settings(config))
+        future, port = portal.start_task(server.serve)
+        watch = portal.start_task_soon(live.watch)
+        running = RunningGateway(portal, gateway, server, port, logs)
+        running.live = live  # type: ignore[attr-defined]
+        try:
+            yield running
+        finally:
+            watch.cancel()
+            portal.call(server.shutdown)
+            future.result(timeout=10)
+            portal.call(live.gateway.aclose)
+            portal.call(services.aclose)
+    logging.getLogger("at_gateway").handlers.clear()
+
+
 async def _make(config: Any, services: Callable[[Any], Awaitable[Any]] | None) -> Gateway:
     return Gateway(config, services=await services(config) if services is not None else None)
 

@@ -106,8 +106,45 @@ _V1 = (
     "CREATE INDEX usage_daily_key_day ON usage_daily (key_id, day)",
 )
 
+# The admin API's catalog: providers and routes added at run time (each spec a JSON object, its secrets
+# encrypted: see catalog.py), the audit log of admin writes, and settings (the key's salt and id).
+_V2 = (
+    "INSERT INTO meta (name, value) VALUES ('config_version', 0)",  # providers/routes changed (triggers)
+    "INSERT INTO meta (name, value) VALUES ('file_version', 0)",  # an admin reload: every worker re-reads the file
+    """CREATE TABLE settings (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+    """CREATE TABLE providers (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    )""",
+    """CREATE TABLE routes (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    )""",
+    *(f"""CREATE TRIGGER {table}_{done} AFTER {event} ON {table} BEGIN
+        UPDATE meta SET value = value + 1 WHERE name = 'config_version'; END"""
+      for table in ("providers", "routes")
+      for event, done in (("INSERT", "inserted"), ("UPDATE", "updated"), ("DELETE", "deleted"))),
+    """CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        object TEXT,
+        change TEXT NOT NULL DEFAULT '{}'
+    )""",
+    "CREATE INDEX audit_log_time ON audit_log (time)",
+    "CREATE INDEX request_log_request_id ON request_log (request_id)",  # GET admin/api/v1/requests/{id}
+)
+
 #: Ordered migrations: MIGRATIONS[i] takes version i to i + 1 (statements run in one transaction).
-MIGRATIONS: Sequence[Sequence[str]] = (_V1,)
+MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,0 +1,7 @@
+"""Admin API: catalog (being written)."""
+
+from __future__ import annotations
+
+from .api import Route
+
+ROUTES: list[Route] = []

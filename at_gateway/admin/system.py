@@ -1,0 +1,7 @@
+"""Admin API: system (being written)."""
+
+from __future__ import annotations
+
+from .api import Route
+
+ROUTES: list[Route] = []
