@@ -17,7 +17,7 @@ from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 from urllib.parse import unquote_to_bytes
 
-from .config import Config
+from .config import Config, Route, Step, _header_safe
 from .context import RequestContext
 from .cors import CORSPolicy
 from .errors import AdminDisabled, BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound, Unauthorized
@@ -26,6 +26,7 @@ from .http.server import ClientGone, Request, Responder
 from .logs import Redactor, access_log, quote
 from .providers import build_provider
 from .providers.base import Provider
+from .resilience.targets import build_targets, primary
 from .routing import Router
 from .services import Services
 from .store.prices import Pricing
@@ -59,6 +60,7 @@ _COMPLETION_TOKENS_MODEL = re.compile(r"(o\d|gpt-5)")
 _COMPLETION_TOKENS_TYPES = frozenset(("openai", "azure"))
 _TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")
 _MAX_KEY_VIEWS = 4096  # cached per-key route sets; past it the cache starts over (keys are few)
+MAX_MODELS = 10  # a request's "models" fallback list at most this long
 
 
 class _KeyView(NamedTuple):
@@ -141,14 +143,22 @@ class Gateway:
         self.pricing = Pricing(config)
         self.redact = redactor or Redactor(config.secrets())
         self.client = client or UpstreamClient(config.upstream)
+        reloaded = client is not None  # a reload passes the running client: keys refused with 401 get a new chance
         self.providers: dict[str, Provider] = {
-            name: build_provider(pc, self.client) for name, pc in config.providers.items()}
+            name: build_provider(primary(pc), self.client) for name, pc in config.providers.items()}
+        # Cooldowns and circuits outlive this gateway (a reload) and are shared by the workers of the machine.
+        if self.services.shared is None:
+            from .resilience.state import SharedState
+
+            self.services.shared = SharedState(shared=False)
+        self.targets = build_targets(config.providers, self.client, self.services.shared, self.providers,
+                                     reloaded=reloaded)
         # Built now, not on first use: serving must import nothing more from the .pyz, which a deploy
         # may replace under a process that is still draining.
         for pc in config.providers.values():
             if pc.proxy:
                 self.client.connector(pc.proxy)
-        self.router = Router(config.routes, self.providers, self.redact, config.stream_idle_timeout,
+        self.router = Router(config.routes, self.targets, self.redact, config.stream_idle_timeout,
                              config.stream_keepalive_interval)
         self.usage = usage or UsageMeter()  # outlives config reloads
         self.log = logging.getLogger("at_gateway.access")
@@ -161,6 +171,7 @@ class Gateway:
         self._model_bodies = {m["id"]: json.dumps(m, separators=(",", ":")).encode() for m in models}
         self._models = models
         self._key_views: dict[str, _KeyView] = {}
+        self._direct: dict[str, Route] = {}  # allow_direct: provider/model routes, made on first use
         self._unenforced: set[str] = set()  # routes whose limits no limiter applies (warned once)
         self._token_fields = self._token_field_per_route(config)
         # The client endpoints. Only these ever get CORS: an admin API must get a table of its own.
@@ -186,8 +197,9 @@ class Gateway:
         self._json_decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
 
     async def aclose(self) -> None:
-        for p in self.providers.values():
-            await p.aclose()
+        for target in self.targets.values():
+            for adapter in target.adapters:
+                await adapter.aclose()
         await self.client.aclose()
 
     # -- helpers ------------------------------------------------------------
@@ -398,7 +410,15 @@ class Gateway:
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object", code="invalid_json")
         model = body.get("model")
-        if not isinstance(model, str) or not model:
+        models = body.get("models")
+        if models is not None:
+            if (not isinstance(models, list) or not models or len(models) > MAX_MODELS
+                    or not all(isinstance(m, str) and m for m in models)):
+                raise BadRequest(f"'models' must be a list of 1 to {MAX_MODELS} model names (routes), tried in order",
+                                 code="invalid_models")
+            if model is not None and (not isinstance(model, str) or not model):
+                raise BadRequest("'model' must be a string", code="missing_model")
+        elif not isinstance(model, str) or not model:
             raise BadRequest("'model' is required and must be a string", code="missing_model")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -411,11 +431,7 @@ class Gateway:
         limiter = self.services.limiter
         try:
             body = self.parse_chat(request)
-            model = body["model"]
-            route = self.config.routes.get(model)
-            if route is None:
-                raise NotFound(f"the model {quote(self.redact, model, 200)!r} does not exist (no route of that "
-                               "name; GET /v1/models lists them)", code="model_not_found")
+            route = self._route_for(ctx, body)
             ctx.route = route.name
             if ctx.key is not None:
                 body = self.apply_key(ctx, route, body)
@@ -441,6 +457,49 @@ class Gateway:
         await responder.send(200, [_JSON_CT, *ctx.gateway_headers()], result.body)
         ctx.first_byte = time.perf_counter()
 
+    def _route_for(self, ctx: RequestContext, body: dict[str, Any]) -> Route:
+        """The route a chat body names: ``model``, or ``models`` (several routes tried in order as one route
+        made of their steps, OpenRouter style; ``model`` may then be absent), each name a route (or, with
+        ``allow_direct``, ``provider/model``). A client key with routes may name only those."""
+        models = body.pop("models", None)
+        if models is None:
+            return self._named_route(ctx, body["model"])
+        routes = [self._named_route(ctx, name) for name in models]
+        body.setdefault("model", routes[0].name)
+        if len(routes) == 1:
+            return routes[0]
+        # Named for the first: its limits apply, and the log and headers show it (each attempt names its step).
+        return Route(name=routes[0].name, steps=tuple(step for r in routes for step in r.steps),
+                     limits=routes[0].limits)
+
+    def _named_route(self, ctx: RequestContext, name: str) -> Route:
+        route = self.config.routes.get(name)
+        if route is None and self.config.allow_direct:
+            route = self._direct.get(name)
+            if route is None:
+                provider, sep, model = name.partition("/")
+                if sep and model and provider in self.config.providers and _header_safe(model):
+                    # A request naming provider/model goes through the same keys, retries and circuits as a route.
+                    route = Route(name=name, steps=(Step(provider, model, self.config.default_timeout),))
+                    if len(self._direct) >= _MAX_KEY_VIEWS:
+                        self._direct.clear()
+                    self._direct[name] = route
+        if route is None:
+            hint = " or provider/model" if self.config.allow_direct else ""
+            raise NotFound(f"the model {quote(self.redact, name, 200)!r} does not exist (no route of that "
+                           f"name{hint}; GET /v1/models lists them)", code="model_not_found")
+        key = ctx.key
+        if key is not None and key.routes and not self._may_use(key, name):
+            raise Forbidden(f"this API key may not use the model {quote(self.redact, name, 200)!r} (it may use "
+                            f"{quote(self.redact, ', '.join(key.routes), 200)}; GET /v1/models lists them)",
+                            code="model_not_allowed")
+        return route
+
+    def _may_use(self, key: Any, name: str) -> bool:
+        if name in self.config.routes:
+            return name in self._key_view(key).allowed
+        return any(fnmatchcase(name, p) for p in key.routes)  # provider/model (allow_direct)
+
     def apply_key(self, ctx: RequestContext, route: Any, body: dict[str, Any]) -> dict[str, Any]:
         """What a store key's settings do to a request: the routes it may use (403 ``model_not_allowed``
         otherwise), its system prompt (a system message before the client's), its max_tokens cap.
@@ -448,7 +507,7 @@ class Gateway:
         A key without settings costs three attribute tests; its route set is computed once per key.
         """
         key = ctx.key
-        if key.routes and route.name not in self._key_view(key).allowed:
+        if key.routes and not self._may_use(key, route.name):
             raise Forbidden(f"this API key may not use the model {quote(self.redact, route.name, 200)!r} (it may use "
                             f"{quote(self.redact, ', '.join(key.routes), 200)}; GET /v1/models lists them)",
                             code="model_not_allowed")
@@ -534,7 +593,7 @@ class Gateway:
             fields["outcome"] = ctx.outcome
         if ctx.error:
             fields["error"] = ctx.error
-        if self.config.log_bodies and request.body:
+        if self.config.log_bodies and request.body and not ctx.unlogged:  # admin bodies carry credentials
             # Redacted whole, then cut: a key the 4 KiB cut split would otherwise leak its start.
             fields["request_body"] = self.redact.quote(request.body, 4096)
         access_log(self.log, fields)

@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 #: Commands that work on the store (the database), while the gateway runs or not.
 STATE_COMMANDS = {
-    "db": "the database: `db info`, `db backup FILE` (safe while serving)",
+    "db": "the database: `db info`, `db backup FILE` (safe while serving), `db rotate-key --new-key-env NAME`",
     "keys": "client keys: create, list, show, update, disable, enable, revoke, rotate",
     "usage": "requests, tokens and cost as a table (--key, --since, --by day|route|model|key)",
 }

@@ -39,9 +39,17 @@ TOP_KEYS = frozenset({
     "body_timeout", "keepalive_timeout", "cors", "max_connections", "shutdown_timeout", "tls", "log_level",
     "log_bodies", "upstream", "workers", "loop", "state_dir", "providers", "routes",
     "store", "request_log", "limits", "budget_timezone", "prices", "admin_token", "admin_tokens", "admin",
-    "base_path",
+    "base_path", "allow_direct",
 })
-STEP_KEYS = frozenset({"provider", "model", "timeout", "conflict_resolution", "price"})
+STEP_KEYS = frozenset({"provider", "model", "timeout", "conflict_resolution", "price", "retries", "retry_backoff",
+                       "retry_backoff_max", "wait_for_key", "hedge_after"})
+# Resilience keys every provider accepts beside its own (see ProviderConfig).
+RESILIENCE_KEYS = frozenset({"api_keys", "key_strategy", "cooldown", "retries", "retry_backoff", "retry_backoff_max",
+                             "breaker", "max_concurrency", "queue_timeout"})
+COOLDOWN_KEYS = frozenset({"initial", "max", "failures"})
+BREAKER_KEYS = frozenset({"failures", "failure_ratio", "window", "min_requests", "open_for"})
+KEY_STRATEGIES = ("round-robin", "fill-first", "least-busy")
+MAX_WAIT_FOR_KEY = 5.0
 ROUTE_KEYS = frozenset({"name", "steps", "limits"})
 STORE_KEYS = frozenset({"path", "encryption_key"})
 ADMIN_KEYS = frozenset({"forward_auth", "max_body_size"})
@@ -62,6 +70,37 @@ LOOPS = ("auto", "asyncio", "uvloop")
 
 
 @dataclass(frozen=True)
+class CooldownConfig:
+    """How long a provider key rests after failing: ``initial`` doubling up to ``max``; network errors and
+    5xx cool a key only after ``failures`` in a row (a 429 at once, for what the upstream says or the backoff)."""
+
+    initial: float = 1.0
+    max: float = 60.0
+    failures: int = 3
+    enabled: bool = True  # ``cooldown: off``: keys never rest (a 401/403 still disables its key)
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """A circuit per (provider, upstream model): open after ``failures`` consecutive failures, or when at least
+    ``min_requests`` in the last ``window`` seconds failed at ``failure_ratio`` or more; open for ``open_for``,
+    then one probe at a time (half-open) until one succeeds."""
+
+    failures: int = 5
+    failure_ratio: float | None = None  # None: consecutive failures only
+    window: float = 60.0
+    min_requests: int = 20
+    open_for: float = 30.0
+    enabled: bool = True  # ``breaker: off``: the provider's circuits never open
+
+
+@dataclass(frozen=True)
+class WeightedKey:
+    key: str = field(repr=False)
+    weight: int = 1
+
+
+@dataclass(frozen=True)
 class ProviderConfig:
     name: str
     type: str
@@ -71,6 +110,22 @@ class ProviderConfig:
     proxy: str | None = None
     # Type-specific keys (preset, api_version, credentials_file, ...).
     options: Mapping[str, Any] = field(default_factory=dict)
+    # Resilience (issue 11): several keys, how they are chosen and rest, retries, the breaker, concurrency.
+    api_keys: tuple[WeightedKey, ...] = ()  # beside api_key (which, when set too, comes first with weight 1)
+    key_strategy: str = "round-robin"
+    cooldown: CooldownConfig = field(default_factory=CooldownConfig)
+    retries: int | None = None  # a step's default (None: 0)
+    retry_backoff: float | None = None
+    retry_backoff_max: float | None = None
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    max_concurrency: int | None = None  # requests in flight to this provider per worker; more wait (queue_timeout)
+    queue_timeout: float = 5.0
+
+    def keys(self) -> tuple[WeightedKey, ...]:
+        """Every key of the provider, ``api_key`` first; ``()`` for a provider without keys."""
+        if self.api_key and all(k.key != self.api_key for k in self.api_keys):
+            return (WeightedKey(self.api_key), *self.api_keys)
+        return self.api_keys
 
 
 @dataclass(frozen=True)
@@ -140,9 +195,14 @@ class AdminConfig:
 class Step:
     provider: str
     model: str
-    timeout: float
+    timeout: float  # the whole step, its retries included
     conflict_resolution: str | None = None
     price: Price | None = None  # overrides the price table for this step
+    retries: int | None = None  # None: the provider's, else 0
+    retry_backoff: float | None = None  # None: the provider's, else 0.5s
+    retry_backoff_max: float | None = None  # None: the provider's, else 8s
+    wait_for_key: float = 0.0  # when every key is cooling: wait up to this long for one (at most 5s)
+    hedge_after: float | None = None  # no answer (or first chunk) after this long: the next step starts too
 
 
 @dataclass(frozen=True)
@@ -218,6 +278,7 @@ class Config:
     routes: Mapping[str, Route] = field(default_factory=dict)
     admin: AdminConfig = field(default_factory=AdminConfig)
     base_path: str = ""  # every endpoint under this prefix ("/llm"); "" serves at the root
+    allow_direct: bool = False  # a request may name "provider/model" without a route
     # Where each provider and route was defined: "config" (the YAML file) or "database" (the admin API; a
     # database entry replaces the file's entry of the same name).
     provider_sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -230,17 +291,20 @@ class Config:
         """Every configured secret value, for redaction by value."""
         out = list(self.api_keys)
         out += self.admin.tokens
+        for p in self.providers.values():
+            out += [k.key for k in p.api_keys]
         if self.store.encryption_key:
             out.append(self.store.encryption_key)
         for p in self.providers.values():
             if p.api_key:
                 out.append(p.api_key)
-            for k, v in p.headers.items():
-                if k.lower() in ("authorization", "api-key", "x-api-key", "x-goog-api-key"):
-                    out.append(v)
-                    scheme, _, token = v.partition(" ")
-                    if token.strip() and scheme.lower() in ("bearer", "basic", "token"):
-                        out.append(token.strip())  # an upstream may quote the token without its scheme
+            for v in p.headers.values():
+                # Every header value: the store encrypts them all and the admin API masks them all, so the log
+                # must not show one an upstream quotes back either (OpenAI-Organization, a tenant id...).
+                out.append(v)
+                scheme, _, token = v.partition(" ")
+                if token.strip() and scheme.lower() in ("bearer", "basic", "token"):
+                    out.append(token.strip())  # an upstream may quote the token without its scheme
             if p.proxy and "@" in p.proxy:
                 from urllib.parse import unquote
 
@@ -603,6 +667,7 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None,
         routes=routes,
         admin=admin,
         base_path=base_path,
+        allow_direct=r.boolean(data, "allow_direct", "", False),
         provider_sources={n: provider_sources.get(n, "config") for n in providers},
         route_sources={n: route_sources.get(n, "config") for n in routes},
         document=document,
@@ -857,15 +922,82 @@ def _build_providers(raw: Any, r: _Reader, problems: list[str],
             problems.append(f"{path}.proxy: must be http://, https://, socks5:// or socks5h:// with a host")
         elif proxy is not None and not _valid_port(proxy):
             problems.append(f"{path}.proxy: invalid port (use scheme://[user:password@]host:port)")
-        options = {k: v for k, v in p.items() if k not in {"name", "type", "api_key", "base_url", "headers", "proxy"}}
+        options = {k: v for k, v in p.items()
+                   if k not in {"name", "type", "api_key", "base_url", "headers", "proxy"} | RESILIENCE_KEYS}
         problems += [f"{path}.{problem}" for problem in check_options(ptype, options)]
         api_key = p.get("api_key")
         if api_key is not None and not isinstance(api_key, str):
             problems.append(f"{path}.api_key: must be a string")
             api_key = None
+        if isinstance(api_key, str) and api_key.startswith("enc:v1:"):
+            # What the store writes encrypted values as: a real key never looks like it, and storing one would
+            # make the row unreadable.
+            problems.append(f"{path}.api_key: starts with enc:v1:, the store's prefix for encrypted values (send "
+                            "the key itself)")
+        resilience = _build_resilience(p, path, r, problems)
         if name and name not in out:
             out[name] = ProviderConfig(name=name, type=ptype, api_key=api_key or None, base_url=base_url,
-                                       headers=headers, proxy=proxy, options=options)
+                                       headers=headers, proxy=proxy, options=options, **resilience)
+    return out
+
+
+def _build_resilience(p: dict[str, Any], path: str, r: _Reader, problems: list[str]) -> dict[str, Any]:
+    """A provider's resilience keys (api_keys, key_strategy, cooldown, retries, breaker, max_concurrency)."""
+    out: dict[str, Any] = {}
+    keys: list[WeightedKey] = []
+    for i, item in enumerate(_sequence(p.get("api_keys"), f"{path}.api_keys", problems)):
+        ipath = f"{path}.api_keys[{i}]"
+        if isinstance(item, str) and item:
+            keys.append(WeightedKey(item))
+        elif isinstance(item, dict):
+            _unknown_keys(item, frozenset({"key", "weight"}), ipath, problems)
+            key = item.get("key")
+            if not isinstance(key, str) or not key:
+                problems.append(f"{ipath}.key: required, a non-empty string")
+                continue
+            keys.append(WeightedKey(key, r.integer(item, "weight", ipath, 1, 1, 1000)))
+        else:
+            problems.append(f"{ipath}: must be a key (a string) or {{key, weight}}")
+    if len({k.key for k in keys}) != len(keys):
+        problems.append(f"{path}.api_keys: the same key is listed twice")
+    out["api_keys"] = tuple(keys)
+    out["key_strategy"] = r.string(p, "key_strategy", path, "round-robin", KEY_STRATEGIES) or "round-robin"
+    cd_off = p.get("cooldown") is False or p.get("cooldown") == "off"
+    cd = {} if cd_off else _mapping(p.get("cooldown"), f"{path}.cooldown", problems)
+    _unknown_keys(cd, COOLDOWN_KEYS, f"{path}.cooldown", problems)
+    initial = r.duration(cd, "initial", f"{path}.cooldown", 1.0, positive=True)
+    out["cooldown"] = CooldownConfig(initial=initial,
+                                     max=max(initial, r.duration(cd, "max", f"{path}.cooldown", 60.0, positive=True)),
+                                     failures=r.integer(cd, "failures", f"{path}.cooldown", 3, 1, 10**6),
+                                     enabled=not cd_off)
+    br_off = p.get("breaker") is False or p.get("breaker") == "off"
+    br = {} if br_off else _mapping(p.get("breaker"), f"{path}.breaker", problems)
+    _unknown_keys(br, BREAKER_KEYS, f"{path}.breaker", problems)
+    ratio = br.get("failure_ratio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
+        problems.append(f"{path}.breaker.failure_ratio: must be a number in (0, 1], e.g. 0.5")
+        ratio = None
+    out["breaker"] = BreakerConfig(
+        failures=r.integer(br, "failures", f"{path}.breaker", 5, 1, 10**6),
+        failure_ratio=float(ratio) if ratio is not None else None,
+        window=r.duration(br, "window", f"{path}.breaker", 60.0, positive=True),
+        min_requests=r.integer(br, "min_requests", f"{path}.breaker", 20, 1, 10**6),
+        open_for=r.duration(br, "open_for", f"{path}.breaker", 30.0, positive=True),
+        enabled=not br_off)
+    out.update(_retry_keys(p, path, r))
+    if p.get("max_concurrency") is not None:
+        out["max_concurrency"] = r.integer(p, "max_concurrency", path, 0, 1, 10**6) or None
+    out["queue_timeout"] = r.duration(p, "queue_timeout", path, 5.0)
+    return out
+
+
+def _retry_keys(d: dict[str, Any], path: str, r: _Reader) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if d.get("retries") is not None:
+        out["retries"] = r.integer(d, "retries", path, 0, 0, 20)
+    for key in ("retry_backoff", "retry_backoff_max"):
+        if d.get(key) is not None:
+            out[key] = r.duration(d, key, path, 0.0)
     return out
 
 
@@ -914,8 +1046,18 @@ def _build_routes(raw: Any, r: _Reader, problems: list[str], providers: Mapping[
                 problems.append(f"{spath}.timeout: must be greater than zero")
             cr = r.string(s, "conflict_resolution", spath, None, CONFLICT_MODES)
             price = _build_price(s["price"], f"{spath}.price", problems) if s.get("price") is not None else None
+            wait = r.duration(s, "wait_for_key", spath, 0.0)
+            if wait > MAX_WAIT_FOR_KEY:
+                problems.append(f"{spath}.wait_for_key: at most {MAX_WAIT_FOR_KEY:g}s (a longer wait holds the client; "
+                                "let the route fall through instead)")
+                wait = 0.0
+            hedge = (r.duration(s, "hedge_after", spath, 0.0, positive=True)
+                     if s.get("hedge_after") is not None else None)
+            if hedge is not None and j == len(raw_steps) - 1:
+                problems.append(f"{spath}.hedge_after: the last step has no next step to start")
+                hedge = None
             steps.append(Step(provider=prov or "", model=model or "", timeout=timeout, conflict_resolution=cr,
-                              price=price))
+                              price=price, wait_for_key=wait, hedge_after=hedge, **_retry_keys(s, spath, r)))
         route_limits = None
         if rt.get("limits") is not None:
             lraw = _mapping(rt.get("limits"), f"{path}.limits", problems)

@@ -22,10 +22,16 @@ class Attempt:
     timeout: bool = False
     ok: bool = False
     upstream_error: dict[str, Any] | None = None
+    key: int | None = None  # which of the provider's keys (when it has several)
+    skipped: bool = False  # no request went out (circuit open, every key resting)
+    cooling: float | None = None  # seconds the key (or every key) rests after this attempt's 429
 
     def public(self) -> dict[str, Any]:
-        return {"step": self.step, "provider": self.provider, "model": self.model,
-                "status": self.status, "error": self.error}
+        out = {"step": self.step, "provider": self.provider, "model": self.model,
+               "status": self.status, "error": self.error}
+        if self.key is not None:
+            out["key"] = self.key
+        return out
 
 
 @dataclass

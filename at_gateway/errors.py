@@ -128,8 +128,11 @@ class StepFailed(Exception):
 
     ``status`` is the upstream HTTP status when there was one, ``None`` for a
     connection error, a timeout or a malformed answer. ``body`` is the
-    upstream's error object when it sent an OpenAI-shaped one.
+    upstream's error object when it sent an OpenAI-shaped one. ``retry_after``: the seconds the upstream
+    asked to wait (its Retry-After and kin, read where the adapter read the answer), for cooldowns and retries.
     """
+
+    retry_after: float | None = None
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from .app import Gateway
 from .config import Config, Overlay, build_config, load_config
 from .errors import ConfigError
 from .services import Services
+from .store.db import StoreError
 
 if TYPE_CHECKING:
     from .store.catalog import Catalog
@@ -34,6 +36,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("at_gateway.service")
 
 POLL_INTERVAL = 0.25  # seconds between two looks at the versions: a change is applied well within 1 s
+FILE_POLLS = 4  # the files are looked at every 4th poll: a changed config file is reloaded within about 1 s
+
+
+def watched_files(config: Config) -> list[str]:
+    """The config file and the files it names, whose change reloads it: TLS certificate and key, the
+    upstream CA bundle, providers' credentials files."""
+    out = [config.source]
+    if config.tls is not None:
+        out += [config.tls.cert_file, config.tls.key_file]
+    if config.upstream.ca_file:
+        out.append(config.upstream.ca_file)
+    for p in config.providers.values():
+        path = p.options.get("credentials_file")
+        if isinstance(path, str) and path:
+            out.append(path)
+    return list(dict.fromkeys(out))
 
 # What a reload changes (a new Gateway, and the log set-up); every other setting belongs to the listening
 # server, the upstream pools or the store, which keep running as they started.
@@ -67,7 +85,12 @@ class Live:
         """The first gateway: the file merged with what the database holds now."""
         config = self.file_config
         if self.catalog is not None:
-            self.versions, self.overlay = await self.catalog.call(self._read)
+            try:
+                self.versions, self.overlay = await self.catalog.call(self._read)
+            except StoreError as exc:
+                # Stored credentials this process cannot open (a worker restarted after a rotation by another
+                # process): a start-up error naming the database and the row, never a traceback.
+                raise ConfigError(self.file_config.source, [f"store: {exc}"]) from None
             try:
                 config = self.merge(self.overlay)
             except ConfigError as exc:
@@ -92,16 +115,44 @@ class Live:
         return build_config(base.document, base.source, overlay=self.overlay if overlay is None else overlay)
 
     # -- changes --------------------------------------------------------------
-    async def watch(self, interval: float = POLL_INTERVAL) -> None:
-        """Poll the database's versions and rebuild when they move (runs until cancelled)."""
-        if self.catalog is None:
-            return
+    async def watch(self, interval: float = POLL_INTERVAL, files_every: int = FILE_POLLS) -> None:
+        """Poll the database's versions (every ``interval``) and the config file and the files it names (every
+        ``files_every`` polls), and rebuild when they move (runs until cancelled)."""
+        seen = self._files_state()
+        polls = 0
+        failing: str | None = None
         while True:
             await anyio.sleep(interval)
+            polls += 1
+            if self.catalog is not None:
+                try:
+                    await self.refresh()
+                    failing = None
+                except Exception as exc:  # noqa: BLE001 (a database hiccup must not end the watch)
+                    if str(exc) != failing:  # said once, not every 250 ms while it lasts
+                        log.error("config: cannot read the database's providers and routes: %s", exc)
+                    failing = str(exc)
+            if polls % files_every == 0:
+                now = self._files_state()
+                if now != seen:
+                    changed = [path for path, state in now.items() if seen.get(path) != state]
+                    log.info("config: %s changed; reloading", ", ".join(changed))
+                    seen = now
+                    await self.reload_file()
+                    seen = self._files_state()  # what the reload read (a file named by the new config too)
+
+    def _files_state(self) -> dict[str, tuple[int, int, int] | None]:
+        """(mtime, size, inode) of the config file and every file it names (TLS, CA, credentials): a few
+        stat calls a second, cheap enough for the loop."""
+        out: dict[str, tuple[int, int, int] | None] = {}
+        for path in watched_files(self.file_config):
             try:
-                await self.refresh()
-            except Exception as exc:  # noqa: BLE001 (a database hiccup must not end the watch)
-                log.error("config: cannot read the database's providers and routes: %s", exc)
+                st = os.stat(path)
+            except OSError:
+                out[path] = None
+                continue
+            out[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return out
 
     async def refresh(self, *, force: bool = False) -> bool:
         """Rebuild if the database changed since the last look (``force``: rebuild anyway); True if rebuilt."""

@@ -42,8 +42,8 @@ class Redactor:
         # How far the start of a secret cut off at a text's end can reach back from that end.
         self.reach = max(_PATTERN_REACH, len(values[0]) if values else 0)
         self._values = re.compile("|".join(parts)) if parts else None
-        self._tokens = re.compile("|".join(f"(?:{p})" for p in _TOKEN_PATTERNS[:4]))
-        self._assign = re.compile(_TOKEN_PATTERNS[4])
+        self._tokens = re.compile("|".join(f"(?:{p})" for p in _TOKEN_PATTERNS[:-1]))
+        self._assign = re.compile(_TOKEN_PATTERNS[-1])  # the assignment pattern is the last one
 
     def quote(self, data: bytes | str, limit: int) -> str:
         """:func:`quote` with this redactor: for callers that hold the redactor and not this module."""

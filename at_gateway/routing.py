@@ -14,21 +14,44 @@ status it stands for (the request log records the 200 and that ``outcome``).
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from typing import Any, cast
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, NamedTuple, TypeVar, cast
 
 import anyio
 
 from .config import Route, Step
 from .context import Attempt, RequestContext
-from .errors import GatewayError, StepFailed, UpstreamFailed, UpstreamTimedOut
+from .errors import GatewayError, RateLimited, StepFailed, UpstreamFailed, UpstreamTimedOut
 from .http.errors import UpstreamError
 from .http.server import ClientGone, Responder, call_later
 from .http.sse import DONE_EVENT, KEEPALIVE, encode
 from .logs import quote
 from .providers.base import Completion, Provider, QuotedFailure, StreamState
+from .resilience.backoff import KEY, REQUEST, TARGET, backoff, classify
+from .resilience.breaker import Breaker
+from .resilience.targets import Busy, NoBreaker, Target
+
+_T = TypeVar("_T")
+DEFAULT_BACKOFF = 0.5  # retry_backoff when neither the step nor the provider sets one
+DEFAULT_BACKOFF_MAX = 8.0
+_RETRIED = frozenset((408, 429))  # and every 5xx, and connection errors: what a retry may cure
+
+
+class _Opened(NamedTuple):
+    """A stream that produced its first chunk: the rest is relayed from ``agen``."""
+
+    agen: AsyncGenerator[bytes, None]
+    first: bytes
+    state: StreamState
+    step: Step
+
+
+async def _complete(body: dict[str, Any], step: Step, adapter: Provider) -> Completion:
+    return await adapter.complete(body, step)
 
 log = logging.getLogger("at_gateway.routing")
 
@@ -53,11 +76,13 @@ def prepare_body(body: dict[str, Any], step: Step) -> dict[str, Any]:
 
 
 class Router:
-    def __init__(self, routes: Mapping[str, Route], providers: Mapping[str, Provider],
+    """Runs a route's steps: each step's circuit, key, slot, retries (:mod:`.resilience`), then the next step."""
+
+    def __init__(self, routes: Mapping[str, Route], targets: Mapping[str, Target],
                  redact: Callable[[str], str], stream_idle_timeout: float = 120.0,
                  keepalive_interval: float = 15.0) -> None:
         self.routes = routes
-        self.providers = providers
+        self.targets = targets
         self.redact = redact
         self.stream_idle_timeout = stream_idle_timeout
         self.keepalive_interval = keepalive_interval
@@ -91,6 +116,13 @@ class Router:
     def all_failed(self, ctx: RequestContext) -> GatewayError:
         attempts = ctx.attempts
         extra = {"attempts": [a.public() for a in attempts]}
+        if attempts and all(a.status == 429 or a.cooling is not None for a in attempts):
+            # Only rate limits and resting keys: the client may come back when the first key is free again.
+            waits = [w for w in self._next_free(ctx) if w is not None]
+            wait = max(1, math.ceil(min(waits))) if waits else 1
+            return RateLimited(f"every step of route {ctx.route!r} is rate limited upstream; retry in {wait}s: "
+                               f"{attempts[-1].error}", code="upstream_rate_limited", extra=extra,
+                               headers=[(b"retry-after", str(wait).encode())])
         statuses = {a.status for a in attempts}
         if len(statuses) == 1:
             (status,) = statuses
@@ -120,85 +152,283 @@ class Router:
         return UpstreamFailed(f"all {len(attempts)} step(s) of route {ctx.route!r} failed; last error: {last}",
                               extra=extra)
 
-    # -- non-streaming -----------------------------------------------------
-    async def complete(self, ctx: RequestContext, route: Route, body: dict[str, Any]) -> Completion:
-        for i, step in enumerate(route.steps):
-            provider = self.providers[step.provider]
-            attempt = Attempt(i, step.provider, step.model)
+    def _next_free(self, ctx: RequestContext) -> list[float | None]:
+        """For each provider the attempts used: seconds until one of its keys is usable (or what it said)."""
+        now = time.monotonic()
+        out: list[float | None] = []
+        for name in dict.fromkeys(a.provider for a in ctx.attempts):
+            pool = self.targets[name].pool
+            if pool is not None:
+                out.append(pool.next_free(now))
+            else:
+                out += [a.cooling for a in ctx.attempts if a.provider == name]
+        return out
+
+    # -- one step: circuit, key, slot, retries --------------------------------
+    async def _choose(self, ctx: RequestContext, target: Target, step: Step, attempt: Attempt,
+                      deadline: float, used: set[int]) -> tuple[Provider, int | None, Breaker | NoBreaker] | None:
+        """The adapter (and key index) this attempt sends with, or None when the step cannot send now (the
+        attempt then says why: the circuit is open, or every key rests)."""
+        breaker = target.breaker(step.model)
+        now = time.monotonic()
+        if not breaker.allow(now):
+            attempt.error = f"circuit open (for {breaker.open_for(now):.1f}s more)"
+            attempt.skipped = True
+            return None
+        pool = target.pool
+        if pool is None:
+            return target.adapters[0], None, breaker
+        while True:
+            index = pool.pick(now, frozenset(used)) if used else None
+            if index is None:
+                index = pool.pick(now)
+            if index is not None:
+                attempt.key = index if len(pool) > 1 else None
+                return target.adapters[index], index, breaker
+            wait = pool.next_free(now)
+            if wait is not None and wait <= step.wait_for_key and now + wait < deadline:
+                await anyio.sleep(wait)  # wait_for_key: a key frees up soon enough to wait for it
+                now = time.monotonic()
+                continue
+            breaker.released(now)
+            attempt.skipped = True
+            attempt.cooling = wait
+            attempt.error = ("all keys disabled (refused with 401/403 until the next reload)" if wait is None
+                             else f"all keys cooling down, next free in {wait:.1f}s")
+            return None
+
+    def _settle(self, target: Target, step: Step, index: int | None, breaker: Breaker | NoBreaker, exc: BaseException,
+                attempt: Attempt) -> str:
+        """What a failure does to the key and the circuit; its scope (backoff.KEY / TARGET / REQUEST)."""
+        now = time.monotonic()
+        if isinstance(exc, Busy):
+            breaker.released(now)
+            return REQUEST  # the provider is busy here: no key or circuit is to blame, and no retry
+        status = exc.status if isinstance(exc, StepFailed) else None
+        timed_out = isinstance(exc, TimeoutError) or (isinstance(exc, StepFailed) and exc.timeout)
+        if isinstance(exc, (StepFailed, UpstreamError, TimeoutError, StopAsyncIteration)):
+            scope = classify(status, timeout=timed_out)
+        else:
+            scope = REQUEST  # an adapter's bug: no retry, and nothing held against the upstream
+        pool = target.pool
+        if pool is not None and not target.cfg.cooldown.enabled and (scope == TARGET or status == 429):
+            pool = None  # cooldown: off: a key never rests for these (a 401/403 still disables it)
+        if scope == KEY:
+            breaker.released(now)
+            if pool is not None and index is not None:
+                if status == 429:
+                    attempt.cooling = pool.rate_limited(index, now, getattr(exc, "retry_after", None))
+                else:
+                    pool.refused(index)
+            elif status == 429:
+                attempt.cooling = getattr(exc, "retry_after", None)
+        elif scope == TARGET:
+            breaker.failed(now)
+            if pool is not None and index is not None:
+                pool.failed(index, now)
+        else:
+            breaker.released(now)
+        return scope
+
+    def _retry_wait(self, target: Target, step: Step, exc: BaseException, tried: int, deadline: float,
+                    index: int | None, used: set[int]) -> float | None:
+        """How long to wait before retry number ``tried + 1``; None: no retry (none left, not retryable, or
+        the wait would outlast the step's timeout)."""
+        retries = step.retries if step.retries is not None else (target.cfg.retries or 0)
+        if tried >= retries:
+            return None
+        status = exc.status if isinstance(exc, StepFailed) else None
+        if isinstance(exc, StepFailed) and not (status is None or status in _RETRIED or status >= 500):
+            return None
+        if isinstance(exc, (TimeoutError, Busy)) or (isinstance(exc, StepFailed) and exc.timeout):
+            return None  # the step's time is spent (its timeout spans its retries) / busy is not retried
+        if not isinstance(exc, (StepFailed, UpstreamError, StopAsyncIteration)):
+            return None  # an adapter's bug
+        base = step.retry_backoff if step.retry_backoff is not None else (
+            target.cfg.retry_backoff if target.cfg.retry_backoff is not None else DEFAULT_BACKOFF)
+        cap = step.retry_backoff_max if step.retry_backoff_max is not None else (
+            target.cfg.retry_backoff_max if target.cfg.retry_backoff_max is not None else DEFAULT_BACKOFF_MAX)
+        wait = backoff(tried, base, cap)
+        left = deadline - time.monotonic()
+        after = getattr(exc, "retry_after", None)
+        pool = target.pool
+        # available(), not pick(): asking must not move the round-robin on
+        other_key = pool is not None and len(pool) > 1 and pool.available(time.monotonic(), frozenset(used))
+        if after is not None and not other_key:
+            # The same key (or none) goes again: the latest answer's Retry-After, if the step lasts that long.
+            if after >= left:
+                return None
+            wait = after
+        return wait if wait < left else None
+
+    async def _attempts(self, ctx: RequestContext, index: int, step: Step,
+                        send: Callable[[Provider], Awaitable[_T]]) -> _T | None:
+        """Run one step: attempts (retries included, each one in ``ctx.attempts``) until one succeeds (its
+        result) or the step gives up (None; the attempts say why)."""
+        target = self.targets[step.provider]
+        deadline = time.monotonic() + step.timeout
+        used: set[int] = set()
+        tried = 0
+        while True:
+            attempt = Attempt(index, step.provider, step.model)
             ctx.attempts.append(attempt)
             ctx.provider, ctx.model = step.provider, step.model
+            choice = await self._choose(ctx, target, step, attempt, deadline, used)
+            if choice is None:
+                return None
+            adapter, key, breaker = choice
+            pool = target.pool
+            if pool is not None and key is not None:
+                pool.started(key)
+                used.add(key)
             try:
-                with anyio.fail_after(step.timeout):
-                    result = await provider.complete(prepare_body(body, step), step)
+                try:
+                    with anyio.fail_after(max(deadline - time.monotonic(), 0.0)):
+                        async with target.slot():
+                            result = await send(adapter)
+                finally:
+                    if pool is not None and key is not None:
+                        pool.finished(key)
             except ClientGone:
+                breaker.released(time.monotonic())
                 raise
-            except Exception as exc:  # StepFailed, UpstreamError, TimeoutError, or an adapter's bug
+            except Exception as exc:  # StepFailed, UpstreamError, TimeoutError, StopAsyncIteration, Busy, a bug
                 self._failed(ctx, attempt, exc, step)
+                if isinstance(exc, TimeoutError):
+                    attempt.error = f"timed out after {step.timeout:g}s"
+                scope = self._settle(target, step, key, breaker, exc, attempt)
+                wait = None if scope == REQUEST else self._retry_wait(target, step, exc, tried, deadline, key, used)
+                if wait is None:
+                    return None
+                tried += 1
+                if wait > 0:
+                    await anyio.sleep(wait)
                 continue
+            except BaseException:
+                breaker.released(time.monotonic())  # cancelled (a hedge lost, the server stops): no verdict
+                raise
+            now = time.monotonic()
+            breaker.succeeded(now)
+            if pool is not None and key is not None:
+                pool.succeeded(key, now)
             attempt.ok = True
             attempt.status = 200
-            ctx.usage = result.usage
             return result
+
+    # -- non-streaming -----------------------------------------------------
+    async def complete(self, ctx: RequestContext, route: Route, body: dict[str, Any]) -> Completion:
+        steps = route.steps
+        i = 0
+        while i < len(steps):
+            step = steps[i]
+            if step.hedge_after is not None and i + 1 < len(steps):
+                result, i = await self._hedged(ctx, i, steps, body), i + 2
+            else:
+                prepared = prepare_body(body, step)
+                result = await self._attempts(ctx, i, step, functools.partial(_complete, prepared, step))
+                i += 1
+            if result is not None:
+                ctx.usage = result.usage
+                return result
         raise self.all_failed(ctx)
 
+    async def _hedged(self, ctx: RequestContext, i: int, steps: tuple[Step, ...], body: dict[str, Any]
+                      ) -> Completion | None:
+        """Step ``i``, and step ``i + 1`` too once ``i`` has not answered within its ``hedge_after``: the first
+        to succeed wins, the other is cancelled (its connection closed, never pooled)."""
+        first, second = steps[i], steps[i + 1]
+        won: list[tuple[int, Completion]] = []
+        done = [anyio.Event(), anyio.Event()]
+
+        async def run(n: int, step: Step, scope: anyio.CancelScope) -> None:
+            try:
+                with scope:
+                    result = await self._attempts(ctx, i + n, step,
+                                                  functools.partial(_complete, prepare_body(body, step), step))
+                    if result is not None and not won:
+                        won.append((n, result))
+                        tg.cancel_scope.cancel()
+            finally:
+                done[n].set()
+
+        async with anyio.create_task_group() as tg:
+            scopes = [anyio.CancelScope(), anyio.CancelScope()]
+            tg.start_soon(run, 0, first, scopes[0])
+            with anyio.move_on_after(first.hedge_after or 0):
+                await done[0].wait()  # failed early: the second starts now, as a plain fall-through would
+            if not won:
+                tg.start_soon(run, 1, second, scopes[1])
+        if won:
+            n, result = won[0]
+            winner = (first, second)[n]
+            ctx.provider, ctx.model = winner.provider, winner.model
+            return result
+        return None
+
     # -- streaming ----------------------------------------------------------
+    async def _open_stream(self, body: dict[str, Any], step: Step, responder: Responder, ctx: RequestContext,
+                           include_usage: bool, keepalive: bool, adapter: Provider) -> _Opened:
+        """One attempt at a stream: its generator and first chunk (a failure before it closes the generator)."""
+        state = StreamState(include_usage=include_usage)
+        agen = cast(AsyncGenerator[bytes, None], adapter.stream(body, step, state))
+        try:
+            first = await self._first_chunk(agen, step, responder, ctx, keepalive)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await agen.aclose()
+            raise
+        return _Opened(agen, first, state, step)
+
+    async def _hedged_stream(self, ctx: RequestContext, i: int, steps: tuple[Step, ...],
+                             opener: Callable[[Step, bool], Callable[[Provider], Awaitable[_Opened]]]
+                             ) -> _Opened | None:
+        """As :meth:`_hedged`, up to the first chunk: the winner's stream goes on, the loser's is closed."""
+        first, second = steps[i], steps[i + 1]
+        won: list[_Opened] = []
+        done = [anyio.Event(), anyio.Event()]
+
+        async def run(n: int, step: Step) -> None:
+            try:
+                opened = await self._attempts(ctx, i + n, step, opener(step, n == 0))
+                if opened is not None:
+                    if won:  # both got a first chunk in the same instant: the later one is closed
+                        with anyio.CancelScope(shield=True):
+                            await opened.agen.aclose()
+                        return
+                    won.append(opened)
+                    tg.cancel_scope.cancel()
+            finally:
+                done[n].set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, 0, first)
+            with anyio.move_on_after(first.hedge_after or 0):
+                await done[0].wait()  # failed early: the second starts now, as a plain fall-through would
+            if not won:
+                tg.start_soon(run, 1, second)
+        return won[0] if won else None
+
     async def stream(self, ctx: RequestContext, route: Route, body: dict[str, Any], responder: Responder) -> None:
         opts = body.get("stream_options")
         include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-        for i, step in enumerate(route.steps):
-            provider = self.providers[step.provider]
-            attempt = Attempt(i, step.provider, step.model)
-            ctx.attempts.append(attempt)
-            ctx.provider, ctx.model = step.provider, step.model  # as in complete(): a 502 names the last step
-            state = StreamState(include_usage=include_usage)
-            agen = cast(AsyncGenerator[bytes, None], provider.stream(prepare_body(body, step), step, state))
-            try:
-                try:
-                    first = await self._first_chunk(agen, step, responder, ctx)
-                except ClientGone:
-                    raise
-                except Exception as exc:  # StepFailed, UpstreamError, TimeoutError, StopAsyncIteration, a bug
-                    self._failed(ctx, attempt, exc, step)
-                    continue
-                attempt.ok = True
-                attempt.status = 200
-                if not responder.started:
-                    await responder.start(200, [*_SSE_HEADERS, *ctx.gateway_headers()])
-                else:
-                    # A keep-alive sent the head before this step answered, without the step's headers:
-                    # they come now, as a comment, before the first chunk.
-                    first = ctx.step_comment() + first
-                ctx.status = 200
-                ctx.first_byte = time.perf_counter()
-                await responder.write(first)
-                try:
-                    await self._relay(agen, responder)
-                except ClientGone:
-                    raise
-                except Exception as exc:  # after the first chunk: a visible error event, never a clean end
-                    self._failed(ctx, attempt, exc, step)
-                    if isinstance(exc, TimeoutError):
-                        attempt.error = f"no chunk for {self.stream_idle_timeout:g}s (stream_idle_timeout)"
-                    # The client got a 200 and gets this event: the log says so, and what would have been
-                    # answered (502, or 504 for stream_idle_timeout) is the outcome, in the log and the event.
-                    ctx.outcome = 504 if isinstance(exc, TimeoutError) else 502  # as a whole answer would be
-                    ctx.usage = state.usage
-                    ctx.error = f"upstream stream interrupted: {attempt.error}"
-                    err = {"error": {"message": ctx.error, "type": "upstream_error", "code": "stream_interrupted",
-                                     "status": ctx.outcome}}
-                    await responder.end(encode(err))  # no [DONE]: a broken stream never looks finished
-                    return
-                ctx.usage = state.usage
-                await responder.end(DONE_EVENT)
-                return
-            except BaseException:
-                # The client left (ClientGone, or the server cancelled us): what the upstream reported so far
-                # is what the limiter and the store charge; without it the limiter charges the worst case.
-                if ctx.usage is None:
-                    ctx.usage = state.usage
-                raise
-            finally:
-                await agen.aclose()
+
+        def opener(step: Step, keepalive: bool = True) -> Callable[[Provider], Awaitable[_Opened]]:
+            return functools.partial(self._open_stream, prepare_body(body, step), step, responder, ctx,
+                                     include_usage, keepalive)
+
+        steps = route.steps
+        i = 0
+        while i < len(steps):
+            step = steps[i]
+            opened: _Opened | None
+            if step.hedge_after is not None and i + 1 < len(steps):
+                opened, i = await self._hedged_stream(ctx, i, steps, opener), i + 2
+            else:
+                opened, i = await self._attempts(ctx, i, step, opener(step)), i + 1
+            if opened is None:
+                continue
+            await self._deliver(ctx, opened, responder)
+            return
         err_obj = self.all_failed(ctx)
         if not responder.started:
             raise err_obj
@@ -211,6 +441,49 @@ class Router:
         event["error"]["status"] = err_obj.status
         await responder.end(encode(event))
 
+    async def _deliver(self, ctx: RequestContext, opened: _Opened, responder: Responder) -> None:
+        """The answering step's stream to the client, from its first chunk to its end (or an error event)."""
+        agen, first, state, step = opened
+        ctx.provider, ctx.model = step.provider, step.model
+        attempt = next(a for a in reversed(ctx.attempts) if a.ok and a.provider == step.provider)
+        try:
+            if not responder.started:
+                await responder.start(200, [*_SSE_HEADERS, *ctx.gateway_headers()])
+            else:
+                # A keep-alive sent the head before this step answered, without the step's headers:
+                # they come now, as a comment, before the first chunk.
+                first = ctx.step_comment() + first
+            ctx.status = 200
+            ctx.first_byte = time.perf_counter()
+            await responder.write(first)
+            try:
+                await self._relay(agen, responder)
+            except ClientGone:
+                raise
+            except Exception as exc:  # after the first chunk: a visible error event, never a clean end, no retry
+                self._failed(ctx, attempt, exc, step)
+                if isinstance(exc, TimeoutError):
+                    attempt.error = f"no chunk for {self.stream_idle_timeout:g}s (stream_idle_timeout)"
+                # The client got a 200 and gets this event: the log says so, and what would have been
+                # answered (502, or 504 for stream_idle_timeout) is the outcome, in the log and the event.
+                ctx.outcome = 504 if isinstance(exc, TimeoutError) else 502  # as a whole answer would be
+                ctx.usage = state.usage
+                ctx.error = f"upstream stream interrupted: {attempt.error}"
+                err = {"error": {"message": ctx.error, "type": "upstream_error", "code": "stream_interrupted",
+                                 "status": ctx.outcome}}
+                await responder.end(encode(err))  # no [DONE]: a broken stream never looks finished
+                return
+            ctx.usage = state.usage
+            await responder.end(DONE_EVENT)
+        except BaseException:
+            # The client left (ClientGone, or the server cancelled us): what the upstream reported so far
+            # is what the limiter and the store charge; without it the limiter charges the worst case.
+            if ctx.usage is None:
+                ctx.usage = state.usage
+            raise
+        finally:
+            await agen.aclose()
+
     async def _relay(self, agen: AsyncIterator[bytes], responder: Responder) -> None:
         idle = self.stream_idle_timeout
         while True:
@@ -222,10 +495,11 @@ class Router:
             await responder.write(chunk)
 
     async def _first_chunk(self, agen: AsyncIterator[bytes], step: Step, responder: Responder,
-                           ctx: RequestContext) -> bytes:
-        """Wait for the first chunk within the step's timeout, sending SSE comments meanwhile."""
+                           ctx: RequestContext, keepalive_on: bool = True) -> bytes:
+        """Wait for the first chunk within the step's timeout, sending SSE comments meanwhile (not for a hedge:
+        the step it races sends them)."""
         interval = self.keepalive_interval
-        if interval <= 0 or interval >= step.timeout:
+        if interval <= 0 or interval >= step.timeout or not keepalive_on:
             with anyio.fail_after(step.timeout):
                 return await agen.__anext__()
         result: list[bytes] = []

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("at_gateway.service")
 
 async def open_services(config: Config, limiter_channel: socket.socket | None = None,
-                        keyring: Keyring | None = None) -> Services:
+                        keyring: Keyring | None = None, shared: Any = None) -> Services:
     """This process's store, client-key cache, limiter and catalog (each None when not in use);
     ``limiter_channel``: a worker's socket to the limiter state its supervisor holds for all workers;
     ``keyring``: the stored credentials' key, from :func:`.store.catalog.prepare` (once, before any fork)."""
@@ -42,7 +42,7 @@ async def open_services(config: Config, limiter_channel: socket.socket | None = 
     from .store.keys import open_key_cache
     from .store.usage import open_recorder
 
-    services = Services()
+    services = Services(shared=shared)
     try:
         services.store = await open_recorder(config)
         services.keys = await open_key_cache(config)
@@ -149,7 +149,7 @@ HURRY_SECONDS = 3.0
 
 
 async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None = None,
-                limiter: socket.socket | None = None, keyring: Keyring | None = None) -> None:
+                limiter: socket.socket | None = None, keyring: Keyring | None = None, shared: Any = None) -> None:
     """Serve until stopped: a first SIGTERM/SIGINT drains (up to ``shutdown_timeout``), a second one
     (the supervisor passes one on as SIGINT) stops the requests still running, a third stops waiting
     for the store. Whatever way serving ends, the store is flushed last: a second signal bounds
@@ -163,12 +163,18 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
     # The stop signals are handled from before anything opens to after the last write: outside that,
     # a second signal would be a KeyboardInterrupt (or SIGTERM's default action) that skips the flush.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as receiver:
-        services = await open_services(config, limiter, keyring)
+        services = await open_services(config, limiter, keyring, shared)
         server: Server | None = None
 
         def swapped(old: Gateway, fresh: Gateway) -> None:
             if server is not None:
                 server.handler = fresh.handle
+            tls = fresh.config.tls
+            if tls is not None and settings.ssl_context is not None:
+                try:  # a renewed certificate: new handshakes use it, connections already open keep theirs
+                    settings.ssl_context.load_cert_chain(tls.cert_file, tls.key_file)
+                except (OSError, ssl.SSLError) as exc:
+                    log.error("reload: cannot load the TLS certificate or key, serving the old one: %s", exc)
             # Log lines are redacted by value: the new secrets from now on (and the old ones, for requests still
             # running on the old config). The log level follows the file too.
             setup_logging(fresh.config.log_level, Redactor([*old.config.secrets(), *fresh.config.secrets()]))
@@ -272,6 +278,10 @@ def run(config: Config) -> int:
 
         print(exc.render(), file=sys.stderr)
         return 1
+    from .resilience.state import SharedState
+
+    # Before any fork: every worker maps the same memory, so a key cooled (or a circuit opened) in one is in all.
+    shared = SharedState(shared=config.workers > 1)
     if config.workers > 1:
         from .limits import limits_possible, new_state
         from .limits.shared import Hub
@@ -286,16 +296,16 @@ def run(config: Config) -> int:
 
             print(f"at-gateway: {exc}", file=sys.stderr)
             return 1
-        return supervise(config, functools.partial(run_worker, loop=loop, keyring=keyring), hub=hub)
-    return run_worker(config, loop=loop, keyring=keyring)
+        return supervise(config, functools.partial(run_worker, loop=loop, keyring=keyring, shared=shared), hub=hub)
+    return run_worker(config, loop=loop, keyring=keyring, shared=shared)
 
 
 def run_worker(config: Config, sock: socket.socket | None = None, *, loop: EventLoop | None = None,
-               limiter: socket.socket | None = None, keyring: Keyring | None = None) -> int:
+               limiter: socket.socket | None = None, keyring: Keyring | None = None, shared: Any = None) -> int:
     """Serve in this process until drained: the whole gateway, or one of ``workers`` (``sock``: a shared listener)."""
     try:
         options = (loop or choose_loop(config.loop, config.source)).options
-        anyio.run(_main, config, sock, limiter, keyring, backend="asyncio", backend_options=options)
+        anyio.run(_main, config, sock, limiter, keyring, shared, backend="asyncio", backend_options=options)
     except ConfigError as exc:
         import sys
 
@@ -312,5 +322,5 @@ def run_worker(config: Config, sock: socket.socket | None = None, *, loop: Event
 
 
 async def _main(config: Config, sock: socket.socket | None = None, limiter: socket.socket | None = None,
-                keyring: Keyring | None = None) -> None:
-    await serve(config, sock=sock, limiter=limiter, keyring=keyring)
+                keyring: Keyring | None = None, shared: Any = None) -> None:
+    await serve(config, sock=sock, limiter=limiter, keyring=keyring, shared=shared)

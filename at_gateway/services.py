@@ -72,6 +72,9 @@ class Services:
     limiter: Limiter | None = None
     catalog: Catalog | None = None  # providers, routes and audit in the database (the admin API's); None in memory
     control: Any = None  # the :class:`~at_gateway.live.Live` holding the current gateway (reloads, health)
+    # Cooldowns, disabled keys and circuits (:class:`~at_gateway.resilience.state.SharedState`): made before the
+    # workers fork (shared by them), or by the first Gateway of a process (private).
+    shared: Any = None
 
     async def aclose(self) -> None:
         """Close every part, the store last (what the limiter and the drained requests left gets written)

@@ -17,13 +17,14 @@ def reference_redact(text: str) -> str:
     """The redaction without the fast path: every pattern over the whole text."""
     values = re.compile("|".join(re.escape(s) for s in sorted(SECRETS, key=len, reverse=True)))
     text = values.sub("[REDACTED]", text)
-    text = re.compile("|".join(f"(?:{p})" for p in _TOKEN_PATTERNS[:3])).sub("[REDACTED]", text)
-    return re.compile(_TOKEN_PATTERNS[3]).sub(lambda m: f"{m.group(1)}{m.group(2)}[REDACTED]", text)
+    text = re.compile("|".join(f"(?:{p})" for p in _TOKEN_PATTERNS[:-1])).sub("[REDACTED]", text)
+    return re.compile(_TOKEN_PATTERNS[-1]).sub(lambda m: f"{m.group(1)}{m.group(2)}[REDACTED]", text)
 
 
 _WORDS = ["Bearer ", "bearer\t", "BEARER  ", "sk-", "AIza", "api_key", "API-KEY", "apikey", "token", "Tokens",
           "secret", "PassWord", "=", ":", '"', "'", " ", "\n", "abcdefgh", "0123456789", "xyz_-.~+/", "}", ",", "&",
-          "[REDACTED]", "é", "ſecret", "İ", "K", "bench-gateway-key-0123456789", "sk-upstream-abcdef"]
+          "[REDACTED]", "atg_", "abcdefgh1234_", "é", "ſecret", "İ", "K", "bench-gateway-key-0123456789",
+          "sk-upstream-abcdef"]
 
 
 @settings(max_examples=400, deadline=None)

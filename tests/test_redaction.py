@@ -112,15 +112,19 @@ CASES: dict[str, Case] = {
 }
 
 
+_NO_RESILIENCE = {"cooldown": "off", "breaker": "off"}
+
+
 def _config(url: str) -> dict[str, Any]:
     steps = {"oa": "plain-up", "az": "azure-up", "an": "anthropic-up", "ge": "gemini-up"}
     return {
         "api_key": GATEWAY_KEY, "port": 0,
         "providers": [
-            {"name": "plain-up", "type": "openai", "base_url": url, "api_key": PLAIN_KEY},
-            {"name": "azure-up", "type": "azure", "base_url": url, "api_key": AZURE_KEY},
-            {"name": "anthropic-up", "type": "anthropic", "base_url": url, "api_key": PLAIN_KEY},
-            {"name": "gemini-up", "type": "gemini", "base_url": url, "api_key": GEMINI_KEY},
+            # Every request fails on purpose: keys that rested or circuits that opened would stop asking upstream.
+            {"name": "plain-up", "type": "openai", "base_url": url, "api_key": PLAIN_KEY, **_NO_RESILIENCE},
+            {"name": "azure-up", "type": "azure", "base_url": url, "api_key": AZURE_KEY, **_NO_RESILIENCE},
+            {"name": "anthropic-up", "type": "anthropic", "base_url": url, "api_key": PLAIN_KEY, **_NO_RESILIENCE},
+            {"name": "gemini-up", "type": "gemini", "base_url": url, "api_key": GEMINI_KEY, **_NO_RESILIENCE},
         ],
         "routes": [{"name": r, "steps": [{"provider": p, "model": "m"}]} for r, p in steps.items()],
     }
@@ -259,7 +263,7 @@ def test_a_key_split_in_a_token_endpoints_answer_never_leaks(tmp_path: Any) -> N
                                .encode())
     cfg = _config(raw.url)
     cfg["providers"].append({"name": "vertex-up", "type": "vertex", "project": "p", "base_url": raw.url,
-                             "credentials_file": str(creds), "token_url": raw.url + "/token"})
+                             "credentials_file": str(creds), "token_url": raw.url + "/token", **_NO_RESILIENCE})
     cfg["routes"].append({"name": "vx", "steps": [{"provider": "vertex-up", "model": "gemini-2.5-flash"}]})
     try:
         with run_gateway(cfg) as gw, httpx.Client(timeout=10) as client:

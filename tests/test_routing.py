@@ -334,15 +334,25 @@ def test_every_step_429_passes_429_on_and_every_timeout_is_504(upstream: MockUps
     upstream.replies["first"] = Reply(status=429, body={"error": {"message": "slow down"}})
     upstream.replies["second"] = Reply(status=429, body={"error": {"message": "slow down too"}})
     route = [{"name": "r", "steps": [{"provider": "up1", "model": "first"}, {"provider": "up2", "model": "second"}]},
-             {"name": "t", "steps": [{"provider": "up1", "model": "late", "timeout": "0.1s"},
-                                     {"provider": "up2", "model": "late", "timeout": "0.1s"}]}]
+             {"name": "t", "steps": [{"provider": "slow1", "model": "late", "timeout": "0.1s"},
+                                     {"provider": "slow2", "model": "late", "timeout": "0.1s"}]}]
     upstream.replies["late"] = Reply(delay=2, body=chat_completion("late"))
-    with run_gateway(base_config(upstream.url, route)) as gw:
+    cfg = base_config(upstream.url, route)
+    cfg["providers"] += [{"name": n, "type": "openai", "base_url": upstream.url, "api_key": f"sk-{n}-key"}
+                         for n in ("slow1", "slow2")]
+    with run_gateway(cfg) as gw:
         msgs = [{"role": "user", "content": "x"}]
         r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
                        json={"model": "r", "messages": msgs})
         assert r.status_code == 429
         assert r.json()["error"]["type"] == "rate_limit_error" and len(r.json()["error"]["attempts"]) == 2
+        assert r.json()["error"]["code"] == "upstream_rate_limited" and r.headers["retry-after"] == "1"
+        # The keys rest (cooldown.initial, 1s): the next request fails at once, without asking upstream.
+        sent = len(upstream.received)
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
+                       json={"model": "r", "messages": msgs})
+        assert r.status_code == 429 and len(upstream.received) == sent
+        assert "all keys cooling down" in r.json()["error"]["attempts"][0]["error"]
         r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
                        json={"model": "t", "messages": msgs})
         assert r.status_code == 504
@@ -364,7 +374,7 @@ def test_an_adapter_bug_is_a_failed_step_not_a_500(upstream: MockUpstream) -> No
 
     route = [{"name": "r", "steps": [{"provider": "up1", "model": "m"}, {"provider": "echo", "model": "e"}]}]
     with run_gateway(base_config(upstream.url, route)) as gw:
-        gw.gateway.providers["up1"] = Broken(gw.gateway.config.providers["up1"], gw.gateway.client)
+        gw.gateway.targets["up1"].adapters[0] = Broken(gw.gateway.config.providers["up1"], gw.gateway.client)
         for stream in (False, True):
             r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY},
                            json={"model": "r", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})

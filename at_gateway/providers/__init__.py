@@ -24,8 +24,10 @@ PROVIDER_TYPES: dict[str, tuple[str, str, frozenset[str]]] = {
                frozenset({"project", "location", "credentials_file", "token_url", "api", "safety_settings"})),
 }
 
-# Keys every provider accepts.
-COMMON_KEYS = frozenset({"name", "type", "api_key", "base_url", "headers", "proxy"})
+# Keys every provider accepts (the resilience ones: api_keys, retries, breaker, ... see config.ProviderConfig).
+COMMON_KEYS = frozenset({"name", "type", "api_key", "base_url", "headers", "proxy", "api_keys", "key_strategy",
+                         "cooldown", "retries", "retry_backoff", "retry_backoff_max", "breaker", "max_concurrency",
+                         "queue_timeout"})
 
 # Types that need no base_url (built in, or a default endpoint).
 NO_BASE_URL_TYPES = {"echo", "anthropic", "gemini", "vertex"}

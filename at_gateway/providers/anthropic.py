@@ -81,6 +81,7 @@ from .base import (
     decode_event,
     error_from_body,
     read_bounded,
+    with_retry_after,
 )
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -765,7 +766,8 @@ class AnthropicProvider(Provider):
         data, json_tool = self._encode(body, step, False)
         async with self.client.stream(b"POST", self.url, self.headers, data, self.cfg.proxy) as resp:
             if not 200 <= resp.status < 300:
-                raise error_from_anthropic(resp.status, await read_bounded(resp))  # never an unbounded error body
+                # a bounded body, never an unbounded error
+                raise with_retry_after(error_from_anthropic(resp.status, await read_bounded(resp)), resp)
             raw = await resp.read()
         obj = _check_message(raw, json_tool, step.model)
         return Completion(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(), obj["usage"])
@@ -776,7 +778,7 @@ class AnthropicProvider(Provider):
                               model=step.model)
         async with self.client.stream(b"POST", self.url, self.stream_headers, data, self.cfg.proxy) as resp:
             if not 200 <= resp.status < 300:
-                raise error_from_anthropic(resp.status, await read_bounded(resp))
+                raise with_retry_after(error_from_anthropic(resp.status, await read_bounded(resp)), resp)
             ctype = resp.header(b"content-type") or b""
             if b"text/event-stream" not in ctype:
                 raw = await read_bounded(resp)

@@ -133,7 +133,16 @@ async def read_bounded(resp: Any, limit: int = 65536) -> bytes:
 
 async def read_error(resp: Any, provider: str, limit: int = 65536) -> StepFailed:
     """Read (a bounded part of) an error body and turn it into StepFailed."""
-    return error_from_body(resp.status, await read_bounded(resp, limit), provider)
+    return with_retry_after(error_from_body(resp.status, await read_bounded(resp, limit), provider), resp)
+
+
+def with_retry_after(failure: StepFailed, resp: Any) -> StepFailed:
+    """``failure`` with the wait its answer asked for (Retry-After, retry-after-ms, x-ratelimit-reset-*): what
+    cools the key and times a retry (see :mod:`at_gateway.resilience`)."""
+    from ..resilience.backoff import retry_after
+
+    failure.retry_after = retry_after(resp.headers)
+    return failure
 
 
 def config_headers(cfg: ProviderConfig) -> Headers:

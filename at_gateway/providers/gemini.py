@@ -67,7 +67,7 @@ from ..config import ProviderConfig, Step
 from ..errors import StepFailed
 from ..http.pool import Headers, UpstreamClient
 from ..http.sse import EventSplitter, encode, event_data
-from .base import Completion, Provider, QuotedFailure, StreamState, config_headers, read_bounded
+from .base import Completion, Provider, QuotedFailure, StreamState, config_headers, read_bounded, with_retry_after
 
 API_VERSION = "v1beta"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/" + API_VERSION
@@ -732,12 +732,12 @@ async def read_error(resp: Any, limit: int = 65536) -> StepFailed:
         data: Any = json.loads(raw)
     except ValueError:
         if not raw.strip():
-            return error_from_gemini(resp.status, "(empty body)")
+            return with_retry_after(error_from_gemini(resp.status, "(empty body)"), resp)
         # Whole: routing redacts secrets by value and only then shortens; a cut here could split an
         # echoed key so that redaction misses it and its start leaks.
-        return QuotedFailure(f"HTTP {resp.status}", raw.strip(), status=resp.status, error={
-            "message": "error body is not JSON", "type": _error_type(resp.status), "code": "upstream_error"})
-    return error_from_gemini(resp.status, data)
+        return with_retry_after(QuotedFailure(f"HTTP {resp.status}", raw.strip(), status=resp.status, error={
+            "message": "error body is not JSON", "type": _error_type(resp.status), "code": "upstream_error"}), resp)
+    return with_retry_after(error_from_gemini(resp.status, data), resp)
 
 
 def usage_from_gemini(meta: Any) -> dict[str, Any] | None:

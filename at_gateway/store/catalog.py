@@ -2,19 +2,19 @@
 
 Tables (schema v2, :mod:`.db`): ``providers`` and ``routes`` (``name`` primary key, ``spec`` the JSON object
 as the admin API accepted it, with every secret field an ``enc:v1:<kid>:...`` token when an encryption key
-is set), ``audit_log``, ``settings`` (the KDF salt, the current key id, a key hand-off after a rotation).
-Every change to providers or routes bumps ``meta.config_version`` (triggers), which every worker polls;
-``meta.file_version`` is bumped by an admin reload so every worker re-reads the YAML file.
+is set), ``audit_log``, ``settings`` (the KDF salt and cost, the current key id, a key hand-off after a
+rotation). Every change to providers or routes bumps ``meta.config_version`` (triggers), which every worker
+polls; ``meta.file_version`` is bumped by an admin reload so every worker re-reads the YAML file.
 
-Secret fields of a provider spec: ``api_key``, every value of ``headers``, ``proxy`` when it carries
-user info. Each is encrypted on its own, bound to its row and field (``providers/<name>/api_key``,
-``providers/<name>/headers/<Header-Name>``, ``providers/<name>/proxy``) as associated data, so a value
-moved to another provider or field does not decrypt.
+Secret fields of a provider spec (what ``Config.secrets()`` redacts): ``api_key``, each key of ``api_keys``
+(a string, or the ``key`` of a ``{key, weight}``), every value of ``headers``, ``proxy`` when it carries
+user info. Each is encrypted on its own, bound to its row and field as associated data (the JSON array
+``["providers", <row name>, <field>, ...]``: unambiguous whatever the names hold), so a value moved to
+another provider or field does not decrypt.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import sqlite3
@@ -25,7 +25,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Overlay
-from .crypto import Cipher, CryptoError, Keyring, is_encrypted, new_salt, token_kid
+from .crypto import (
+    Cipher,
+    CryptoError,
+    KdfParams,
+    Keyring,
+    is_encrypted,
+    kdf_record,
+    parse_kdf,
+    passphrase_problem,
+    token_kid,
+)
 from .db import StoreError, connect
 
 log = logging.getLogger("at_gateway.store")
@@ -33,34 +43,65 @@ log = logging.getLogger("at_gateway.store")
 # settings rows
 _SALT, _KID, _HANDOFF = "kdf_salt", "key_id", "key_handoff"
 
-
-def _has_userinfo(url: str) -> bool:
-    return "@" in url.split("://", 1)[-1].split("/", 1)[0]
+FieldPath = tuple[Any, ...]  # a secret's place in a spec: ("api_key",), ("headers", name), ("api_keys", 0, "key")
 
 
-def secret_fields(spec: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
-    """``(path, value)`` of every secret in a provider spec: ``("api_key",)``, ``("headers", name)``, ``("proxy",)``."""
+def secret_fields(spec: Mapping[str, Any]) -> Iterator[tuple[FieldPath, str]]:
+    """``(path, value)`` of every secret in a provider spec: ``("api_key",)``, ``("api_keys", i)`` or
+    ``("api_keys", i, "key")``, ``("headers", name)``, ``("proxy",)`` (when it has user info, or is a token)."""
     if isinstance(spec.get("api_key"), str) and spec["api_key"]:
         yield ("api_key",), spec["api_key"]
+    keys = spec.get("api_keys")
+    if isinstance(keys, list):
+        for i, item in enumerate(keys):
+            if isinstance(item, str) and item:
+                yield ("api_keys", i), item
+            elif isinstance(item, Mapping) and isinstance(item.get("key"), str) and item["key"]:
+                yield ("api_keys", i, "key"), item["key"]
     headers = spec.get("headers")
     if isinstance(headers, Mapping):
         for name, value in headers.items():
             if isinstance(value, str) and value:
-                yield ("headers", str(name)), value
+                yield ("headers", name), value
     proxy = spec.get("proxy")
-    if isinstance(proxy, str) and (_has_userinfo(proxy) or is_encrypted(proxy)):
+    # "@" anywhere, as Config.secrets() reads it: a password holding "/" or "?" still counts
+    if isinstance(proxy, str) and ("@" in proxy or is_encrypted(proxy)):
         yield ("proxy",), proxy
 
 
-def _aad(name: str, path: tuple[str, ...]) -> str:
-    return "/".join(("providers", name, *path))
+def _aad(name: str, path: FieldPath) -> str:
+    return json.dumps(["providers", name, *(p if isinstance(p, int) else str(p) for p in path)],
+                      separators=(",", ":"), ensure_ascii=False)
 
 
-def _set(spec: dict[str, Any], path: tuple[str, ...], value: str) -> None:
+def _field(path: FieldPath) -> str:
+    """``api_key``, ``headers.X-Org``, ``api_keys[1].key``: the field as a person reads it."""
+    out = str(path[0])
+    for part in path[1:]:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _where(name: str, path: FieldPath) -> str:
+    return f"providers row {name!r}, field {_field(path)}"
+
+
+def _set(spec: dict[str, Any], path: FieldPath, value: str) -> None:
+    """``spec`` with the value at ``path`` replaced, every container on the way copied (never shared with
+    the caller's spec)."""
+    head = path[0]
     if len(path) == 1:
-        spec[path[0]] = value
+        spec[head] = value
+        return
+    inner = spec[head]
+    copy: Any = list(inner) if isinstance(inner, list) else dict(inner)
+    if len(path) == 2:
+        copy[path[1]] = value
     else:
-        spec[path[0]] = {**spec[path[0]], path[1]: value}
+        item = dict(copy[path[1]])
+        _set(item, path[2:], value)
+        copy[path[1]] = item
+    spec[head] = copy
 
 
 def public_change(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,12 +112,19 @@ def public_change(spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class RowError(CryptoError):
-    """A stored secret that does not decrypt, with where it is."""
+class RowError(CryptoError, StoreError):
+    """A stored secret that does not decrypt, with where it is (the database, the row and the field). A
+    :class:`~.db.StoreError` too: whoever handles "the database cannot be used" handles this."""
 
-    def __init__(self, where: str, reason: str) -> None:
-        super().__init__(f"{where}: {reason}")
+    def __init__(self, where: str, reason: str, path: str | None = None) -> None:
+        super().__init__(f"{path + ': ' if path else ''}{where}: {reason}")
         self.where = where
+        self.reason = reason
+
+
+class KeyChangedError(StoreError):
+    """The database's secrets are under a key this process does not hold (rotated outside this run): a write
+    of credentials, or a rotation, is refused until a restart with the new key."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +151,9 @@ class Catalog:
         self.keyring = keyring
         self.lock = threading.Lock()
         self._unfollowable: str | None = None  # a key id whose hand-off this process cannot open (logged once)
+        # The last overlay read, and the (config_version, key id) it was read at: polls that find nothing
+        # changed decrypt nothing, and a key rotated outside this run leaves the gateway serving this one.
+        self._overlay: tuple[tuple[int, str | None], Overlay] | None = None
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in a worker thread under :attr:`lock`."""
@@ -125,32 +176,37 @@ class Catalog:
 
     # -- secrets --------------------------------------------------------------
     def seal(self, spec: Mapping[str, Any], cipher: Cipher | None = None) -> dict[str, Any]:
-        """``spec`` as stored: each secret encrypted (plaintext without a key)."""
+        """``spec`` (plaintext, as the admin API accepted it) as stored: each secret encrypted, even one that
+        happens to look like a token (it must come back as it was given). Without a key the secrets stay
+        plaintext, and a value that looks like a token is refused: it would read back as an undecryptable one."""
         cipher = cipher or self.keyring.cipher
         out = dict(spec)
-        if cipher is None:
-            return out
         name = str(spec["name"])
         for path, value in secret_fields(spec):
-            if not is_encrypted(value):
+            if cipher is not None:
                 _set(out, path, cipher.encrypt(value, _aad(name, path)))
+            elif is_encrypted(value):
+                raise StoreError(f"{self.path}: {_where(name, path)}: a value starting with 'enc:v1:' cannot be "
+                                 "stored without store.encryption_key (it would read back as an encrypted one)")
         return out
 
-    def open(self, spec: Mapping[str, Any], cipher: Cipher | None = None) -> dict[str, Any]:
-        """A stored spec with its secrets decrypted; :class:`RowError` naming the first that fails."""
+    def open(self, spec: Mapping[str, Any], cipher: Cipher | None = None, name: str | None = None) -> dict[str, Any]:
+        """A stored spec with its secrets decrypted; :class:`RowError` naming the first that fails. ``name``:
+        the row's name (the associated data is bound to the row; default the spec's own name)."""
         cipher = cipher or self.keyring.cipher
         out = dict(spec)
-        name = str(spec.get("name"))
+        row = str(spec.get("name")) if name is None else name
         for path, value in secret_fields(spec):
             if not is_encrypted(value):
                 continue
-            where = f"providers row {name!r}, field {'.'.join(path)}"
+            where = _where(row, path)
             if cipher is None:
-                raise RowError(where, "encrypted, and store.encryption_key is not set")
+                raise RowError(where, f"encrypted (key id {token_kid(value)}), and store.encryption_key is not set",
+                               self.path)
             try:
-                _set(out, path, cipher.decrypt(value, _aad(name, path)))
+                _set(out, path, cipher.decrypt(value, _aad(row, path)))
             except CryptoError as exc:
-                raise RowError(where, str(exc)) from None
+                raise RowError(where, str(exc), self.path) from None
         return out
 
     # -- reading ------------------------------------------------------------
@@ -166,30 +222,53 @@ class Catalog:
                 else self.conn.execute(sql + " ORDER BY created_at, name")).fetchall()
         out = []
         for row_name, spec, created, updated in rows:
-            data = json.loads(spec)
+            try:
+                data = json.loads(spec)
+            except ValueError:
+                raise StoreError(f"{self.path}: {table} row {row_name!r}: the stored spec is not JSON "
+                                 "(damaged)") from None
             if table == "providers":
-                data = self.open(data)
+                data = self.open(data, name=row_name)
             out.append(StoredEntry(row_name, data, created, updated))
         return out
 
     def overlay(self) -> Overlay:
-        """Every stored provider and route, secrets decrypted (raises :class:`RowError` naming the first row
-        that cannot be decrypted)."""
-        self.conn.execute("BEGIN")  # one snapshot of both tables
+        """Every stored provider and route, secrets decrypted, from one snapshot (raises :class:`RowError`
+        naming the first row that cannot be decrypted: never a part of the providers).
+
+        The key is checked in the same snapshot: a rotation by another worker is followed before its rows are
+        read. After a rotation this run cannot follow (the CLI, another gateway on the file), the last
+        overlay read is answered: the gateway keeps serving what it has in memory (:meth:`follow_key`
+        logged it once) until it is restarted with the new key."""
+        self.conn.execute("BEGIN")  # one snapshot: the key id, the version and both tables
         try:
+            current = self._key_is_current()
+            cipher = self.keyring.cipher
+            stamp = (self.versions()[0], cipher.kid if cipher is not None else None)
+            if self._overlay is not None and (self._overlay[0] == stamp or not current):
+                return self._overlay[1]
+            if not current:
+                raise KeyChangedError(f"{self.path}: the stored credentials are now encrypted with key id "
+                                      f"{self._db_kid()}, which this gateway does not hold (the key was rotated "
+                                      "outside this run): restart it with the new store.encryption_key")
             providers = self._entries("providers")
             routes = self._entries("routes")
         finally:
-            self.conn.execute("COMMIT")
-        return Overlay(tuple(e.spec for e in providers), tuple(e.spec for e in routes))
+            if self.conn.in_transaction:
+                self.conn.execute("COMMIT")
+        overlay = Overlay(tuple(e.spec for e in providers), tuple(e.spec for e in routes))
+        self._overlay = (stamp, overlay)
+        return overlay
 
     def providers(self) -> list[StoredEntry]:
+        self.follow_key()
         return self._entries("providers")
 
     def routes(self) -> list[StoredEntry]:
         return self._entries("routes")
 
     def provider(self, name: str) -> StoredEntry | None:
+        self.follow_key()
         found = self._entries("providers", name)
         return found[0] if found else None
 
@@ -199,7 +278,8 @@ class Catalog:
 
     # -- writing (each one transaction, with its audit row) --------------------
     def _transaction(self) -> Any:
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error): one writer, a short transaction."""
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error, a failed COMMIT too): one writer, a short
+        transaction, and never a connection left inside a transaction."""
         catalog = self
 
         class _Tx:
@@ -209,27 +289,46 @@ class Catalog:
 
             def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
                 if kind is None:
-                    catalog.conn.execute("COMMIT")
-                elif catalog.conn.in_transaction:
+                    try:
+                        catalog.conn.execute("COMMIT")
+                        return
+                    except BaseException:
+                        if catalog.conn.in_transaction:
+                            catalog.conn.execute("ROLLBACK")
+                        raise
+                if catalog.conn.in_transaction:
                     catalog.conn.execute("ROLLBACK")
 
         return _Tx()
 
-    def _check_key_current(self) -> None:
-        """Refuse to write secrets under a key the database no longer uses (a rotation by another process)."""
-        cipher = self.keyring.cipher
+    def _db_kid(self) -> str | None:
         row = self.conn.execute("SELECT value FROM settings WHERE name = ?", (_KID,)).fetchone()
-        if cipher is not None and row is not None and row[0] != cipher.kid:
-            raise StoreError(f"{self.path}: the encryption key was changed by another process (key id {row[0]}); "
-                             "restart the gateway with the new store.encryption_key before writing credentials")
+        return str(row[0]) if row is not None else None
+
+    def _key_is_current(self) -> bool:
+        """Follow another worker's rotation if there is one; True when this process holds the key the
+        database's secrets are under (or the database names none)."""
+        self.follow_key()
+        kid = self._db_kid()
+        cipher = self.keyring.cipher
+        return kid is None or (cipher is not None and cipher.kid == kid)
+
+    def _require_current_key(self) -> None:
+        """Refuse to write secrets under a key the database no longer uses (a rotation outside this run)."""
+        if not self._key_is_current():
+            raise KeyChangedError(f"{self.path}: the encryption key was changed outside this gateway (key id "
+                                  f"{self._db_kid()}); restart the gateway with the new store.encryption_key "
+                                  "before writing credentials")
 
     def _put(self, table: str, spec: Mapping[str, Any], actor: str, action: str) -> bool:
         name = str(spec["name"])
-        stored = self.seal(spec) if table == "providers" else dict(spec)
         now = time.time()
         with self._transaction() as conn:
             if table == "providers":
-                self._check_key_current()
+                self._require_current_key()
+                stored = self.seal(spec)  # under the key checked just now, in this transaction
+            else:
+                stored = dict(spec)
             old = conn.execute(f"SELECT 1 FROM {table} WHERE name = ?", (name,)).fetchone()  # noqa: S608
             conn.execute(f"INSERT INTO {table} (name, spec, created_at, updated_at) VALUES (?, ?, ?, ?) "  # noqa: S608
                          "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
@@ -305,33 +404,41 @@ class Catalog:
     def rotate_key(self, new_passphrase: str, actor: str) -> dict[str, Any]:
         """Re-encrypt every stored secret under a key stretched from ``new_passphrase`` (new salt), in one
         transaction, each new value decrypted again before the commit; hand the new key to the other
-        workers (:meth:`.crypto.Keyring.wrap`) and switch this process to it. Any failure rolls back and
-        the old key stays in use. Answers ``{"rotated": n, "key_id": ..., "next_steps": [...]}``."""
-        salt = new_salt()
-        fresh = Cipher.derive(new_passphrase, salt)
-        old = self.keyring.cipher
+        workers (:meth:`.crypto.Keyring.wrap`, in the same transaction) and switch this process to it after
+        the commit. Any failure rolls back and the old key stays in use, here and in the database.
+
+        Raises (nothing changed then; no message holds a secret): ``ValueError`` for a passphrase the config
+        would refuse; :class:`RowError` (a :class:`CryptoError`) naming the row that does not decrypt;
+        ``sqlite3.Error`` when the database fails the transaction; :class:`KeyChangedError` when the key was
+        rotated outside this run (a restart with the new key is the way out).
+        Answers ``{"rotated": n, "key_id": ..., "previous_key_id": ..., "next_steps": [...]}``."""
+        problem = passphrase_problem(new_passphrase)
+        if problem is not None:
+            raise ValueError(f"encryption_key: {problem}")
+        params = KdfParams.fresh()
+        fresh = Cipher.derive(new_passphrase, params)  # before the write lock: scrypt takes its time and memory
         with self._transaction() as conn:
-            self._check_key_current()
-            rotated = reencrypt(conn, old, fresh)
-            _put_setting(conn, _SALT, base64.b64encode(salt).decode())
-            _put_setting(conn, _KID, fresh.kid)
-            _put_setting(conn, _HANDOFF, self.keyring.wrap(fresh))
-            conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'config_version'")  # workers: follow_key
-            self._audit_row(actor, "encryption_key.rotate", fresh.kid,
-                            {"secrets": rotated, "from_key_id": old.kid if old else None})
+            self._require_current_key()  # follows another worker's rotation first
+            old = self.keyring.cipher
+            rotated = _rotate_rows(conn, self.path, old, params, fresh, actor, self.keyring.wrap(fresh))
         self.keyring.cipher = fresh  # only after the commit: a failure above keeps the old key in use
+        self._unfollowable = None
+        _checkpoint(self.conn, self.path)
         log.info("store %s: encryption key rotated (%d secrets; key id %s)", self.path, rotated, fresh.kid)
         return {"rotated": rotated, "key_id": fresh.kid, "previous_key_id": old.kid if old else None,
                 "next_steps": [
-                    "Every worker of this gateway now uses the new key; nothing needs a restart now.",
-                    "Now change store.encryption_key in the config (or AT_GATEWAY_ENCRYPTION_KEY) to the new "
-                    "passphrase, before the next restart: a restart with the old one is refused (wrong key).",
-                    "Keep the old passphrase until that is done; it opens nothing after this rotation."]}
+                    f"Done: every stored credential is encrypted with the new key (key id {fresh.kid}); every "
+                    "worker of this gateway switches to it within a second, without a restart.",
+                    "Next: set store.encryption_key (usually the AT_GATEWAY_ENCRYPTION_KEY environment "
+                    "variable) to the new passphrase, before the next restart: a restart with the old "
+                    "passphrase is refused (exit 1, the key does not open the stored credentials).",
+                    "Then restart whenever you like; the old passphrase opens nothing any more."]}
 
     def follow_key(self) -> bool:
         """Another worker rotated the key (``settings`` names a key id this keyring does not hold): take the
         new key from the hand-off; True when the key changed. Never raises for a hand-off it cannot open
-        (a rotation by another process, the CLI): logs once and keeps the current key."""
+        (a rotation by the CLI or another run of the gateway): logs once and keeps the current key, and
+        :meth:`overlay` keeps answering what it last read."""
         rows = dict(self.conn.execute("SELECT name, value FROM settings WHERE name IN (?, ?)",
                                       (_KID, _HANDOFF)).fetchall())
         kid = rows.get(_KID)
@@ -342,12 +449,34 @@ class Catalog:
             self.keyring.cipher = self.keyring.unwrap(rows.get(_HANDOFF) or "", kid)
         except CryptoError:
             self._unfollowable = kid
-            log.error("store %s: the encryption key was rotated outside this gateway (key id %s); stored "
-                      "credentials changed from now on cannot be read here: restart with the new "
-                      "store.encryption_key", self.path, kid)
+            log.error("store %s: the encryption key was rotated outside this run of the gateway (key id %s: "
+                      "`at-gateway db rotate-key`, or another gateway on this database); this gateway keeps "
+                      "serving the providers it has in memory, and cannot read or store credentials changed "
+                      "from now on: restart it with the new store.encryption_key", self.path, kid)
             return False
+        self._unfollowable = None
         log.info("store %s: following the rotated encryption key (key id %s)", self.path, kid)
         return True
+
+
+def _private(conn: sqlite3.Connection) -> sqlite3.Connection:
+    """A connection that writes secrets: what it deletes or overwrites is zeroed in the file, not left in
+    free space (a plaintext credential encrypted at start, the old key's tokens after a rotation)."""
+    conn.execute("PRAGMA secure_delete = ON")
+    return conn
+
+
+def _checkpoint(conn: sqlite3.Connection, path: str) -> None:
+    """Old versions of the pages just rewritten live on in the WAL until a checkpoint: copy it into the
+    database and truncate it now. Best effort: a reader in the middle of a snapshot keeps the WAL (then
+    the next checkpoint, at the latest when the last connection closes, does it)."""
+    try:
+        row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error:
+        row = None
+    if row is None or row[0]:
+        log.info("store %s: the WAL could not be checkpointed now (a reader is busy); the previous versions of "
+                 "the rewritten rows leave it at the next checkpoint", path)
 
 
 def _put_setting(conn: sqlite3.Connection, name: str, value: str) -> None:
@@ -355,99 +484,226 @@ def _put_setting(conn: sqlite3.Connection, name: str, value: str) -> None:
                  "excluded.value", (name, value))
 
 
-def reencrypt(conn: sqlite3.Connection, old: Cipher | None, fresh: Cipher) -> int:
-    """Every stored secret under ``fresh`` (decrypted with ``old``; plaintext ones encrypted), each new value
-    decrypted again and compared before it is written; the count. Runs in the caller's transaction."""
-    count = 0
+def _settings(conn: sqlite3.Connection) -> dict[str, str]:
+    return {str(k): str(v) for k, v in conn.execute("SELECT name, value FROM settings").fetchall()}
+
+
+def _provider_rows(conn: sqlite3.Connection, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(name, spec)`` of every stored provider in name order (the order errors name "the first" in)."""
     for name, text in conn.execute("SELECT name, spec FROM providers ORDER BY name").fetchall():
-        spec = json.loads(text)
+        try:
+            spec = json.loads(text)
+        except ValueError:
+            raise StoreError(f"{path}: providers row {name!r}: the stored spec is not JSON (damaged)") from None
+        if not isinstance(spec, dict):
+            raise StoreError(f"{path}: providers row {name!r}: the stored spec is not an object (damaged)")
+        yield str(name), spec
+
+
+def _rotate_rows(conn: sqlite3.Connection, path: str, old: Cipher | None, params: KdfParams, fresh: Cipher,
+                 actor: str, handoff: str | None) -> int:
+    """The rotation's writes, in the caller's transaction: every secret re-encrypted, the new salt, key id
+    and hand-off (None: none, and a past one deleted), ``config_version`` bumped (the workers look), the
+    audit row. The count of secrets."""
+    rotated = reencrypt(conn, old, fresh, path)
+    _put_setting(conn, _SALT, kdf_record(params))
+    _put_setting(conn, _KID, fresh.kid)
+    if handoff is not None:
+        _put_setting(conn, _HANDOFF, handoff)
+    else:
+        conn.execute("DELETE FROM settings WHERE name = ?", (_HANDOFF,))
+    conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'config_version'")
+    conn.execute("INSERT INTO audit_log (time, actor, action, object, change) VALUES (?, ?, ?, ?, ?)",
+                 (time.time(), actor, "encryption_key.rotate", fresh.kid,
+                  json.dumps({"secrets": rotated, "from_key_id": old.kid if old else None}, separators=(",", ":"))))
+    return rotated
+
+
+def reencrypt(conn: sqlite3.Connection, old: Cipher | None, fresh: Cipher, path: str | None = None) -> int:
+    """Every stored secret under ``fresh`` (decrypted with ``old``; plaintext ones encrypted), each new value
+    decrypted again and compared before it is written; the count. Runs in the caller's transaction: a
+    :class:`RowError` (naming ``path``, the row and the field) leaves the rollback to it."""
+    count = 0
+    for name, spec in _provider_rows(conn, path or "the database"):
         changed = dict(spec)
-        for path, value in secret_fields(spec):
-            where = f"providers row {name!r}, field {'.'.join(path)}"
-            aad = _aad(name, path)
+        for field_path, value in secret_fields(spec):
+            where = _where(name, field_path)
+            aad = _aad(name, field_path)
             if is_encrypted(value):
                 if old is None:
-                    raise RowError(where, "encrypted, and no current key to decrypt it")
+                    raise RowError(where, f"encrypted (key id {token_kid(value)}), and there is no current key "
+                                          "to decrypt it", path)
                 try:
                     value = old.decrypt(value, aad)
                 except CryptoError as exc:
-                    raise RowError(where, str(exc)) from None
+                    raise RowError(where, str(exc), path) from None
             sealed = fresh.encrypt(value, aad)
             if fresh.decrypt(sealed, aad) != value:  # never commit a value that does not come back
-                raise RowError(where, "the re-encrypted value does not decrypt to the same text")
-            _set(changed, path, sealed)
+                raise RowError(where, "the re-encrypted value does not decrypt to the same text", path)
+            _set(changed, field_path, sealed)
             count += 1
         if changed != spec:
-            conn.execute("UPDATE providers SET spec = ? WHERE name = ?", (json.dumps(changed, separators=(",", ":")),
-                                                                         name))
+            conn.execute("UPDATE providers SET spec = ? WHERE name = ?",
+                         (json.dumps(changed, separators=(",", ":")), name))
     return count
 
 
-def _first_bad_row(conn: sqlite3.Connection, cipher: Cipher | None) -> str | None:
-    """Where the first stored secret that ``cipher`` cannot decrypt is (None: all decrypt)."""
-    for name, text in conn.execute("SELECT name, spec FROM providers ORDER BY name").fetchall():
-        spec = json.loads(text)
-        for path, value in secret_fields(spec):
+def _encrypt_plaintext(conn: sqlite3.Connection, cipher: Cipher, path: str) -> int:
+    """Encrypt the stored secrets that are plaintext (written while no key was set); the count."""
+    count = 0
+    for name, spec in _provider_rows(conn, path):
+        changed = dict(spec)
+        for field_path, value in secret_fields(spec):
+            if not is_encrypted(value):
+                _set(changed, field_path, cipher.encrypt(value, _aad(name, field_path)))
+                count += 1
+        if changed != spec:
+            conn.execute("UPDATE providers SET spec = ? WHERE name = ?",
+                         (json.dumps(changed, separators=(",", ":")), name))
+    return count
+
+
+def _first_bad_row(conn: sqlite3.Connection, cipher: Cipher | None, path: str) -> RowError | None:
+    """The first stored secret (in name order) that ``cipher`` cannot decrypt (None: all decrypt)."""
+    for name, spec in _provider_rows(conn, path):
+        for field_path, value in secret_fields(spec):
             if not is_encrypted(value):
                 continue
-            where = f"providers row {name!r}, field {'.'.join(path)}"
+            where = _where(name, field_path)
             if cipher is None:
-                return f"{where} is encrypted (key id {token_kid(value)}), and store.encryption_key is not set"
+                return RowError(where, f"encrypted (key id {token_kid(value)})")
             try:
-                cipher.decrypt(value, _aad(name, path))
+                cipher.decrypt(value, _aad(name, field_path))
             except CryptoError as exc:
-                return f"{where}: {exc}"
+                return RowError(where, str(exc))
     return None
+
+
+def _plaintext_count(conn: sqlite3.Connection, path: str) -> int:
+    return sum(1 for _, spec in _provider_rows(conn, path)
+               for _, value in secret_fields(spec) if not is_encrypted(value))
+
+
+def _cipher_for(conn: sqlite3.Connection, passphrase: str | None, settings: Mapping[str, str],
+                create_salt: bool) -> Cipher | None:
+    """The key ``passphrase`` gives with the database's salt (made now when missing and ``create_salt``;
+    without a salt and without ``create_salt``: None, nothing can be encrypted under it)."""
+    if not passphrase:
+        return None
+    record = settings.get(_SALT)
+    if record is None:
+        if not create_salt:
+            return None
+        params = KdfParams.fresh()
+        _put_setting(conn, _SALT, kdf_record(params))
+    else:
+        params = parse_kdf(record)
+    return Cipher.derive(passphrase, params)
+
+
+def _wrong_key(path: str, bad: RowError, cipher: Cipher | None, stored_kid: str | None, what: str) -> StoreError:
+    if cipher is None:
+        return StoreError(f"{path}: the stored provider credentials are encrypted, and store.encryption_key is "
+                          f"not set; the first: {bad.where} ({bad.reason}). Set store.encryption_key to the "
+                          "passphrase they were encrypted with")
+    ids = f" (the database's key id is {stored_kid}, {what} gives {cipher.kid})" if stored_kid else ""
+    return StoreError(f"{path}: {what} does not open the stored credentials{ids}; the first that fails: "
+                      f"{bad.where}: {bad.reason}. Use the passphrase they were encrypted with (after a "
+                      "rotation: the new one)")
 
 
 def prepare(path: str, passphrase: str | None, source: str) -> Keyring:
     """At start, once (before any worker forks): open the database, create the salt if missing, stretch the key,
     check that every stored secret decrypts (else :class:`~.db.StoreError` naming the database and the first
-    row that fails, for an exit 1), encrypt plaintext secrets found when a key is set, and warn when stored
-    credentials are (or would be) plaintext. The keyring it returns goes to every worker."""
-    conn = connect(path)
+    row that fails, for an exit 1), encrypt plaintext secrets found when a key is set, warn when stored
+    credentials are plaintext, and delete a past run's key hand-off (its boot secret died with that run).
+    One transaction: two starts at once do not both make a salt. The keyring it returns goes to every worker."""
+    conn = _private(connect(path))
     try:
-        conn.execute("BEGIN IMMEDIATE")  # one look and one change: two starts at once do not both salt
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            settings = dict(conn.execute("SELECT name, value FROM settings").fetchall())
-            cipher = None
-            if passphrase:
-                salt_text = settings.get(_SALT)
-                if salt_text is None:
-                    salt_text = base64.b64encode(new_salt()).decode()
-                    _put_setting(conn, _SALT, salt_text)
-                cipher = Cipher.derive(passphrase, base64.b64decode(salt_text))
-            bad = _first_bad_row(conn, cipher)
+            settings = _settings(conn)
+            cipher = _cipher_for(conn, passphrase, settings, create_salt=True)
+            bad = _first_bad_row(conn, cipher, path)
             if bad is not None:
-                stored_kid = settings.get(_KID)
-                which = (f"the database's key id is {stored_kid}, store.encryption_key gives {cipher.kid}"
-                         if cipher is not None and stored_kid else "")
-                raise StoreError(f"{path}: store.encryption_key does not open the stored credentials"
-                                 f"{' (' + which + ')' if which else ''}; the first that fails: {bad}. Start with "
-                                 "the key they were encrypted with (after a rotation: the new one)")
-            plaintext = sum(1 for _, text in conn.execute("SELECT name, spec FROM providers").fetchall()
-                            for _, value in secret_fields(json.loads(text)) if not is_encrypted(value))
+                raise _wrong_key(path, bad, cipher, settings.get(_KID), "store.encryption_key")
+            plaintext = _plaintext_count(conn, path)
             if cipher is not None:
                 if settings.get(_KID) != cipher.kid:
                     _put_setting(conn, _KID, cipher.kid)
                 if plaintext:
-                    reencrypt(conn, cipher, cipher)
-                    log.info("store %s: encrypted %d stored credential(s) that were plaintext", path, plaintext)
-                conn.execute("DELETE FROM settings WHERE name = ?", (_HANDOFF,))  # a past run's: nobody can open it
-            elif plaintext:
-                log.warning("store %s: %d provider credential(s) are stored in plaintext: set store.encryption_key "
-                            "(e.g. ${AT_GATEWAY_ENCRYPTION_KEY}) to encrypt them", path, plaintext)
+                    _encrypt_plaintext(conn, cipher, path)
+            else:
+                # Nothing is encrypted (checked above): no key id to name, and none for the workers to follow.
+                conn.execute("DELETE FROM settings WHERE name = ?", (_KID,))
+                if plaintext:
+                    log.warning("store %s: %d provider credential(s) are stored in plaintext: set "
+                                "store.encryption_key (e.g. ${AT_GATEWAY_ENCRYPTION_KEY}) to encrypt them", path,
+                                plaintext)
+                else:
+                    log.info("store %s: store.encryption_key is not set: provider credentials written through "
+                             "the admin API would be stored in plaintext", path)
+            conn.execute("DELETE FROM settings WHERE name = ?", (_HANDOFF,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        if cipher is not None and plaintext:
+            _checkpoint(conn, path)  # the plaintext's old pages out of the WAL too
+            log.info("store %s: encrypted %d stored credential(s) that were plaintext", path, plaintext)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot check the stored credentials: {exc}") from None
+    except StoreError:
+        raise
+    except CryptoError as exc:  # a damaged salt row
+        raise StoreError(f"{path}: {exc}") from None
     finally:
         conn.close()
     return Keyring(cipher)
 
 
+def rotate_database(path: str, passphrase: str | None, new_passphrase: str, actor: str = "cli") -> dict[str, Any]:
+    """``at-gateway db rotate-key``: the rotation of :meth:`Catalog.rotate_key` from outside the gateway, in
+    one transaction, decrypting with ``passphrase`` (the config's current key; None: the stored credentials
+    are plaintext). No hand-off (no running gateway could open one: their boot secret is theirs), and a past
+    one is deleted. Raises ``ValueError`` for an unusable new passphrase, :class:`~.db.StoreError` (naming
+    the database and the first row that fails) for anything else; nothing is changed then."""
+    problem = passphrase_problem(new_passphrase)
+    if problem is not None:
+        raise ValueError(f"the new passphrase {problem}")
+    params = KdfParams.fresh()
+    fresh = Cipher.derive(new_passphrase, params)
+    conn = _private(connect(path))
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            settings = _settings(conn)
+            old = _cipher_for(conn, passphrase, settings, create_salt=False)
+            bad = _first_bad_row(conn, old, path)
+            if bad is not None:
+                raise _wrong_key(path, bad, old, settings.get(_KID), "the config's store.encryption_key")
+            rotated = _rotate_rows(conn, path, old, params, fresh, actor, None)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        _checkpoint(conn, path)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: the rotation failed and was rolled back (the old key still opens "
+                         f"everything): {exc}") from None
+    except StoreError:
+        raise
+    except CryptoError as exc:  # a damaged salt row
+        raise StoreError(f"{path}: {exc}") from None
+    finally:
+        conn.close()
+    log.info("store %s: encryption key rotated (%d secrets; key id %s)", path, rotated, fresh.kid)
+    return {"rotated": rotated, "key_id": fresh.kid, "previous_key_id": old.kid if old else None}
+
+
 def open_catalog(path: str, keyring: Keyring) -> Catalog:
     """This process's catalog on the database at ``path`` (migrated)."""
-    conn = connect(path, check_same_thread=False)
+    conn = _private(connect(path, check_same_thread=False))
     return Catalog(conn, path, keyring)

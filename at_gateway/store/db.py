@@ -165,7 +165,7 @@ def connect(path: str, *, migrate: bool = True, migrations: Sequence[Sequence[st
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if path != MEMORY:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _set_wal(conn, busy_timeout_ms)
             if str(mode).lower() != "wal":
                 log.warning("store %s: journal mode is %s, not WAL (readers may wait for writers)", path, mode)
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -178,6 +178,21 @@ def connect(path: str, *, migrate: bool = True, migrations: Sequence[Sequence[st
         conn.close()
         raise
     return conn
+
+
+def _set_wal(conn: sqlite3.Connection, busy_timeout_ms: int) -> str:
+    """``PRAGMA journal_mode = WAL``, retried while another connection holds the lock: switching the mode of a
+    new file needs it exclusively and does not wait in sqlite's busy handler (workers starting together)."""
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    delay = 0.005
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)  # a retry of the product's, not a test's wait
+            delay = min(delay * 2, 0.1)
 
 
 def _create_private(path: str) -> None:
@@ -196,7 +211,20 @@ def _create_private(path: str) -> None:
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
-    """The database's schema version; 0 for a new (empty) database."""
+    """The database's schema version; 0 for a new (empty) database.
+
+    Read in one snapshot: between two autocommit reads another process could migrate the file, and a
+    file with tables but (a moment before) no schema_version would look like another program's."""
+    if conn.in_transaction:
+        return _schema_version(conn)
+    conn.execute("BEGIN")
+    try:
+        return _schema_version(conn)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
     if row is None:
         tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
