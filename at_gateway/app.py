@@ -159,7 +159,7 @@ class Gateway:
             if pc.proxy:
                 self.client.connector(pc.proxy)
         self.router = Router(config.routes, self.targets, self.redact, config.stream_idle_timeout,
-                             config.stream_keepalive_interval)
+                             config.stream_keepalive_interval, clock=self.services.clock)
         self.usage = usage or UsageMeter()  # outlives config reloads
         self.log = logging.getLogger("at_gateway.access")
         self._keys = [k.encode() for k in config.api_keys]
@@ -463,6 +463,9 @@ class Gateway:
         ``allow_direct``, ``provider/model``). A client key with routes may name only those."""
         models = body.pop("models", None)
         if models is None:
+            route = self.config.routes.get(body["model"])
+            if route is not None and ctx.key is None:
+                return route  # the common request: a route by name, an operator key
             return self._named_route(ctx, body["model"])
         routes = [self._named_route(ctx, name) for name in models]
         body.setdefault("model", routes[0].name)

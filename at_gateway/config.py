@@ -104,10 +104,10 @@ class WeightedKey:
 class ProviderConfig:
     name: str
     type: str
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # secrets: never in a repr (a log line, a traceback)
     base_url: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    proxy: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    proxy: str | None = field(default=None, repr=False)  # may hold a password
     # Type-specific keys (preset, api_version, credentials_file, ...).
     options: Mapping[str, Any] = field(default_factory=dict)
     # Resilience (issue 11): several keys, how they are chosen and rest, retries, the breaker, concurrency.
@@ -298,9 +298,12 @@ class Config:
         for p in self.providers.values():
             if p.api_key:
                 out.append(p.api_key)
-            for v in p.headers.values():
-                # Every header value: the store encrypts them all and the admin API masks them all, so the log
-                # must not show one an upstream quotes back either (OpenAI-Organization, a tenant id...).
+            for k, v in p.headers.items():
+                # Redacted by value where it may be a credential: an auth-like name, or a value long and mixed
+                # enough to be one (an org id, a tenant key). A value such as "true" or "request" is not: replacing
+                # it everywhere would mangle every log line, and the store encrypts every header value anyway.
+                if not (_CREDENTIAL_HEADER.search(k) or _credential_like(v)):
+                    continue
                 out.append(v)
                 scheme, _, token = v.partition(" ")
                 if token.strip() and scheme.lower() in ("bearer", "basic", "token"):
@@ -314,6 +317,16 @@ class Config:
                     password = userinfo.split(":", 1)[1]
                     out += [password, unquote(password)]
         return [s for s in out if s and len(s) >= 4]
+
+
+_CREDENTIAL_HEADER = re.compile(r"(?i)auth|key|token|secret|cookie|session|signature|password|credential")
+
+
+def _credential_like(value: str) -> bool:
+    """A header value that could be a credential: 16+ characters mixing letters and digits, not a plain word,
+    number or date."""
+    v = value.strip()
+    return len(v) >= 16 and any(c.isdigit() for c in v) and any(c.isalpha() for c in v)
 
 
 def parse_duration(value: Any) -> float:
@@ -491,7 +504,7 @@ class Overlay:
     each replaces the YAML entry of the same name, or comes after the YAML ones. Never ${VAR}-substituted:
     an admin must not be able to send the gateway's environment upstream."""
 
-    providers: tuple[Mapping[str, Any], ...] = ()
+    providers: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)  # credentials decrypted
     routes: tuple[Mapping[str, Any], ...] = ()
 
 
@@ -740,11 +753,27 @@ def _build_base_path(value: Any, problems: list[str]) -> str:
     return value.rstrip("/")
 
 
-def validate_provider(spec: Any) -> tuple[ProviderConfig | None, list[str]]:
+def validate_provider(spec: Any, source: str = "config") -> tuple[ProviderConfig | None, list[str]]:
     """One provider as the admin API receives it, checked as the YAML would check it: the provider, or every
-    problem with its path (``provider.base_url: ...``)."""
+    problem with its path (``provider.base_url: ...``).
+
+    ``source="database"`` (the admin API's): also refused is whatever would make the gateway use its host's
+    own credentials or files on an admin's say: a ``credentials_file`` (any file the gateway can read, its
+    contents sent to the ``token_url``), a ``token_url`` (where a Google credential is exchanged), and a
+    vertex provider without ``api_key`` (it would take the host's Application Default Credentials:
+    ``$GOOGLE_APPLICATION_CREDENTIALS``, gcloud's file, the metadata server). The config file, which only
+    the operator writes, may use all of them."""
     problems: list[str] = []
     out = _build_providers([spec], _Reader(problems), problems, ["provider"])
+    if source == "database" and isinstance(spec, dict):
+        for key in ("credentials_file", "token_url"):
+            if spec.get(key) is not None:
+                problems.append(f"provider.{key}: not allowed for a provider stored in the database (it makes the "
+                                "gateway use its host's files and credentials): set it in the config file")
+        if spec.get("type") == "vertex" and not spec.get("api_key"):
+            problems.append("provider.api_key: required for a vertex provider stored in the database (Vertex AI "
+                            "express mode; without a key it would use the host's Google credentials): define "
+                            "providers using service accounts or ADC in the config file")
     return (next(iter(out.values())) if out and not problems else None), problems
 
 
@@ -857,6 +886,24 @@ def _build_cors(raw: Any, r: _Reader, problems: list[str]) -> CORSConfig | None:
     )
 
 
+ENC_PREFIX = "enc:v1:"  # the store's encrypted values (store/crypto.py PREFIX)
+_ENC_PROBLEM = "starts with enc:v1:, the store's prefix for encrypted values (send the value itself)"
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2: a field name is a token
+# Fields that belong to the connection or the framing, which the gateway sets itself: a provider header of
+# one of these names would split or smuggle the upstream request.
+FORBIDDEN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te",
+                               "trailer", "upgrade", "expect", "proxy-connection"})
+
+
+def _header_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a provider header's name (None: it can)."""
+    if not _TOKEN.fullmatch(name):
+        return "is not a valid header name (RFC 9110: letters, digits and !#$%&'*+-.^_`|~, no spaces or colons)"
+    if name.lower() in FORBIDDEN_HEADERS:
+        return "is set by the gateway for each connection and cannot be configured"
+    return None
+
+
 def _valid_port(url: str) -> bool:
     try:
         _ = urlsplit(url).port  # raises for a port that is not a number in range
@@ -911,12 +958,19 @@ def _build_providers(raw: Any, r: _Reader, problems: list[str],
         headers_raw = _mapping(p.get("headers"), f"{path}.headers", problems)
         headers: dict[str, str] = {}
         for hk, hv in headers_raw.items():
-            if not isinstance(hv, (str, int, float)) or isinstance(hv, bool):
-                problems.append(f"{path}.headers.{hk}: must be a string")
+            hname = str(hk)
+            hpath = f"{path}.headers.{hname}" if _TOKEN.fullmatch(hname) else f"{path}.headers.{hname[:60]!r}"
+            name_problem = _header_name_problem(hname)
+            if name_problem is not None:
+                problems.append(f"{hpath}: {name_problem}")
+            elif not isinstance(hv, (str, int, float)) or isinstance(hv, bool):
+                problems.append(f"{hpath}: must be a string")
             elif "\n" in str(hv) or "\r" in str(hv):
-                problems.append(f"{path}.headers.{hk}: must not contain line breaks")
+                problems.append(f"{hpath}: must not contain line breaks")
+            elif str(hv).startswith(ENC_PREFIX):
+                problems.append(f"{hpath}: {_ENC_PROBLEM}")
             else:
-                headers[str(hk)] = str(hv)
+                headers[hname] = str(hv)
         proxy = r.string(p, "proxy", path)
         if proxy is not None and not re.match(r"^(https?|socks5h?)://[^/\s]+", proxy):
             problems.append(f"{path}.proxy: must be http://, https://, socks5:// or socks5h:// with a host")
@@ -929,11 +983,15 @@ def _build_providers(raw: Any, r: _Reader, problems: list[str],
         if api_key is not None and not isinstance(api_key, str):
             problems.append(f"{path}.api_key: must be a string")
             api_key = None
-        if isinstance(api_key, str) and api_key.startswith("enc:v1:"):
+        if isinstance(api_key, str) and api_key.startswith(ENC_PREFIX):
             # What the store writes encrypted values as: a real key never looks like it, and storing one would
-            # make the row unreadable.
-            problems.append(f"{path}.api_key: starts with enc:v1:, the store's prefix for encrypted values (send "
-                            "the key itself)")
+            # make the row unreadable (with a key) or read back as an undecryptable one (without).
+            problems.append(f"{path}.api_key: {_ENC_PROBLEM}")
+        listed = p.get("api_keys")
+        for i, item in enumerate(listed if isinstance(listed, list) else ()):
+            key = item.get("key") if isinstance(item, dict) else item
+            if isinstance(key, str) and key.startswith(ENC_PREFIX):
+                problems.append(f"{path}.api_keys[{i}]{'.key' if isinstance(item, dict) else ''}: {_ENC_PROBLEM}")
         resilience = _build_resilience(p, path, r, problems)
         if name and name not in out:
             out[name] = ProviderConfig(name=name, type=ptype, api_key=api_key or None, base_url=base_url,

@@ -105,8 +105,7 @@ class Live:
     def _read(self) -> tuple[tuple[int, int], Overlay]:
         catalog = self.catalog
         assert catalog is not None
-        catalog.follow_key()
-        return catalog.versions(), catalog.overlay()
+        return catalog.versions(), catalog.overlay()  # overlay() follows a rotated key in its own snapshot
 
     def merge(self, overlay: Overlay | None = None, file_config: Config | None = None) -> Config:
         """The file (as last read) with ``overlay`` (default: the database's, as last read) merged in;
@@ -156,9 +155,12 @@ class Live:
 
     async def refresh(self, *, force: bool = False) -> bool:
         """Rebuild if the database changed since the last look (``force``: rebuild anyway); True if rebuilt."""
-        if self.catalog is None:
+        catalog = self.catalog
+        if catalog is None:
             return False
-        versions, overlay = await self.catalog.call(self._read)
+        if not force and await catalog.call(catalog.versions) == self.versions:
+            return False  # the common poll: one small query, nothing decoded or decrypted
+        versions, overlay = await catalog.call(self._read)
         if versions == self.versions and not force:
             return False
         file_config = self.file_config

@@ -134,6 +134,9 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str, ensure_ascii=Fal
 
 def setup_logging(level: str, redactor: Redactor, stream: TextIO | None = None) -> logging.Logger:
     root = logging.getLogger("at_gateway")
+    # Our lines never show the process name, and looking it up costs every record a call once multiprocessing
+    # is imported (the shared cooldown state's lock imports it).
+    logging.logMultiprocessing = False
     root.handlers.clear()
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter(redactor))

@@ -19,7 +19,8 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, NamedTuple, TypeVar, cast
+from operator import methodcaller
+from typing import Any, TypeVar
 
 import anyio
 
@@ -41,13 +42,47 @@ DEFAULT_BACKOFF_MAX = 8.0
 _RETRIED = frozenset((408, 429))  # and every 5xx, and connection errors: what a retry may cure
 
 
-class _Opened(NamedTuple):
-    """A stream that produced its first chunk: the rest is relayed from ``agen``."""
+class _Opened:
+    """A stream that produced its first chunk: the rest is relayed from ``agen``.
 
-    agen: AsyncGenerator[bytes, None]
-    first: bytes
-    state: StreamState
-    step: Step
+    It keeps what its attempt took, the provider's concurrency slot and the key's in-flight count, until it
+    ends (:meth:`release`): a stream is in flight until its last chunk, not its first, for ``max_concurrency``
+    and ``least-busy`` alike. Its verdict for the key and the circuit waits for the end too
+    (:meth:`Router._verdict`): a stream the upstream breaks after its first chunk is as much a failure of the
+    target as one it breaks before."""
+
+    __slots__ = ("agen", "first", "state", "step", "target", "key", "slot", "breaker")
+
+    def __init__(self, agen: AsyncGenerator[bytes, None], first: bytes, state: StreamState, step: Step) -> None:
+        self.agen = agen
+        self.first = first
+        self.state = state
+        self.step = step
+        self.target: Target | None = None  # set by the attempt that opened it
+        self.key: int | None = None
+        self.slot = False
+        self.breaker: Breaker | NoBreaker | None = None  # None once the verdict is given
+
+    def release(self, now: float) -> None:
+        """Give back the slot and the in-flight count (and a probe no verdict was given for); once."""
+        target, self.target = self.target, None
+        if target is None:
+            return
+        if self.breaker is not None:
+            self.breaker.released(now)  # ended without a verdict: the client left, a hedge lost, a shutdown
+            self.breaker = None
+        if self.slot:
+            target.release()
+        if self.key is not None and target.counting and target.pool is not None:
+            target.pool.finished(self.key)
+
+    async def aclose(self, now: float) -> None:
+        """Close a stream that will not be delivered (a hedge's loser, a cancelled request)."""
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.agen.aclose()
+        finally:
+            self.release(now)
 
 
 async def _complete(body: dict[str, Any], step: Step, adapter: Provider) -> Completion:
@@ -75,14 +110,30 @@ def prepare_body(body: dict[str, Any], step: Step) -> dict[str, Any]:
     return out
 
 
+def _after(attempts: list[Attempt]) -> str:
+    """`` after 3 attempts`` when retries made more attempts than there were steps, else nothing."""
+    steps = len({a.step for a in attempts})
+    return f" after {len(attempts)} attempts" if len(attempts) > steps else ""
+
+
+def _lost(ctx: RequestContext, loser: int, winner: int) -> None:
+    """A hedge's loser: its attempt still in flight when the other step won says so (it has no error else)."""
+    for a in ctx.attempts:
+        if a.step == loser and not a.ok and a.error is None:
+            a.error = f"cancelled: step {winner} answered first (hedge_after)"
+
+
 class Router:
     """Runs a route's steps: each step's circuit, key, slot, retries (:mod:`.resilience`), then the next step."""
 
     def __init__(self, routes: Mapping[str, Route], targets: Mapping[str, Target],
                  redact: Callable[[str], str], stream_idle_timeout: float = 120.0,
-                 keepalive_interval: float = 15.0) -> None:
+                 keepalive_interval: float = 15.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.routes = routes
         self.targets = targets
+        # What keys and circuits are told the time with (their rests and open periods); tests drive it. Step
+        # deadlines are the event loop's own clock, which timeouts measure.
+        self.clock = clock
         self.redact = redact
         self.stream_idle_timeout = stream_idle_timeout
         self.keepalive_interval = keepalive_interval
@@ -141,20 +192,24 @@ class Router:
                 return GatewayError(attempts[-1].error or "upstream rejected the request", status=status,
                                     type=utype, code=code, extra=extra)
             if status is not None and 400 <= status < 500:
-                return GatewayError(f"all {len(attempts)} step(s) of route {ctx.route!r} failed: "
-                                    f"{attempts[-1].error}", status=status,
+                return GatewayError(f"{self._tried(ctx)} failed{_after(attempts)}: {attempts[-1].error}",
+                                    status=status,
                                     type="rate_limit_error" if status == 429 else "upstream_error",
                                     code="all_steps_failed", extra=extra)
         if attempts and all(a.timeout for a in attempts):
-            return UpstreamTimedOut(f"all {len(attempts)} step(s) of route {ctx.route!r} timed out",
+            return UpstreamTimedOut(f"{self._tried(ctx)} timed out{_after(attempts)}",
                                     code="all_steps_timed_out", extra=extra)
         last = attempts[-1].error if attempts else "no steps"
-        return UpstreamFailed(f"all {len(attempts)} step(s) of route {ctx.route!r} failed; last error: {last}",
-                              extra=extra)
+        return UpstreamFailed(f"{self._tried(ctx)} failed{_after(attempts)}; last error: {last}", extra=extra)
+
+    @staticmethod
+    def _tried(ctx: RequestContext) -> str:
+        """``all 2 step(s) of route 'r'``: the steps the attempts ran (retries are attempts of one step)."""
+        return f"all {len({a.step for a in ctx.attempts})} step(s) of route {ctx.route!r}"
 
     def _next_free(self, ctx: RequestContext) -> list[float | None]:
         """For each provider the attempts used: seconds until one of its keys is usable (or what it said)."""
-        now = time.monotonic()
+        now = self.clock()
         out: list[float | None] = []
         for name in dict.fromkeys(a.provider for a in ctx.attempts):
             pool = self.targets[name].pool
@@ -165,42 +220,45 @@ class Router:
         return out
 
     # -- one step: circuit, key, slot, retries --------------------------------
-    async def _choose(self, ctx: RequestContext, target: Target, step: Step, attempt: Attempt,
-                      deadline: float, used: set[int]) -> tuple[Provider, int | None, Breaker | NoBreaker] | None:
-        """The adapter (and key index) this attempt sends with, or None when the step cannot send now (the
-        attempt then says why: the circuit is open, or every key rests)."""
+    def _choose(self, target: Target, step: Step, attempt: Attempt,
+                used: set[int]) -> tuple[Provider, int | None, Breaker | NoBreaker] | float | None:
+        """The adapter (and key index) this attempt sends with; None when the step cannot send now (the attempt
+        then says why: the circuit is open, or every key rests); or, when every key rests but one is free within
+        ``wait_for_key``, how long to wait for it (the caller waits and asks again). Not a coroutine: the
+        common call (a closed circuit, one healthy key) costs two method calls and no await."""
         breaker = target.breaker(step.model)
-        now = time.monotonic()
+        now = self.clock()
         if not breaker.allow(now):
-            attempt.error = f"circuit open (for {breaker.open_for(now):.1f}s more)"
+            left = breaker.open_for(now)
+            attempt.error = (f"circuit open (for {left:.1f}s more)" if left > 0
+                             else "circuit half-open (its one probe request is in flight)")
             attempt.skipped = True
             return None
         pool = target.pool
         if pool is None:
             return target.adapters[0], None, breaker
-        while True:
-            index = pool.pick(now, frozenset(used)) if used else None
-            if index is None:
-                index = pool.pick(now)
-            if index is not None:
-                attempt.key = index if len(pool) > 1 else None
-                return target.adapters[index], index, breaker
-            wait = pool.next_free(now)
-            if wait is not None and wait <= step.wait_for_key and now + wait < deadline:
-                await anyio.sleep(wait)  # wait_for_key: a key frees up soon enough to wait for it
-                now = time.monotonic()
-                continue
+        index = pool.pick(now, frozenset(used)) if used else None
+        if index is None:
+            index = pool.pick(now)
+        if index is not None:
+            if target.multi:
+                attempt.key = index
+            return target.adapters[index], index, breaker
+        wait = pool.next_free(now)
+        if wait is not None and wait <= step.wait_for_key:
             breaker.released(now)
-            attempt.skipped = True
-            attempt.cooling = wait
-            attempt.error = ("all keys disabled (refused with 401/403 until the next reload)" if wait is None
-                             else f"all keys cooling down, next free in {wait:.1f}s")
-            return None
+            return wait
+        breaker.released(now)
+        attempt.skipped = True
+        attempt.cooling = wait
+        attempt.error = ("all keys disabled (refused with 401/403 until the next reload)" if wait is None
+                         else f"all keys cooling down, next free in {wait:.1f}s")
+        return None
 
     def _settle(self, target: Target, step: Step, index: int | None, breaker: Breaker | NoBreaker, exc: BaseException,
                 attempt: Attempt) -> str:
         """What a failure does to the key and the circuit; its scope (backoff.KEY / TARGET / REQUEST)."""
-        now = time.monotonic()
+        now = self.clock()
         if isinstance(exc, Busy):
             breaker.released(now)
             return REQUEST  # the provider is busy here: no key or circuit is to blame, and no retry
@@ -249,48 +307,91 @@ class Router:
         cap = step.retry_backoff_max if step.retry_backoff_max is not None else (
             target.cfg.retry_backoff_max if target.cfg.retry_backoff_max is not None else DEFAULT_BACKOFF_MAX)
         wait = backoff(tried, base, cap)
-        left = deadline - time.monotonic()
+        left = deadline - anyio.current_time()
         after = getattr(exc, "retry_after", None)
         pool = target.pool
+        if pool is None:  # no keys: the provider's own credentials go again, after what it asked for
+            if after is not None:
+                wait = after
+            return wait if wait < left else None
+        now = self.clock()
         # available(), not pick(): asking must not move the round-robin on
-        other_key = pool is not None and len(pool) > 1 and pool.available(time.monotonic(), frozenset(used))
-        if after is not None and not other_key:
-            # The same key (or none) goes again: the latest answer's Retry-After, if the step lasts that long.
-            if after >= left:
-                return None
+        if len(pool) > 1 and pool.available(now, frozenset(used)):
+            return wait if wait < left else None  # a fresh key: the backoff alone (its Retry-After was another's)
+        if after is not None:
+            # The same key (or one this step used) goes again: the latest answer's Retry-After, if the step
+            # lasts that long.
             wait = after
+        # A retry that would find every key resting would only be skipped (as a step is, when every key rests):
+        # the step fails now, and the route falls through, instead of sleeping for nothing.
+        free = pool.next_free(now)
+        if free is None or free > wait + step.wait_for_key:
+            return None
         return wait if wait < left else None
 
     async def _attempts(self, ctx: RequestContext, index: int, step: Step,
-                        send: Callable[[Provider], Awaitable[_T]]) -> _T | None:
+                        send: Callable[[Provider], Awaitable[_T]], stream: bool = False) -> _T | None:
         """Run one step: attempts (retries included, each one in ``ctx.attempts``) until one succeeds (its
-        result) or the step gives up (None; the attempts say why)."""
+        result) or the step gives up (None; the attempts say why). ``stream``: the result is an :class:`_Opened`,
+        which keeps the attempt's slot and in-flight count until the stream ends."""
         target = self.targets[step.provider]
-        deadline = time.monotonic() + step.timeout
+        deadline = anyio.current_time() + step.timeout  # the event loop's clock: what fail_after measures
         used: set[int] = set()
         tried = 0
         while True:
             attempt = Attempt(index, step.provider, step.model)
             ctx.attempts.append(attempt)
             ctx.provider, ctx.model = step.provider, step.model
-            choice = await self._choose(ctx, target, step, attempt, deadline, used)
+            choice = self._choose(target, step, attempt, used)
+            while type(choice) is float:  # wait_for_key: a key frees up soon enough to wait for it
+                if anyio.current_time() + choice >= deadline:
+                    attempt.skipped = True
+                    attempt.cooling = choice
+                    attempt.error = f"all keys cooling down, next free in {choice:.1f}s (after the step's timeout)"
+                    return None
+                await anyio.sleep(choice)
+                choice = self._choose(target, step, attempt, used)
             if choice is None:
                 return None
-            adapter, key, breaker = choice
+            adapter, key, breaker = choice  # type: ignore[misc]  # (no cast: its subscript is built on every call)
             pool = target.pool
-            if pool is not None and key is not None:
-                pool.started(key)
+            counting = target.counting  # least-busy counts what is in flight; the others need not
+            if key is not None:
                 used.add(key)
+                if counting:
+                    pool.started(key)  # type: ignore[union-attr]
+            slots = target.slots  # None without max_concurrency: nothing to take or give back
+            held = False
             try:
                 try:
-                    with anyio.fail_after(max(deadline - time.monotonic(), 0.0)):
-                        async with target.slot():
+                    if stream:  # its first chunk is awaited within the deadline, in _first_chunk's own scope
+                        if slots is not None:
+                            with anyio.fail_at(deadline):
+                                await target.acquire()  # Busy after queue_timeout
+                            held = True
+                        result = await send(adapter, deadline)  # type: ignore[call-arg]
+                    else:
+                        with anyio.fail_at(deadline):
+                            if slots is not None:
+                                await target.acquire()  # Busy after queue_timeout
+                                held = True
                             result = await send(adapter)
-                finally:
-                    if pool is not None and key is not None:
-                        pool.finished(key)
+                except BaseException:
+                    if held:
+                        target.release()
+                    if counting and key is not None:
+                        pool.finished(key)  # type: ignore[union-attr]
+                    raise
+                if stream:  # in flight until its last chunk: _Opened.release gives these back
+                    opened: _Opened = result  # type: ignore[assignment]
+                    opened.target, opened.key, opened.slot, opened.breaker = target, key, held, breaker
+                else:
+                    if held:
+                        target.release()
+                    if counting and key is not None:
+                        pool.finished(key)  # type: ignore[union-attr]
             except ClientGone:
-                breaker.released(time.monotonic())
+                breaker.released(self.clock())
                 raise
             except Exception as exc:  # StepFailed, UpstreamError, TimeoutError, StopAsyncIteration, Busy, a bug
                 self._failed(ctx, attempt, exc, step)
@@ -305,12 +406,13 @@ class Router:
                     await anyio.sleep(wait)
                 continue
             except BaseException:
-                breaker.released(time.monotonic())  # cancelled (a hedge lost, the server stops): no verdict
+                breaker.released(self.clock())  # cancelled (a hedge lost, the server stops): no verdict
                 raise
-            now = time.monotonic()
-            breaker.succeeded(now)
-            if pool is not None and key is not None:
-                pool.succeeded(key, now)
+            if not stream:  # a stream's verdict waits for its end (_verdict)
+                now = self.clock()
+                breaker.succeeded(now)
+                if pool is not None and key is not None:
+                    pool.succeeded(key, now)
             attempt.ok = True
             attempt.status = 200
             return result
@@ -325,7 +427,8 @@ class Router:
                 result, i = await self._hedged(ctx, i, steps, body), i + 2
             else:
                 prepared = prepare_body(body, step)
-                result = await self._attempts(ctx, i, step, functools.partial(_complete, prepared, step))
+                # methodcaller: adapter.complete(prepared, step) called straight, no wrapping coroutine frame
+                result = await self._attempts(ctx, i, step, methodcaller("complete", prepared, step))
                 i += 1
             if result is not None:
                 ctx.usage = result.usage
@@ -344,7 +447,7 @@ class Router:
             try:
                 with scope:
                     result = await self._attempts(ctx, i + n, step,
-                                                  functools.partial(_complete, prepare_body(body, step), step))
+                                                  methodcaller("complete", prepare_body(body, step), step))
                     if result is not None and not won:
                         won.append((n, result))
                         tg.cancel_scope.cancel()
@@ -362,17 +465,19 @@ class Router:
             n, result = won[0]
             winner = (first, second)[n]
             ctx.provider, ctx.model = winner.provider, winner.model
+            _lost(ctx, i + 1 - n, i + n)
             return result
         return None
 
     # -- streaming ----------------------------------------------------------
     async def _open_stream(self, body: dict[str, Any], step: Step, responder: Responder, ctx: RequestContext,
-                           include_usage: bool, keepalive: bool, adapter: Provider) -> _Opened:
-        """One attempt at a stream: its generator and first chunk (a failure before it closes the generator)."""
+                           include_usage: bool, keepalive: bool, adapter: Provider, deadline: float) -> _Opened:
+        """One attempt at a stream: its generator and first chunk by ``deadline`` (a failure before it closes the
+        generator)."""
         state = StreamState(include_usage=include_usage)
-        agen = cast(AsyncGenerator[bytes, None], adapter.stream(body, step, state))
+        agen: AsyncGenerator[bytes, None] = adapter.stream(body, step, state)  # type: ignore[assignment]
         try:
-            first = await self._first_chunk(agen, step, responder, ctx, keepalive)
+            first = await self._first_chunk(agen, step, responder, ctx, keepalive, deadline)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await agen.aclose()
@@ -384,29 +489,37 @@ class Router:
                              ) -> _Opened | None:
         """As :meth:`_hedged`, up to the first chunk: the winner's stream goes on, the loser's is closed."""
         first, second = steps[i], steps[i + 1]
-        won: list[_Opened] = []
+        won: list[tuple[int, _Opened]] = []
         done = [anyio.Event(), anyio.Event()]
 
         async def run(n: int, step: Step) -> None:
             try:
-                opened = await self._attempts(ctx, i + n, step, opener(step, n == 0))
+                opened = await self._attempts(ctx, i + n, step, opener(step, n == 0), stream=True)
                 if opened is not None:
                     if won:  # both got a first chunk in the same instant: the later one is closed
-                        with anyio.CancelScope(shield=True):
-                            await opened.agen.aclose()
+                        await opened.aclose(self.clock())
                         return
-                    won.append(opened)
+                    won.append((n, opened))
                     tg.cancel_scope.cancel()
             finally:
                 done[n].set()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run, 0, first)
-            with anyio.move_on_after(first.hedge_after or 0):
-                await done[0].wait()  # failed early: the second starts now, as a plain fall-through would
-            if not won:
-                tg.start_soon(run, 1, second)
-        return won[0] if won else None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, 0, first)
+                with anyio.move_on_after(first.hedge_after or 0):
+                    await done[0].wait()  # failed early: the second starts now, as a plain fall-through would
+                if not won:
+                    tg.start_soon(run, 1, second)
+        except BaseException:
+            for _, opened in won:  # the request was cancelled with a winner not delivered yet
+                await opened.aclose(self.clock())
+            raise
+        if not won:
+            return None
+        n, opened = won[0]
+        _lost(ctx, i + 1 - n, i + n)
+        return opened
 
     async def stream(self, ctx: RequestContext, route: Route, body: dict[str, Any], responder: Responder) -> None:
         opts = body.get("stream_options")
@@ -424,7 +537,7 @@ class Router:
             if step.hedge_after is not None and i + 1 < len(steps):
                 opened, i = await self._hedged_stream(ctx, i, steps, opener), i + 2
             else:
-                opened, i = await self._attempts(ctx, i, step, opener(step)), i + 1
+                opened, i = await self._attempts(ctx, i, step, opener(step), stream=True), i + 1
             if opened is None:
                 continue
             await self._deliver(ctx, opened, responder)
@@ -443,9 +556,11 @@ class Router:
 
     async def _deliver(self, ctx: RequestContext, opened: _Opened, responder: Responder) -> None:
         """The answering step's stream to the client, from its first chunk to its end (or an error event)."""
-        agen, first, state, step = opened
+        agen, first, state, step = opened.agen, opened.first, opened.state, opened.step
         ctx.provider, ctx.model = step.provider, step.model
-        attempt = next(a for a in reversed(ctx.attempts) if a.ok and a.provider == step.provider)
+        attempt = ctx.attempts[-1]
+        if not (attempt.ok and attempt.provider == step.provider):  # a hedge: the other step's came after it
+            attempt = next(a for a in reversed(ctx.attempts) if a.ok and a.provider == step.provider)
         try:
             if not responder.started:
                 await responder.start(200, [*_SSE_HEADERS, *ctx.gateway_headers()])
@@ -462,6 +577,7 @@ class Router:
                 raise
             except Exception as exc:  # after the first chunk: a visible error event, never a clean end, no retry
                 self._failed(ctx, attempt, exc, step)
+                self._verdict(opened, attempt, exc)
                 if isinstance(exc, TimeoutError):
                     attempt.error = f"no chunk for {self.stream_idle_timeout:g}s (stream_idle_timeout)"
                 # The client got a 200 and gets this event: the log says so, and what would have been
@@ -473,6 +589,7 @@ class Router:
                                  "status": ctx.outcome}}
                 await responder.end(encode(err))  # no [DONE]: a broken stream never looks finished
                 return
+            self._verdict(opened, attempt, None)
             ctx.usage = state.usage
             await responder.end(DONE_EVENT)
         except BaseException:
@@ -482,7 +599,25 @@ class Router:
                 ctx.usage = state.usage
             raise
         finally:
-            await agen.aclose()
+            try:
+                await agen.aclose()
+            finally:
+                opened.release(self.clock())
+
+    def _verdict(self, opened: _Opened, attempt: Attempt, exc: BaseException | None) -> None:
+        """A delivered stream's end settles its key and circuit: its clean end is a success, a break after the
+        first chunk a failure as the same break before it would be (:meth:`_settle`; it is not retried)."""
+        target, breaker = opened.target, opened.breaker
+        if target is None or breaker is None:
+            return
+        opened.breaker = None
+        if exc is not None:
+            self._settle(target, opened.step, opened.key, breaker, exc, attempt)
+            return
+        now = self.clock()
+        breaker.succeeded(now)
+        if opened.key is not None and target.pool is not None:
+            target.pool.succeeded(opened.key, now)
 
     async def _relay(self, agen: AsyncIterator[bytes], responder: Responder) -> None:
         idle = self.stream_idle_timeout
@@ -495,12 +630,14 @@ class Router:
             await responder.write(chunk)
 
     async def _first_chunk(self, agen: AsyncIterator[bytes], step: Step, responder: Responder,
-                           ctx: RequestContext, keepalive_on: bool = True) -> bytes:
-        """Wait for the first chunk within the step's timeout, sending SSE comments meanwhile (not for a hedge:
-        the step it races sends them)."""
+                           ctx: RequestContext, keepalive_on: bool = True, deadline: float | None = None) -> bytes:
+        """Wait for the first chunk by ``deadline`` (the step's, which its retries share; default: the step's
+        timeout from now), sending SSE comments meanwhile (not for a hedge: the step it races sends them)."""
         interval = self.keepalive_interval
+        if deadline is None:
+            deadline = anyio.current_time() + step.timeout
         if interval <= 0 or interval >= step.timeout or not keepalive_on:
-            with anyio.fail_after(step.timeout):
+            with anyio.fail_at(deadline):
                 return await agen.__anext__()
         result: list[bytes] = []
         error: list[BaseException] = []
@@ -524,7 +661,7 @@ class Router:
             if timer is None:
                 tg.start_soon(keepalive, interval)
             try:
-                with anyio.fail_after(step.timeout):
+                with anyio.fail_at(deadline):
                     result.append(await agen.__anext__())
             except Exception as exc:  # re-raised outside the task group, unwrapped
                 error.append(exc)

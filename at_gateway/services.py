@@ -9,6 +9,8 @@ without the request path knowing.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -75,6 +77,9 @@ class Services:
     # Cooldowns, disabled keys and circuits (:class:`~at_gateway.resilience.state.SharedState`): made before the
     # workers fork (shared by them), or by the first Gateway of a process (private).
     shared: Any = None
+    # The clock keys and circuits measure rests with (time.monotonic: one clock for every process of the
+    # machine); a test passes its own to move time without sleeping.
+    clock: Callable[[], float] = time.monotonic
 
     async def aclose(self) -> None:
         """Close every part, the store last (what the limiter and the drained requests left gets written)

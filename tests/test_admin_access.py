@@ -445,3 +445,97 @@ def test_forward_auth_without_an_admin_token_enables_the_admin_api(upstream: Moc
         assert httpx.post(g.url + CHAT, headers=bearer(GATEWAY_KEY), json=CHAT_BODY).status_code == 200
         assert httpx.post(g.url + CHAT, headers={"cookie": SESSION}, json=CHAT_BODY).status_code == 401
         assert len(auth_server.seen) == 1
+
+
+# -- CSRF: with forward auth the browser's cookie authenticates whatever a page makes it send ----------------
+
+JSON_CT = {"content-type": "application/json"}
+CROSS_SITE = [  # (headers beside the cookie, body): what pages of other sites can make a browser send
+    pytest.param({"sec-fetch-site": "cross-site", **JSON_CT}, b"{}", id="sec-fetch-cross-site"),
+    pytest.param({"sec-fetch-site": "same-site", **JSON_CT}, b"{}", id="sec-fetch-same-site-sibling-host"),
+    pytest.param({"origin": "https://evil.example", **JSON_CT}, b"{}", id="origin-other-host"),
+    pytest.param({"origin": "null", **JSON_CT}, b"{}", id="origin-null-sandboxed"),
+    pytest.param({"origin": "https://evil.example", "sec-fetch-site": "cross-site", "content-type": "text/plain"},
+                 b'{"name":"csrf","metadata":{"a":"=x"}}\r\n', id="text-plain-form"),
+]
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+@pytest.mark.parametrize("headers, body", CROSS_SITE)
+def test_cross_site_writes_are_403_before_any_handler(upstream: MockUpstream, auth_server: AuthServer,
+                                                      method: str, headers: dict[str, str], body: bytes) -> None:
+    with forward_gateway(upstream, auth_server.url) as g:
+        r = httpx.request(method, g.url + V1 + "whoami", content=body, headers={"cookie": SESSION, **headers})
+        err = error_of(r, 403, "cross_site_request")
+        assert "evil" not in err["message"]
+
+
+SAME_SITE = [  # what the dashboard on the gateway's own origin, a typed URL, or a script sends: let in
+    pytest.param({"sec-fetch-site": "same-origin"}, id="sec-fetch-same-origin"),
+    pytest.param({"sec-fetch-site": "none"}, id="sec-fetch-none-user-initiated"),
+    pytest.param({"origin": "ORIGIN"}, id="origin-this-host"),
+    pytest.param({"origin": "https://gw.example.org", "x-forwarded-host": "gw.example.org"},
+                 id="origin-the-proxys-host"),
+    pytest.param({"sec-fetch-site": "same-origin", "origin": "https://gw.example.org"},
+                 id="sec-fetch-decides-over-a-rewritten-host"),
+    pytest.param({}, id="a-script"),
+]
+
+
+@pytest.mark.parametrize("headers", SAME_SITE)
+def test_same_origin_and_script_writes_are_let_in(upstream: MockUpstream, auth_server: AuthServer,
+                                                  headers: dict[str, str]) -> None:
+    with forward_gateway(upstream, auth_server.url) as g:
+        headers = {k: g.url if v == "ORIGIN" else v for k, v in headers.items()}
+        r = httpx.post(g.url + V1 + "whoami", content=b"{}", headers={"cookie": SESSION, **JSON_CT, **headers})
+        assert r.status_code == 200 and r.json()["actor"] == "forward-auth:alice", r.text
+
+
+def test_reads_are_not_refused_cross_site(upstream: MockUpstream, auth_server: AuthServer) -> None:
+    """A page of another site cannot read the answer (no CORS on the admin API): a GET changes nothing."""
+    with forward_gateway(upstream, auth_server.url) as g:
+        r = httpx.get(g.url + V1 + "whoami", headers={"cookie": SESSION, "sec-fetch-site": "cross-site",
+                                                      "origin": "https://evil.example"})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                   "application/jsonp", "text/json"])
+def test_a_body_that_is_not_sent_as_json_is_415(tmp_path: Path, upstream: MockUpstream, ctype: str | None) -> None:
+    """curl -d sends application/x-www-form-urlencoded unless told: the admin token's scripts too must say JSON
+    (README: -H 'content-type: application/json'). Nothing is written."""
+    with run_live(live_config(tmp_path, upstream, admin_token=ADMIN)) as g:
+        headers = {**bearer(ADMIN), **({"content-type": ctype} if ctype else {})}
+        r = httpx.post(g.url + V1 + "clients", content=b'{"name": "app"}', headers=headers)
+        error_of(r, 415, "unsupported_media_type")
+        for ok_type in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+            r = httpx.post(g.url + V1 + "clients", content=b'{"name": "app"}',
+                           headers={**bearer(ADMIN), "content-type": ok_type})
+            assert r.status_code == 201, r.text
+        # no body, no content type needed (POST clients/{id}/rotate, POST reload, DELETE)
+        assert httpx.post(g.url + V1 + "reload", headers=bearer(ADMIN)).status_code != 415
+        conn = db.connect(str(tmp_path / "gw.db"))
+        try:
+            assert len(KeyStore(conn).list()) == 3
+        finally:
+            conn.close()
+
+
+def test_a_cross_site_form_changes_nothing_in_the_database(tmp_path: Path, upstream: MockUpstream,
+                                                           auth_server: AuthServer) -> None:
+    """The reviewer's probe: <form method=post enctype=text/plain> on another site, the SSO cookie attached,
+    aimed at clients, routes and rotate-key. Every one is refused and the database has no row of them."""
+    store = {"path": str(tmp_path / "gw.db"), "encryption_key": "the operator's passphrase!"}
+    with run_live(base_config(upstream.url, admin=forward_auth(auth_server.url), store=store)) as g:
+        form = {"cookie": SESSION, "content-type": "text/plain", "origin": "https://evil.example",
+                "sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate"}
+        for path, body in (("clients", b'{"name":"csrf","metadata":{"a":"=x"}}\r\n'),
+                           ("rotate-key", b'{"encryption_key":"known-to-the-attacker-=x"}\r\n'),
+                           ("routes", b'{"name":"demo","steps":[{"provider":"echo","model":"hijacked=x"}]}\r\n')):
+            error_of(httpx.post(g.url + V1 + path, content=body, headers=form), 403, "cross_site_request")
+        conn = db.connect(str(tmp_path / "gw.db"))
+        try:
+            assert conn.execute("SELECT count(*) FROM audit_log").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM routes").fetchone() == (0,)
+        finally:
+            conn.close()

@@ -52,8 +52,10 @@ class Admin:
 
     def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
              **params: Any) -> httpx.Response:
+        """``raw``: these bytes as the body, sent as JSON is (``Content-Type: application/json``)."""
         r = self.http.request(method, path, params=params or None, content=raw,
-                              json=body if raw is None else None)
+                              json=body if raw is None else None,
+                              headers={"content-type": "application/json"} if raw is not None else None)
         holds_secret = method == "POST" and (path == "clients" or path.endswith("/rotate")) and r.status_code < 300
         (self.secret_answers if holds_secret else self.seen).append(r.text)
         return r
@@ -636,3 +638,22 @@ def test_two_workers_serve_a_key_made_and_changed_here_within_a_second(upstream:
             api.close()
         text = logfile.read_text()
         assert "Traceback" not in text and secret_of(key) not in text and secret_of(new) not in text
+
+
+def test_a_failed_commit_does_not_leave_the_connection_in_a_transaction(tmp_path: Path) -> None:
+    """A COMMIT can fail and leave sqlite inside the transaction (a deferred constraint, the disk full): the shared
+    catalog connection must then be rolled back, or every later admin write would join a dead transaction."""
+    from at_gateway.admin.clients import _atomic
+
+    conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        conn.execute("CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+        with pytest.raises(sqlite3.IntegrityError):
+            _atomic(conn, lambda: conn.execute("INSERT INTO child VALUES (7)"))  # fails at COMMIT only
+        assert not conn.in_transaction
+        assert conn.execute("SELECT count(*) FROM child").fetchone() == (0,)
+        assert _atomic(conn, lambda: conn.execute("INSERT INTO parent VALUES (7)").rowcount) == 1  # usable
+    finally:
+        conn.close()

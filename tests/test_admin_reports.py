@@ -10,6 +10,7 @@ pages walking every row once, in order, while new rows arrive; exact decimal cos
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import itertools
 import json
@@ -386,6 +387,19 @@ BAD_QUERIES = [
 @pytest.mark.parametrize(("path", "params"), BAD_QUERIES, ids=[f"{p}-{'-'.join(q)}" for p, q in BAD_QUERIES])
 def test_bad_query_values_are_400_invalid_query(admin: Admin, path: str, params: dict[str, str]) -> None:
     admin.error("GET", path, want=400, code="invalid_query", **params)
+
+
+DEEP_CURSOR = base64.urlsafe_b64encode(b"[" * 3000).decode().rstrip("=")  # a RecursionError in json, once a 500
+LONG_CURSOR = base64.urlsafe_b64encode(json.dumps(["x" * 600]).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("cursor", [DEEP_CURSOR, LONG_CURSOR, base64.urlsafe_b64encode(b"[" * 300).decode()],
+                         ids=["nested-3000", "longer-than-512", "nested-short"])
+@pytest.mark.parametrize("path", ["clients", "audit", "requests", "usage", "providers", "routes"])
+def test_a_deep_or_long_cursor_is_400_not_a_500(admin: Admin, path: str, cursor: str) -> None:
+    err = admin.error("GET", path, want=400, code="invalid_query", cursor=cursor)
+    assert "cursor" in err["message"]
+    assert not [ln for ln in admin.gw.log_lines() if "Traceback" in ln or "RecursionError" in ln]
 
 
 def test_a_cursor_from_one_group_by_is_refused_by_another(admin: Admin) -> None:

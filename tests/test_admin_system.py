@@ -356,3 +356,59 @@ def test_the_sqlite_file_holds_no_plaintext_credential_with_an_encryption_key(ad
         conn.close()
     raw = db_bytes(admin.db_path)
     assert DB_KEY.encode() not in raw and HEADER_SECRET.encode() not in raw and b"enc:v1:" in raw
+
+
+# -- the database busy, a rotation whose rebuild fails ----------------------------------------------------------
+
+def test_a_database_locked_by_another_writer_is_503_store_busy_and_a_retry_succeeds(admin: Admin,
+                                                                                   other: MockUpstream) -> None:
+    """Another process (a long CLI command, another worker's rotation) holds the write lock longer than the busy
+    timeout: 503 store_busy with Retry-After: 1, nothing changed, the catalog's connection not left inside a
+    transaction; the same requests succeed once it is done."""
+    _serve_with_db_provider(admin, other)
+    catalog = admin.gw.gateway.services.catalog
+    assert catalog is not None
+    admin.gw.portal.call(catalog.call, lambda: catalog.conn.execute("PRAGMA busy_timeout = 100"))  # not 5 s
+    before = admin.sql("SELECT * FROM audit_log")
+    locker = sqlite3.connect(admin.db_path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    calls = [("POST", "routes", {"name": "r", "steps": [{"provider": "echo", "model": "m"}]}, 201),
+             ("DELETE", "routes/via", None, 200), ("POST", "clients", {"name": "app"}, 201),
+             ("POST", "rotate-key", {"encryption_key": NEW_PASSPHRASE}, 200)]
+    try:
+        for method, path, body, _ in calls:
+            r = admin.call(method, path, body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", (path, r.status_code, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "store_busy" and "retry" in err["message"] and NEW_PASSPHRASE not in r.text
+            assert not admin.gw.portal.call(catalog.call, lambda: catalog.conn.in_transaction)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert admin.sql("SELECT * FROM audit_log") == before
+    reached(admin.gw, other)  # the old key still serves
+    for method, path, body, status in calls:
+        admin.ok(method, path, body, want=status)
+    assert not [ln for ln in admin.gw.log_lines() if "Traceback" in ln]
+
+
+def test_rotate_key_answers_200_when_the_rotation_committed_and_the_rebuild_failed(admin: Admin,
+                                                                                  other: MockUpstream) -> None:
+    """The rotation is in the database: a failing rebuild here must not answer 500 (an operator would retry, or
+    not change store.encryption_key). Logged, and the watch rebuilds."""
+    _serve_with_db_provider(admin, other)
+    live = admin.gw.live  # type: ignore[attr-defined]
+
+    async def failing(*, force: bool = False) -> bool:
+        raise RuntimeError("the rebuild failed")
+
+    live.refresh = failing  # this worker's rebuild, not the store or the network
+    try:
+        d = admin.ok("POST", "rotate-key", {"encryption_key": NEW_PASSPHRASE})
+    finally:
+        del live.refresh
+    assert d["rotated"] == 2 and d["key_id"]
+    assert admin.sql("SELECT count(*) FROM audit_log WHERE action = 'encryption_key.rotate'") == [(1,)]
+    logged = [ln for ln in admin.gw.log_lines() if "rotate-key: the key was rotated" in ln]
+    assert len(logged) == 1 and NEW_PASSPHRASE not in logged[0]
+    reached(admin.gw, other)

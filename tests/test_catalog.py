@@ -19,15 +19,19 @@ import httpx
 import pytest
 import yaml
 
+from at_gateway.config import Overlay, build_config
+from at_gateway.errors import ConfigError
 from at_gateway.store.catalog import (
     Catalog,
     KeyChangedError,
     RowError,
+    StoredEntry,
     open_catalog,
     prepare,
     public_change,
     rotate_database,
     secret_fields,
+    usable_overlay,
 )
 from at_gateway.store.crypto import Cipher, CryptoError, Keyring, parse_kdf, token_kid
 from at_gateway.store.db import StoreError
@@ -155,6 +159,9 @@ def db(tmp_path: Path) -> Path:
     ({"name": "p", "proxy": "http://u:p@127.0.0.1:3128"}, [("proxy",)]),
     ({"name": "p", "proxy": "http://u:pa/ss@127.0.0.1:3128"}, [("proxy",)]),  # '/' in the password
     ({"name": "p", "base_url": "http://x", "type": "openai"}, []),
+    # a numeric header value is a secret too (a PIN, an account number); true/false are not header values
+    ({"name": "p", "headers": {"X-N": 98765432109876543210, "X-F": 1.5, "X-B": True}},
+     [("headers", "X-N"), ("headers", "X-F")]),
 ])
 def test_secret_fields(spec: dict[str, Any], fields: list[tuple[Any, ...]]) -> None:
     given = json.dumps(spec)
@@ -390,7 +397,8 @@ def test_rotation_re_encrypts_every_secret_under_the_new_key(db: Path) -> None:
         assert new is not None and new.kid != old.kid
         assert done["rotated"] == 10 and done["key_id"] == new.kid and done["previous_key_id"] == old.kid
         steps = done["next_steps"]
-        assert len(steps) == 3 and "store.encryption_key" in steps[1] and "restart" in steps[2].lower()
+        assert len(steps) == 4 and "store.encryption_key" in steps[1] and "restart" in steps[2].lower()
+        assert "not the provider API keys themselves" in steps[3]  # the provider's own keys are not changed
         assert PASS_B not in json.dumps(done) and PASS_A not in json.dumps(done)
         # every token under the new key id, none the old key opens
         for name, spec in raw_specs(db).items():
@@ -791,3 +799,145 @@ def test_a_cli_rotation_while_serving_keeps_memory_until_the_restart(db: Path, t
         assert spread(url, upstream, DB_KEY, 8)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
+
+
+# -- numeric header values, route writes after an outside rotation, transactions, what a start can serve --------
+@pytest.mark.parametrize("passphrase", [PASS_A, None], ids=["encrypted", "plaintext"])
+def test_a_numeric_header_value_is_stored_as_its_text_and_encrypted(db: Path, passphrase: str | None) -> None:
+    number = 98765432109876543210
+    with started(db, passphrase) as catalog:
+        catalog.put_provider({"name": "num", "type": "openai", "base_url": "http://h", "headers": {"X-N": number,
+                                                                                                "X-F": 2.5}}, "t")
+        stored = raw_specs(db)["num"]["headers"]
+        if passphrase:
+            assert all(token_kid(v) == catalog.keyring.cipher.kid for v in stored.values())  # type: ignore[union-attr]
+            assert str(number).encode() not in file_bytes(db)
+        else:
+            assert stored == {"X-N": str(number), "X-F": "2.5"}  # strings, as they are sent
+        found = catalog.provider("num")
+        assert found is not None and found.spec["headers"] == {"X-N": str(number), "X-F": "2.5"}
+        [change] = [json.loads(c) for (c,) in sqlite3.connect(db).execute("SELECT change FROM audit_log")]
+        assert change["headers"] == {"X-N": "(set)", "X-F": "(set)"}
+
+
+def test_route_writes_after_an_outside_rotation_are_refused(db: Path) -> None:
+    """After `db rotate-key` outside this run, overlay() answers what it last read: a route written now would be
+    acknowledged and never served. Refused like a provider write, nothing written."""
+    with started(db, PASS_A) as catalog:
+        catalog.put_provider(provider("alpha"), "t")
+        catalog.put_route({"name": "r", "steps": [{"provider": "alpha", "model": "m"}]}, "t")
+        catalog.overlay()
+        rotate_database(str(db), PASS_A, PASS_B)
+        before = snapshot(db)
+        for write in (lambda: catalog.put_route({"name": "late", "steps": [{"provider": "alpha", "model": "m"}]}, "t"),
+                      lambda: catalog.delete_route("r", "t"), lambda: catalog.delete_provider("alpha", "t")):
+            with pytest.raises(KeyChangedError, match="restart the gateway with the new store.encryption_key"):
+                write()
+            assert not catalog.conn.in_transaction
+        assert snapshot(db) == before
+
+
+def test_a_transaction_holds_the_checks_and_the_writes_and_the_writes_join_it(db: Path) -> None:
+    with started(db, PASS_A) as catalog:
+        with catalog.transaction():
+            assert catalog.conn.in_transaction and catalog.provider("alpha") is None  # a read in it: no BEGIN
+            catalog.put_provider(provider("alpha"), "t")  # joins: no BEGIN of its own, no COMMIT
+            catalog.put_route({"name": "r", "steps": [{"provider": "alpha", "model": "m"}]}, "t")
+            assert catalog.conn.in_transaction
+            assert [e["name"] for e in catalog.overlay().routes] == ["r"]  # the overlay reads inside it too
+        assert not catalog.conn.in_transaction and set(raw_specs(db)) == {"alpha"}
+        before = snapshot(db)
+        with pytest.raises(RuntimeError), catalog.transaction():
+            catalog.put_provider(provider("beta"), "t")
+            catalog.delete_route("r", "t")
+            raise RuntimeError("a check that failed after the writes")
+        assert not catalog.conn.in_transaction and snapshot(db) == before  # all of it rolled back
+
+
+def test_a_second_writer_waits_for_the_first_transaction_and_sees_its_write(db: Path) -> None:
+    """Two workers (two catalogs, one file): the second's check runs after the first's commit, never on the
+    state before it."""
+    keyring = prepare(str(db), PASS_A, "test")
+    with closing(open_catalog(str(db), keyring)) as one, \
+            closing(open_catalog(str(db), Keyring(keyring.cipher, boot_secret=keyring.boot_secret))) as two:
+        with one.transaction():
+            assert one.provider("same") is None
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                two.conn.execute("PRAGMA busy_timeout = 50")
+                with two.transaction():
+                    pass  # BEGIN IMMEDIATE waits for the first writer (here: gives up after 50 ms)
+            one.put_provider(provider("same"), "t")
+        assert not two.conn.in_transaction
+        with two.transaction():
+            assert two.provider("same") is not None  # the check a create makes: now a 409
+
+
+def _merge_with(file_doc: dict[str, Any]) -> Any:
+    return lambda overlay: build_config(file_doc, "c.yaml", {}, overlay=overlay)
+
+
+FILE_DOC = {"api_key": "k", "providers": [{"name": "echo", "type": "echo"}],
+            "routes": [{"name": "demo", "steps": [{"provider": "echo", "model": "e"}]}]}
+
+
+def test_usable_overlay_leaves_out_only_the_entries_that_do_not_fit() -> None:
+    """A stored route on a provider the YAML no longer has must not take the other stored entries down with it
+    (at a start, Live served the file alone). Dropped: the stale route, a provider that does not validate and
+    the route that needed it; kept: the rest."""
+    overlay = Overlay(
+        providers=({"name": "dbp", "type": "openai", "base_url": "http://h", "api_key": "sk-x"},
+                   {"name": "broken", "type": "openai"}),
+        routes=({"name": "prod", "steps": [{"provider": "dbp", "model": "m"}]},
+                {"name": "uses-up2", "steps": [{"provider": "up2", "model": "m"}]},
+                {"name": "on-broken", "steps": [{"provider": "broken", "model": "m"}]}))
+    fitted = usable_overlay(overlay, _merge_with(FILE_DOC))
+    assert sorted(fitted.config.routes) == ["demo", "prod"] and sorted(fitted.config.providers) == ["dbp", "echo"]
+    assert sorted(fitted.dropped) == [("providers", "broken"), ("routes", "on-broken"), ("routes", "uses-up2")]
+    assert [e["name"] for e in fitted.overlay.routes] == ["prod"]
+    assert fitted.error is not None and fitted.error.source == "c.yaml"
+    assert any(p.startswith("routes['uses-up2'] (database).steps[0].provider: unknown provider") for p in
+               fitted.error.problems)
+    assert any(p.startswith("providers['broken'] (database).base_url") for p in fitted.error.problems)
+    assert "sk-x" not in repr(fitted)
+
+
+def test_usable_overlay_of_entries_that_fit_is_all_of_them() -> None:
+    overlay = Overlay(routes=({"name": "r", "steps": [{"provider": "echo", "model": "m"}]},))
+    fitted = usable_overlay(overlay, _merge_with(FILE_DOC))
+    assert fitted.error is None and fitted.dropped == () and fitted.overlay == overlay and "r" in fitted.config.routes
+
+
+def test_usable_overlay_serves_the_file_alone_when_the_problems_name_no_stored_entry() -> None:
+    # a stored provider replacing the file's echo with one a file route cannot use: the problem is the file route's
+    overlay = Overlay(providers=({"name": "echo", "type": "openai"},))
+    doc = {**FILE_DOC, "routes": [{"name": "demo", "steps": [{"provider": "echo", "model": "e"}]}]}
+    fitted = usable_overlay(overlay, _merge_with(doc))
+    assert fitted.overlay == Overlay() and fitted.config.providers["echo"].type == "echo"
+    assert fitted.error is not None
+    with pytest.raises(ConfigError):  # a file that does not build alone: the caller's error
+        usable_overlay(Overlay(), _merge_with({"api_key": "k", "routes": [{"name": "x"}]}))
+
+
+def test_plaintext_credentials_written_are_said_once_per_process(db: Path, store_log: list[logging.LogRecord]) -> None:
+    with started(db, None) as catalog:
+        assert catalog.encrypts is False
+        store_log.clear()
+        catalog.put_provider({"name": "nokey", "type": "openai", "base_url": "http://h"}, "t")  # no credential
+        assert not messages(store_log, logging.WARNING)
+        for name in ("a", "b"):
+            catalog.put_provider(provider(name), "t")
+        warned = messages(store_log, logging.WARNING)
+        assert len(warned) == 1 and "stored in plaintext" in warned[0] and "store.encryption_key" in warned[0]
+        assert not any(secret in warned[0] for secret in secrets_of("a", "b"))
+    with started(db.with_name("enc.db"), PASS_A) as catalog:
+        store_log.clear()
+        catalog.put_provider(provider("c"), "t")
+        assert catalog.encrypts is True and not messages(store_log, logging.WARNING)
+
+
+def test_a_stored_entry_repr_holds_no_secret(db: Path) -> None:
+    with started(db, PASS_A) as catalog:
+        catalog.put_provider(provider("alpha"), "t")
+        entry = catalog.provider("alpha")
+        assert isinstance(entry, StoredEntry) and "alpha" in repr(entry)
+        assert not any(secret in repr(entry) for secret in secrets_of("alpha"))

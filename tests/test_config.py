@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -9,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from at_gateway.config import build_config, find_config, load_config, parse_duration, parse_size
+from at_gateway.config import (
+    Overlay,
+    build_config,
+    find_config,
+    load_config,
+    parse_duration,
+    parse_size,
+    validate_provider,
+)
 from at_gateway.errors import ConfigError
 
 GO_EXAMPLE = """\
@@ -259,3 +269,120 @@ def test_request_log_retention_in_days() -> None:
     """The README's and the issue's form, `request_log: {retention: 30d}`."""
     cfg = build_config({"api_key": "k", "request_log": {"retention": "30d"}}, "c", {})
     assert cfg.request_log_retention == 30 * 86400
+
+
+# -- one provider as the admin API checks it (validate_provider), and the YAML's header and secret rules -------
+
+VX = {"name": "vx", "type": "vertex", "project": "p"}
+
+
+@pytest.mark.parametrize(("spec", "problems"), [
+    ({**VX, "credentials_file": "/etc/passwd", "api_key": "k"}, ["provider.credentials_file: not allowed"]),
+    ({**VX, "token_url": "https://evil.example/token", "api_key": "k"}, ["provider.token_url: not allowed"]),
+    (VX, ["provider.api_key: required for a vertex provider stored in the database"]),
+    ({**VX, "api_keys": ["k1", "k2"]}, ["provider.api_key: required for a vertex"]),  # a pool is not express mode
+    ({**VX, "credentials_file": "/x", "token_url": "https://t.example"},
+     ["provider.credentials_file: not allowed", "provider.token_url: not allowed", "provider.api_key: required"]),
+    ({"name": "o", "type": "openai", "base_url": "http://h", "token_url": "https://t.example"},
+     ["provider.token_url: unknown key", "provider.token_url: not allowed"]),
+])
+def test_a_database_provider_cannot_use_the_hosts_credentials_or_files(spec: dict, problems: list[str]) -> None:
+    built, got = validate_provider(spec, source="database")
+    assert built is None and len(got) == len(problems), got
+    for want in problems:
+        assert sum(1 for p in got if p.startswith(want)) == 1, (want, got)
+    # the config file, written by the operator, may (the type's own rules aside)
+    assert not [p for p in validate_provider(spec)[1] if "not allowed" in p or "required for a vertex" in p]
+
+
+def test_a_database_vertex_provider_with_an_api_key_is_express_mode() -> None:
+    built, problems = validate_provider({**VX, "api_key": "AIza-key"}, source="database")
+    assert problems == [] and built is not None and built.api_key == "AIza-key"
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("X-A\r\nX-Injected", "is not a valid header name"), ("Bad Name", "is not a valid header name"),
+    ("", "is not a valid header name"), ("X-A:", "is not a valid header name"), ("Ünïcode", "is not a valid"),
+    *[(n, "is set by the gateway") for n in ("Host", "content-length", "Transfer-Encoding", "connection",
+                                             "Keep-Alive", "TE", "trailer", "upgrade", "expect", "proxy-connection")],
+])
+def test_provider_header_names_are_tokens_and_not_the_connections(name: str, problem: str) -> None:
+    spec = {"name": "h", "type": "openai", "base_url": "http://h", "headers": {name: "v", "X-Fine": "ok"}}
+    _, problems = validate_provider(spec)
+    assert len(problems) == 1 and problem in problems[0], problems
+    assert problems[0].startswith("provider.headers."), problems
+    assert "\r" not in problems[0] and "\n" not in problems[0]  # the path of a name with CRLF is quoted
+    with pytest.raises(ConfigError) as exc:  # the YAML alike
+        build_config({"api_key": "k", "providers": [{**spec}]}, "c.yaml", {})
+    assert [p for p in exc.value.problems if problem in p] and \
+        all(p.startswith("providers[0].headers.") for p in exc.value.problems)
+
+
+def test_valid_header_names_pass() -> None:
+    names = ["X-Org", "OpenAI-Beta", "anthropic-version", "x_under", "a!#$%&'*+-.^_`|~9"]
+    built, problems = validate_provider({"name": "h", "type": "openai", "base_url": "http://h",
+                                         "headers": {n: "v" for n in names}})
+    assert problems == [] and built is not None and list(built.headers) == names
+
+
+@pytest.mark.parametrize("spec, path", [
+    ({"api_key": "enc:v1:abc:def"}, "provider.api_key"),
+    ({"api_keys": ["ok-key", "enc:v1:abc:def"]}, "provider.api_keys[1]"),
+    ({"api_keys": [{"key": "enc:v1:abc:def", "weight": 2}]}, "provider.api_keys[0].key"),
+    ({"headers": {"X-A": "enc:v1:abc:def"}}, "provider.headers.X-A"),
+])
+def test_a_value_in_the_stores_encrypted_form_is_refused_with_its_path(spec: dict, path: str) -> None:
+    """What the store writes encrypted values as: stored without a key it would read back as an undecryptable
+    token (a 409 from the store, before), with a key it would be sealed as if it were the secret."""
+    _, problems = validate_provider({"name": "p", "type": "openai", "base_url": "http://h", **spec})
+    assert problems == [f"{path}: starts with enc:v1:, the store's prefix for encrypted values (send the value "
+                        "itself)"]
+
+
+def test_secret_bearing_fields_are_not_in_reprs() -> None:
+    built, _ = validate_provider({"name": "p", "type": "openai", "base_url": "http://h", "api_key": "sk-repr-leak-1",
+                                  "headers": {"X-S": "hdr-repr-leak-2"}, "proxy": "http://u:pw-repr-leak-3@p:1"})
+    text = repr(built) + repr(Overlay(providers=({"name": "p", "api_key": "sk-repr-leak-1"},)))
+    assert "repr-leak" not in text and "name='p'" in text
+
+
+# -- files a provider's config names: vertex's credentials_file --------------------------------------------
+
+def _authorized_user(path: Path, pad: int = 0) -> Path:
+    path.write_text(json.dumps({"type": "authorized_user", "client_id": "c", "client_secret": "s",
+                                "refresh_token": "r", "pad": "x" * pad}))
+    return path
+
+
+def test_credentials_file_is_read_when_a_small_regular_file(tmp_path: Path) -> None:
+    from at_gateway.providers.vertex import load_credentials
+
+    creds = load_credentials(str(_authorized_user(tmp_path / "adc.json")), "credentials_file")
+    assert creds.kind == "authorized_user" and creds.info["client_id"] == "c"
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("device", "is not a regular file"), ("directory", "is not a regular file"), ("fifo", "is not a regular file"),
+    ("large", "is larger than 64 KiB"), ("missing", "does not exist"), ("not-json", "is not JSON"),
+])
+def test_credentials_file_other_than_a_small_regular_file_is_refused_unread(tmp_path: Path, kind: str,
+                                                                            reason: str) -> None:
+    """A device (/dev/zero would be read forever), a FIFO (opening it would hang the token fetch), a directory
+    or a big file: refused from the open descriptor, naming the file and the reason, never its contents."""
+    from at_gateway.errors import StepFailed
+    from at_gateway.providers.vertex import MAX_CREDENTIALS_FILE, load_credentials
+
+    path = {"device": "/dev/zero", "directory": str(tmp_path), "missing": str(tmp_path / "none.json")}.get(kind)
+    if kind == "fifo":
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)
+    elif kind == "large":
+        path = str(_authorized_user(tmp_path / "big.json", MAX_CREDENTIALS_FILE))
+    elif kind == "not-json":
+        path = str(tmp_path / "secret.txt")
+        Path(path).write_text("internal-secret-kind-XYZ")
+    assert path is not None
+    with pytest.raises(StepFailed) as exc:
+        load_credentials(path, "credentials_file")
+    assert reason in exc.value.message and repr(path) in exc.value.message, exc.value.message
+    assert "XYZ" not in exc.value.message

@@ -150,6 +150,8 @@ def test_kdf_record_round_trips_and_keeps_the_cost() -> None:
     assert params.salt.hex() not in repr(params)
     raised = KdfParams(params.salt, n=2**16)
     assert parse_kdf(kdf_record(raised)) == raised
+    floor = KdfParams(params.salt, n=crypto.MIN_SCRYPT_N)  # the least cost a database may name
+    assert crypto.MIN_SCRYPT_N == 2**14 and parse_kdf(kdf_record(floor)) == floor
     # the first v2 databases kept a bare base64 salt: the default cost
     assert parse_kdf(base64.b64encode(b"x" * 16).decode()) == KdfParams(b"x" * 16)
 
@@ -157,6 +159,8 @@ def test_kdf_record_round_trips_and_keeps_the_cost() -> None:
 @pytest.mark.parametrize("record", [
     "not base64!", "", "scrypt$n=32768,r=8,p=1$", base64.b64encode(b"short").decode(),
     "scrypt$n=1000,r=8,p=1$" + base64.b64encode(b"x" * 16).decode(),  # not a power of two
+    "scrypt$n=8192,r=8,p=1$" + base64.b64encode(b"x" * 16).decode(),  # below the floor of 2^14: a toy cost
+    "scrypt$n=2,r=8,p=1$" + base64.b64encode(b"x" * 16).decode(),
     "scrypt$n=1073741824,r=8,p=1$" + base64.b64encode(b"x" * 16).decode(),  # 1 TiB: refused, not obeyed
     "bcrypt$n=32768,r=8,p=1$" + base64.b64encode(b"x" * 16).decode(),
 ])

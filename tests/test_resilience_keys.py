@@ -183,12 +183,13 @@ def test_429_cooldown_doubles_with_consecutive_429s_up_to_the_cap_and_success_re
 
 @pytest.mark.parametrize(("consecutive", "retry_after", "expected"), [
     (1, None, 1.0),
-    (1, 30.0, 30.0),  # the upstream asks longer: its wait
-    (1, 0.2, 1.0),  # shorter than the backoff: the backoff
-    (4, 5.0, 8.0),  # the fourth 429 in a row backs off 8s
+    (1, 30.0, 30.0),  # the upstream asks: its wait
+    (1, 0.2, 0.2),  # shorter than the backoff would be: still its wait (issue 11: "where sent, else a backoff")
+    (4, 5.0, 5.0),
+    (4, None, 8.0),  # the fourth 429 in a row with no wait asked backs off 8s
     (4, 120.0, 120.0),
 ])
-def test_429_cools_for_the_longest_of_retry_after_and_the_backoff(consecutive: int, retry_after: float | None,
+def test_429_cools_for_what_the_upstream_asked_else_the_backoff(consecutive: int, retry_after: float | None,
                                                                   expected: float) -> None:
     p = pool([1], cooldown=CooldownConfig(initial=1.0, max=60.0))
     now = 0.0

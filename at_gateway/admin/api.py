@@ -4,7 +4,9 @@ Everything here is off the request path of the client endpoints: the gateway han
 when its path starts with ``/admin/``. The door authenticates (admin tokens, or forward auth), parses
 the query and the bounded JSON body (unknown fields rejected with their path), finds the handler in
 one table (:data:`ROUTES`, each resource module contributing its own rows) and answers every error
-in the OpenAI shape, as the client endpoints do.
+in the OpenAI shape, as the client endpoints do. A write (POST, PUT, PATCH, DELETE) must come from the
+gateway's own origin or from a script, its body sent as JSON (:func:`same_origin`): with forward auth the
+browser's cookie authenticates, and a page of another site must not be able to use it.
 
 Handlers are plain async functions ``handler(req) -> Answer``; whatever touches sqlite runs in a thread
 through :meth:`AdminRequest.db`, never on the event loop.
@@ -17,12 +19,24 @@ import binascii
 import datetime as dt
 import json
 import logging
+import re
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
-from ..errors import AdminDisabled, BadRequest, Conflict, MethodNotAllowed, NotFound, PayloadTooLarge
+from ..errors import (
+    AdminDisabled,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
 from ..logs import quote
 
 if TYPE_CHECKING:
@@ -39,6 +53,15 @@ _NO_STORE = (b"cache-control", b"no-store")  # admin answers may describe secret
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
+MAX_CURSOR = 512  # characters: every cursor this API gives is far shorter (a JSON list of one to three values)
+
+# Methods that change something: the ones a cross-site page must not be able to send with the user's cookie.
+UNSAFE = frozenset((b"POST", b"PUT", b"PATCH", b"DELETE"))
+# Sec-Fetch-Site values of requests a page of this origin made, or the user made (typed, bookmarked, curl).
+_OWN_SITE = frozenset((b"same-origin", b"none"))
+# Secret prefixes that are public knowledge (they name the vendor, not the key): mask() may show them.
+PUBLIC_PREFIXES = ("sk-proj-", "sk-ant-", "sk-", "AIza", "atg_", "gsk_")
+MASK_MIN = 20  # characters: a shorter secret is shown as the ellipsis alone
 
 
 @dataclass
@@ -77,8 +100,15 @@ class AdminRequest:
         return catalog
 
     async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` in a thread, one at a time per process, on the catalog's connection."""
-        return await self.catalog.call(fn, *args)
+        """``fn(*args)`` in a thread, one at a time per process, on the catalog's connection. A database that
+        another connection keeps locked longer than the busy timeout is a 503 ``store_busy`` (retry), not a
+        500: nothing was changed, and the same request succeeds once the other writer is done."""
+        try:
+            return await self.catalog.call(fn, *args)
+        except sqlite3.OperationalError as exc:
+            if is_busy(exc):
+                raise store_busy() from None
+            raise
 
     def json(self, allowed: Iterable[str] | None = None, required: Iterable[str] = (),
              what: str = "body") -> dict[str, Any]:
@@ -135,6 +165,19 @@ class AdminRequest:
         return limit, (decode_cursor(cursor) if cursor else None)
 
 
+def is_busy(exc: BaseException) -> bool:
+    """Whether a sqlite error is "another connection holds the lock" (database is locked / busy)."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def store_busy(what: str = "nothing was changed") -> ServiceUnavailable:
+    """503 ``store_busy`` with ``Retry-After: 1``: the database is locked by another writer for longer than the
+    busy timeout (a long CLI command, another worker's rotation)."""
+    return ServiceUnavailable(f"the database is busy (another process holds its write lock): {what}; retry in a "
+                              "moment", code="store_busy", headers=[(b"retry-after", b"1")])
+
+
 def parse_time(value: str, what: str, redact: Callable[[str], str] = str) -> float:
     try:
         return float(value)
@@ -162,10 +205,15 @@ def encode_cursor(values: list[Any]) -> str:
 
 
 def decode_cursor(text: str) -> list[Any]:
-    try:
-        values = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except (ValueError, binascii.Error):
-        values = None
+    """The values a cursor of :func:`encode_cursor` holds; 400 for anything else. Bounded: a cursor longer
+    than any this API gives is refused before it is decoded (a deeply nested JSON list would exhaust the
+    parser's recursion)."""
+    values: Any = None
+    if len(text) <= MAX_CURSOR:
+        try:
+            values = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        except (ValueError, binascii.Error, RecursionError):
+            values = None
     if not isinstance(values, list):
         raise BadRequest("query parameter cursor: not a cursor this API gave (use next_cursor as it came)",
                          code="invalid_query")
@@ -179,18 +227,51 @@ def listing(data: list[Any], next_values: list[Any] | None) -> dict[str, Any]:
 
 
 def mask(secret: str | None) -> str | None:
-    """A secret as admin reads show it: its scheme-like prefix and at most its last 4 characters
-    (``sk-…abcd``), and only the ellipsis when it is short enough for 4 characters to matter."""
+    """A secret as admin reads show it: the ellipsis, and for a secret of 20 characters or more its last 4
+    (``…abcd``) and a vendor prefix everyone knows (``sk-…abcd``, ``AIza…abcd``; :data:`PUBLIC_PREFIXES`).
+    Nothing else of the head: a custom secret's first characters are part of the secret."""
     if not secret:
         return secret
-    head = ""
-    for sep in ("-", "_"):
-        first, found, _ = secret.partition(sep)
-        if found and 0 < len(first) <= 4 and first.isalnum():
-            head = first + sep
-            break
-    tail = secret[-4:] if len(secret) >= 20 else ""
-    return f"{head}…{tail}"
+    if len(secret) < MASK_MIN:
+        return "…"
+    head = next((p for p in PUBLIC_PREFIXES if secret.startswith(p)), "")
+    return f"{head}…{secret[-4:]}"
+
+
+_TOKEN_HOST = re.compile(rb"^[a-z][a-z0-9+.-]*://([^/?#]*)$")
+
+
+def same_origin(request: Request) -> None:
+    """Refuse a change a page of another site made the browser send (CSRF): with forward auth the user's
+    cookie authenticates whatever their browser sends. 403 ``cross_site_request`` when the browser says
+    the request is cross-site or same-site (a sibling host) in ``Sec-Fetch-Site``, or, from a browser that
+    does not send it, when ``Origin`` names another host than ``Host`` (or ``X-Forwarded-Host``, for a
+    proxy that rewrites Host: a page cannot set either). 415 ``unsupported_media_type`` for a body that is
+    not ``application/json``: an HTML form can send ``text/plain`` cross-site without a preflight, never
+    JSON. Scripts (curl, the SDKs) send neither header: only the content type applies to them."""
+    site = request.header(b"sec-fetch-site")
+    if site is not None:
+        if site.strip().lower() not in _OWN_SITE:
+            raise Forbidden("cross-site requests cannot change anything here (Sec-Fetch-Site: "
+                            f"{site[:40].decode('latin-1')!r}): use the admin API from its own origin, or from a "
+                            "script", code="cross_site_request")
+    else:
+        origin = request.header(b"origin")
+        if origin is not None:
+            m = _TOKEN_HOST.match(origin.strip().lower())
+            hosts = {h.strip().lower() for h in (request.header(b"host"), request.header(b"x-forwarded-host"))
+                     if h is not None}
+            if m is None or m[1] not in {h.split(b",")[0].strip() for h in hosts}:
+                raise Forbidden("cross-site requests cannot change anything here (the Origin is not this host): "
+                                "use the admin API from its own origin, or from a script", code="cross_site_request")
+    if request.body:
+        ctype = request.header(b"content-type")
+        media = (ctype or b"").split(b";")[0].strip().lower()
+        if media != b"application/json":
+            shown = repr(ctype[:60].decode("latin-1")) if ctype is not None else "none"
+            raise GatewayError(f"the body must be JSON sent as Content-Type: application/json (got {shown}); with "
+                               "curl: -H 'content-type: application/json'", status=415,
+                               type="invalid_request_error", code="unsupported_media_type")
 
 
 # -- the table --------------------------------------------------------------
@@ -243,6 +324,8 @@ class AdminAPI:
             raise PayloadTooLarge(f"admin request bodies are limited to {admin.max_body_size} bytes "
                                   "(admin.max_body_size)")
         actor = await self.auth.check(request)
+        if request.method in UNSAFE:
+            same_origin(request)
         if not request.path.startswith(PREFIX):  # /admin/api/v2/..., /admin/apix: after auth (no probing)
             raise NotFound("no such admin endpoint: " + quote(self.gateway.redact, request.path.decode("latin-1"), 200)
                            + f" (the admin API is under {self.gateway.config.base_path}/admin/api/v1/)",
@@ -263,5 +346,5 @@ class AdminAPI:
                                              *answer.headers], body)
 
 
-__all__ = ["PREFIX", "AdminAPI", "AdminDisabled", "AdminRequest", "Answer", "Conflict", "invalid", "listing",
-           "mask", "parse_time"]
+__all__ = ["PREFIX", "AdminAPI", "AdminDisabled", "AdminRequest", "Answer", "Conflict", "invalid", "is_busy",
+           "listing", "mask", "parse_time", "same_origin", "store_busy"]

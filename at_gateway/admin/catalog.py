@@ -12,7 +12,12 @@ Reads show each entry as it was given (the database's spec, or the file's entry 
 with its ``source`` and whether it ``overrides_config``. Secrets (what the store encrypts: ``api_key``, each
 of ``api_keys``, every header value, a proxy's user info) are shown masked (``sk-…abcd``).
 A client that read a provider and sends it back unchanged sends those masks: a secret given as the mask of the
-stored one keeps the stored one, so an edit never needs the secrets again (and PATCH keeps what it omits).
+stored one keeps the stored one, so an edit never needs the secrets again (and PATCH keeps what it omits) --
+unless the edit changes where the provider sends them (type, base_url, proxy, token_url, preset, location):
+then every secret must be sent again, or an admin who cannot read a key could have it sent to a host of theirs.
+
+Each write runs its checks and its write in one catalog transaction (BEGIN IMMEDIATE): what it checked (the
+name free, the provider unused, the route's providers there) is what it writes over, in whichever worker.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from ..http.server import ClientGone
 from ..logs import quote
 from ..providers import PROVIDER_TYPES
 from ..routing import prepare_body
-from ..store.catalog import secret_fields
+from ..store.catalog import secret_fields, usable_overlay
 from ..store.crypto import CryptoError
 from ..store.db import StoreError
 from .api import AdminRequest, Answer, Route, invalid, listing, mask
@@ -60,7 +65,9 @@ SecretPath = tuple[Any, ...]  # a secret's place in a provider spec: ("api_key",
 
 SOURCES = ("config", "database")
 #: Fields of a read that a write ignores (a read sent back as it came is a valid write).
-READ_ONLY = frozenset({"object", "source", "overrides_config", "created_at", "updated_at"})
+READ_ONLY = frozenset({"object", "source", "overrides_config", "created_at", "updated_at", "credentials_encrypted"})
+#: Fields that say where a provider's secrets go: changing one with a secret kept (masked or omitted) is refused.
+DESTINATION = ("type", "base_url", "proxy", "token_url", "preset", "location")
 MASK_MARK = "…"  # what every masked value holds (api.mask)
 TEST_TIMEOUT = 30.0  # seconds: POST providers/{name}/test waits at most this (or the route step's, if shorter)
 _PAGE = ("limit", "cursor")
@@ -334,6 +341,34 @@ def keep_secrets(spec: dict[str, Any], base: Mapping[str, Any] | None, problems:
     return dict(out)
 
 
+def _destination(spec: Mapping[str, Any], key: str) -> Any:
+    value = spec.get(key)
+    if key == "type":
+        return value or "openai"
+    if key == "base_url" and isinstance(value, str):
+        return value.rstrip("/")
+    return value
+
+
+def kept_for_new_destination(spec: Mapping[str, Any], base: Mapping[str, Any] | None, body: Mapping[str, Any],
+                             problems: list[str]) -> None:
+    """A change of where the provider sends its secrets (:data:`DESTINATION`) must come with every secret it
+    keeps: a secret the body does not hold in clear (omitted by a PATCH, or sent as its mask) would be sent
+    to the new destination by an admin who never knew it. One problem per such secret. A proxy's password is
+    the exception: it goes to the proxy only, whose host its mask holds (a mask with another host keeps
+    nothing, :func:`keep_secrets`)."""
+    if base is None:
+        return
+    changed = [k for k in DESTINATION if _destination(spec, k) != _destination(base, k)]
+    if not changed:
+        return
+    given = {(path, value) for path, value in secret_fields(body) if MASK_MARK not in value}
+    for path, value in secret_fields(spec):
+        if path != ("proxy",) and (path, value) not in given:
+            problems.append(f"{_field('provider', path)}: the destination changed ({', '.join(changed)}): send the "
+                            "secret again (a stored secret is kept only while it goes where it went)")
+
+
 def _spec(mode: str, body: dict[str, Any], base: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
     """create/put: the body (nulls dropped); patch: the body merged into ``base``."""
     if mode == "patch":
@@ -353,13 +388,22 @@ def _replaced(entries: tuple[Mapping[str, Any], ...], spec: Mapping[str, Any] | 
     return tuple(out)
 
 
-def _merged(live: Live, overlay: Overlay) -> Config:
-    """The configuration a change makes; 400 listing every problem when it does not build."""
+def _merged(live: Live, overlay: Overlay, before: Overlay, kind: _Kind, name: str | None) -> Config:
+    """The configuration a change makes; 400 listing every problem the change brings. Problems the database
+    had before it (a stored route whose provider the YAML no longer has: left out of what is served, see
+    :func:`~at_gateway.store.catalog.usable_overlay`) do not block an unrelated write; they are listed only
+    when the entry written is among what they leave out."""
     try:
         return live.merge(overlay)
     except ConfigError as exc:
-        raise invalid(list(exc.problems), f"the change does not fit the rest of the configuration: "
-                                          f"{len(exc.problems)} problem(s): " + "; ".join(exc.problems)) from None
+        fitted = usable_overlay(overlay, live.merge)
+        old = usable_overlay(before, live.merge).error
+        new = [p for p in exc.problems if old is None or p not in old.problems]
+        if new or (name is not None and (kind.table, name) in fitted.dropped):
+            shown = new or list(exc.problems)
+            raise invalid(shown, f"the change does not fit the rest of the configuration: {len(shown)} "
+                                 "problem(s): " + "; ".join(shown)) from None
+        return fitted.config
 
 
 async def _in_db(req: AdminRequest, fn: Callable[[], Any]) -> Any:
@@ -431,42 +475,55 @@ async def _get(req: AdminRequest, kind: _Kind) -> Answer:
     return Answer(kind.render(gateway.config, name, file_config, overlay, await _stamps(req, kind.table)))
 
 
+def _state(live: Live, overlay: Overlay) -> Config:
+    """The configuration the database holds now (read in the write's transaction), to check a change against
+    what every worker wrote, not what this one last rebuilt; the part that builds when a stored entry no
+    longer fits (:func:`~at_gateway.store.catalog.usable_overlay`)."""
+    return usable_overlay(overlay, live.merge).config
+
+
 async def _write(req: AdminRequest, kind: _Kind, mode: str) -> Answer:
     """create (POST), put (PUT) or patch (PATCH) one database entry: checked, merged, written, served."""
     only(req, ())
     live, catalog = _writable(req)
     name, body, problems = _body(req, kind.word, None if mode == "create" else req.params["name"])
     actor = req.actor
-    await _follow(live, "before an admin write")  # check against what the other workers wrote too
+    await _follow(live, "before an admin write")  # the file as every worker reads it (an admin reload)
 
     def write() -> tuple[bool, Config, Overlay]:
-        stored = catalog.provider(name) if kind is PROVIDERS else catalog.route(name)
-        in_file = name in kind.effective(live.file_config)
-        if mode == "create" and stored is not None:
-            raise Conflict(f"a {kind.word} named {_shown(req, name)} is already in the database (PUT or PATCH "
-                           f"{kind.table}/{{name}} changes it)", code=f"{kind.word}_exists")
-        if mode == "patch" and stored is None and not in_file:
-            raise _not_found(req, kind.word, name)
-        # An entry only the file defines: the database's starts as the file's (its secrets too), then the change.
-        base = dict(stored.spec) if stored is not None else (
-            file_entry(live.file_config, kind.table, name) if in_file else None)
-        spec = _spec(mode, body, base, name)
-        if kind is PROVIDERS:
-            spec = keep_secrets(spec, base, problems)
-            problems.extend(validate_provider(spec)[1])
-        else:
-            config = live.config
-            problems.extend(validate_route(spec, config.providers, config.default_timeout)[1])
-        if problems:
-            raise invalid(problems)
-        overlay = kind.overlay(catalog.overlay(), spec, name)
-        merged = _merged(live, overlay)
-        created = catalog.put_provider(spec, actor) if kind is PROVIDERS else catalog.put_route(spec, actor)
+        with catalog.transaction():  # the checks below and the write: one state, one writer at a time
+            stored_overlay = catalog.overlay()
+            stored = catalog.provider(name) if kind is PROVIDERS else catalog.route(name)
+            in_file = name in kind.effective(live.file_config)
+            if mode == "create" and stored is not None:
+                raise Conflict(f"a {kind.word} named {_shown(req, name)} is already in the database (PUT or PATCH "
+                               f"{kind.table}/{{name}} changes it)", code=f"{kind.word}_exists")
+            if mode == "patch" and stored is None and not in_file:
+                raise _not_found(req, kind.word, name)
+            # An entry only the file defines: the database's starts as the file's (its secrets too), then the change.
+            base = dict(stored.spec) if stored is not None else (
+                file_entry(live.file_config, kind.table, name) if in_file else None)
+            spec = _spec(mode, body, base, name)
+            if kind is PROVIDERS:
+                spec = keep_secrets(spec, base, problems)
+                kept_for_new_destination(spec, base, body, problems)
+                problems.extend(validate_provider(spec, source="database")[1])
+            else:
+                state = _state(live, stored_overlay)
+                problems.extend(validate_route(spec, state.providers, state.default_timeout)[1])
+            if problems:
+                raise invalid(problems)
+            overlay = kind.overlay(stored_overlay, spec, name)
+            merged = _merged(live, overlay, stored_overlay, kind, name)
+            created = catalog.put_provider(spec, actor) if kind is PROVIDERS else catalog.put_route(spec, actor)
         return created, merged, overlay
 
     created, merged, overlay = await _in_db(req, write)
     await _after_write(live)
     answer = kind.render(merged, name, live.file_config, overlay, await _stamps(req, kind.table))
+    if kind is PROVIDERS:
+        # Said where it is decided: a provider's credentials written without store.encryption_key are plaintext.
+        answer["credentials_encrypted"] = catalog.encrypts
     # 201 for a new name; a PATCH answers 200 even when it made the database copy of a file's entry
     return Answer(answer, status=201 if created and mode != "patch" else 200)
 
@@ -479,23 +536,26 @@ async def _delete(req: AdminRequest, kind: _Kind) -> Answer:
     await _follow(live, "before an admin delete")
 
     def write() -> tuple[Config, Overlay]:
-        in_file = name in kind.effective(live.file_config)
-        if (catalog.provider(name) if kind is PROVIDERS else catalog.route(name)) is None:
-            if in_file:
-                raise Conflict(f"{kind.word} {_shown(req, name)} is defined in the config file, not in the "
-                               "database: change the file and reload to remove it", code="defined_in_config")
-            raise _not_found(req, kind.word, name)
-        if kind is PROVIDERS and not in_file:
-            users = sorted(r.name for r in live.config.routes.values() if any(s.provider == name for s in r.steps))
-            if users:
-                raise Conflict(f"provider {_shown(req, name)} is used by route(s) {', '.join(users)}: change or "
-                               "delete them first", code="provider_in_use", extra={"routes": users})
-        overlay = kind.overlay(catalog.overlay(), None, name)
-        merged = _merged(live, overlay)
-        if kind is PROVIDERS:
-            catalog.delete_provider(name, actor)
-        else:
-            catalog.delete_route(name, actor)
+        with catalog.transaction():  # "unused" checked and the delete done at one state of the database
+            stored_overlay = catalog.overlay()
+            in_file = name in kind.effective(live.file_config)
+            if (catalog.provider(name) if kind is PROVIDERS else catalog.route(name)) is None:
+                if in_file:
+                    raise Conflict(f"{kind.word} {_shown(req, name)} is defined in the config file, not in the "
+                                   "database: change the file and reload to remove it", code="defined_in_config")
+                raise _not_found(req, kind.word, name)
+            if kind is PROVIDERS and not in_file:
+                routes = _state(live, stored_overlay).routes
+                users = sorted(r.name for r in routes.values() if any(s.provider == name for s in r.steps))
+                if users:
+                    raise Conflict(f"provider {_shown(req, name)} is used by route(s) {', '.join(users)}: change "
+                                   "or delete them first", code="provider_in_use", extra={"routes": users})
+            overlay = kind.overlay(stored_overlay, None, name)
+            merged = _merged(live, overlay, stored_overlay, kind, None)
+            if kind is PROVIDERS:
+                catalog.delete_provider(name, actor)
+            else:
+                catalog.delete_route(name, actor)
         return merged, overlay
 
     merged, overlay = await _in_db(req, write)
@@ -642,5 +702,5 @@ ROUTES: list[Route] = [
     ("DELETE", ("routes", "{name}"), delete_route),
 ]
 
-__all__ = ["READ_ONLY", "ROUTES", "entry_spec", "file_entry", "keep_secrets", "mask_url", "masked", "merge_patch",
-           "render_provider", "render_route"]
+__all__ = ["DESTINATION", "READ_ONLY", "ROUTES", "entry_spec", "file_entry", "keep_secrets",
+           "kept_for_new_destination", "mask_url", "masked", "merge_patch", "render_provider", "render_route"]

@@ -241,14 +241,17 @@ class _Unchanged(Exception):
 
 
 def _atomic(conn: sqlite3.Connection, fn: Callable[[], Any]) -> Any:
-    """``fn()`` and the audit row it writes in one transaction (the connection is in autocommit mode)."""
+    """``fn()`` and the audit row it writes in one transaction (the connection is in autocommit mode). Any
+    failure, a failed COMMIT too (the disk full, the database busy), rolls back: the catalog's connection,
+    which every admin call shares, is never left inside a transaction."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         out = fn()
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
     return out
 
 

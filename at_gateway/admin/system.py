@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 import sqlite3
 from collections.abc import Mapping
@@ -22,8 +23,10 @@ from ..errors import Conflict, GatewayError
 from ..logs import quote
 from ..store.crypto import CryptoError, passphrase_problem
 from ..store.db import StoreError, schema_version
-from .api import AdminRequest, Answer, Route, invalid
+from .api import AdminRequest, Answer, Route, invalid, is_busy, store_busy
 from .catalog import control, current, mask_url, only, render_provider, render_route
+
+log = logging.getLogger("at_gateway.admin")
 
 SET = "(set)"
 MIN_PASSPHRASE = 16  # characters: a new encryption key shorter than this is refused
@@ -89,6 +92,8 @@ async def reload(req: AdminRequest) -> Answer:
         try:
             await catalog.call(catalog.bump_file_version, req.actor)  # the other workers re-read it (audited)
         except (StoreError, sqlite3.Error) as exc:
+            if is_busy(exc):  # a retry tells them
+                raise store_busy("this worker reloaded its file, the other workers were not told yet") from None
             raise GatewayError(f"reloaded here, but the other workers could not be told (the database): {exc}; "
                                "send SIGHUP to the gateway", status=500, code="reload_incomplete") from None
     config = live.config
@@ -196,7 +201,11 @@ async def rotate_key(req: AdminRequest) -> Answer:
         raise Conflict(f"the encryption key was not rotated (nothing changed, the current key stays in use): "
                        f"{safe(exc)}", code="rotate_key_conflict") from None
     if live is not None:
-        await live.refresh(force=True)  # this worker's providers rebuilt under the new key now
+        try:
+            await live.refresh(force=True)  # this worker's providers rebuilt under the new key now
+        except Exception as exc:  # noqa: BLE001 (the rotation is committed: the answer must say it happened)
+            log.error("rotate-key: the key was rotated, but this worker could not rebuild from the database now "
+                      "(its watch retries): %s", safe(exc))
     return Answer({"object": "encryption_key.rotate", **result})
 
 

@@ -342,7 +342,15 @@ class UpstreamClient:
                     reused = False  # retried once, on a fresh connection (other idle ones may be stale too)
             conn.requests += 1
             response = Response(status, resp_headers, conn, self, pool)
-            yield response
+            try:
+                yield response
+            except UpstreamError:
+                raise  # the connection's own failure (framing, max_response_size): closed
+            except Exception:
+                # The caller's exception, e.g. the step failure an adapter raises for a whole error answer it
+                # read: that connection is as good as after a success (a retry then reuses it, no new handshake).
+                reusable = response._done and conn.parser.keep_alive and not conn.unread(poll=False)
+                raise
             # The reuse rule (module docstring): read to its end, keep-alive, and nothing else received.
             reusable = response._done and conn.parser.keep_alive and not conn.unread(poll=False)
         finally:

@@ -35,6 +35,7 @@ import copy
 import dataclasses
 import json
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -108,14 +109,48 @@ def find_credentials_file(explicit: str | None, env: Mapping[str, str]) -> tuple
     return None, "metadata server"
 
 
-def load_credentials(path: str, source: str) -> _Credentials:
+MAX_CREDENTIALS_FILE = 64 * 1024  # bytes: a service-account key is about 2.4 KiB
+
+
+def _read_small_file(path: str) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most :data:`MAX_CREDENTIALS_FILE`; raises OSError
+    (FileNotFoundError, ...) or ValueError. Opened without blocking (a FIFO must not hang the token fetch)
+    and checked on the descriptor opened, not on the name (no swap between the check and the read); a
+    device (``/dev/zero``), a directory or a huge file is refused unread."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        info = json.loads(Path(path).read_text(encoding="utf-8"))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("is not a regular file")
+        if st.st_size > MAX_CREDENTIALS_FILE:
+            raise ValueError(f"is larger than {MAX_CREDENTIALS_FILE // 1024} KiB (not a credentials file)")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            data = f.read(MAX_CREDENTIALS_FILE + 1)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > MAX_CREDENTIALS_FILE:  # it grew after the fstat
+        raise ValueError(f"is larger than {MAX_CREDENTIALS_FILE // 1024} KiB (not a credentials file)")
+    return data
+
+
+def load_credentials(path: str, source: str) -> _Credentials:
+    """The credentials a service-account or authorized-user JSON file holds. Only a regular file of at most
+    64 KiB is read; errors name the file and the reason, never its contents."""
+    try:
+        data = _read_small_file(path)
     except FileNotFoundError:
         raise _creds_error(f"{source} file {path!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise _creds_error(f"cannot read {source} file {path!r}: {exc.__class__.__name__}") from None
-    except ValueError:
+    except ValueError as exc:
+        raise _creds_error(f"{source} file {path!r} {exc}") from None
+    try:
+        info = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _creds_error(f"cannot read {source} file {path!r}: {exc.__class__.__name__}") from None
+    except (ValueError, RecursionError):
         raise _creds_error(f"{source} file {path!r} is not JSON") from None
     if not isinstance(info, dict):
         raise _creds_error(f"{source} file {path!r} is not a JSON object")

@@ -200,7 +200,8 @@ class KeyPool:
                 self.state.write(slot, s)
 
     def rate_limited(self, index: int, now: float, retry_after: float | None) -> float:
-        """A 429: cool the key for the longest of ``retry_after`` and the backoff; returns the cooldown.
+        """A 429: cool the key for what the upstream asked (``retry_after``: the longest of its Retry-After and
+        kin, where sent), else for the backoff; returns the cooldown.
 
         The backoff grows with the consecutive 429s (``cooldown.initial`` doubling to ``cooldown.max``), counted
         once per cooling: a 429 for a request sent before the key started cooling (several workers, or
@@ -215,7 +216,7 @@ class KeyPool:
                 s.until = max(s.until, now + asked)
             else:
                 s.limited = min(s.limited + 1, _COUNT_CAP)
-                s.until = now + max(asked, backoff_cooldown(s.limited, self.cooldown))
+                s.until = now + (asked if retry_after is not None else backoff_cooldown(s.limited, self.cooldown))
             s.stamp = now
             self.state.write(slot, s)
             return s.until - now

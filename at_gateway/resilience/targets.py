@@ -66,10 +66,14 @@ class Target:
         self.name = cfg.name
         self.adapters = adapters
         self.pool = pool  # None: no keys (echo, a credentials file): nothing to pick or cool
+        self.multi = pool is not None and len(pool) > 1  # attempts name their key only when there is a choice
+        # least-busy counts requests in flight per key; the other strategies never read the count
+        self.counting = pool is not None and cfg.key_strategy == "least-busy"
         self.breakers = breakers
         self._circuits: dict[str, Breaker] = {}
         limit = cfg.max_concurrency
-        self._slots = anyio.Semaphore(limit) if limit else None
+        # None without max_concurrency: routing then skips the slot entirely (nothing to do per request)
+        self.slots = anyio.Semaphore(limit) if limit else None
 
     def breaker(self, model: str) -> Breaker | NoBreaker:
         found = self._circuits.get(model)
@@ -85,12 +89,13 @@ class Target:
                 found = self._circuits[model] = self.breakers.get(self.name, model, self.cfg.breaker)
         return found
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """A concurrency slot (``max_concurrency``), waited for up to ``queue_timeout``; free without a limit."""
-        slots = self._slots
+    async def acquire(self) -> None:
+        """Take a concurrency slot (``max_concurrency``), waiting up to ``queue_timeout``; raises :class:`Busy`.
+
+        Separate from :meth:`release` because a stream holds its slot until its last chunk, long after the
+        attempt that opened it returned (routing gives it back when the stream ends)."""
+        slots = self.slots
         if slots is None:
-            yield
             return
         try:
             with anyio.fail_after(self.cfg.queue_timeout):
@@ -98,10 +103,19 @@ class Target:
         except TimeoutError:
             raise Busy(f"provider {self.name} is at max_concurrency ({self.cfg.max_concurrency} requests in "
                        f"flight) and none finished within queue_timeout ({self.cfg.queue_timeout:g}s)") from None
+
+    def release(self) -> None:
+        if self.slots is not None:
+            self.slots.release()
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """A concurrency slot for the block (:meth:`acquire`, then :meth:`release`); free without a limit."""
+        await self.acquire()
         try:
             yield
         finally:
-            slots.release()
+            self.release()
 
 
 def primary(cfg: ProviderConfig) -> ProviderConfig:

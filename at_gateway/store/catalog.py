@@ -7,10 +7,10 @@ rotation). Every change to providers or routes bumps ``meta.config_version`` (tr
 polls; ``meta.file_version`` is bumped by an admin reload so every worker re-reads the YAML file.
 
 Secret fields of a provider spec (what ``Config.secrets()`` redacts): ``api_key``, each key of ``api_keys``
-(a string, or the ``key`` of a ``{key, weight}``), every value of ``headers``, ``proxy`` when it carries
-user info. Each is encrypted on its own, bound to its row and field as associated data (the JSON array
-``["providers", <row name>, <field>, ...]``: unambiguous whatever the names hold), so a value moved to
-another provider or field does not decrypt.
+(a string, or the ``key`` of a ``{key, weight}``), every value of ``headers`` (a number too: it is stored
+as its text), ``proxy`` when it carries user info. Each is encrypted on its own, bound to its row and field
+as associated data (the JSON array ``["providers", <row name>, <field>, ...]``: unambiguous whatever the
+names hold), so a value moved to another provider or field does not decrypt.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import Overlay
+from ..config import Config, Overlay
+from ..errors import ConfigError
 from .crypto import (
     Cipher,
     CryptoError,
@@ -63,6 +64,8 @@ def secret_fields(spec: Mapping[str, Any]) -> Iterator[tuple[FieldPath, str]]:
         for name, value in headers.items():
             if isinstance(value, str) and value:
                 yield ("headers", name), value
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield ("headers", name), str(value)  # a numeric secret (a PIN, an account number) is one too
     proxy = spec.get("proxy")
     # "@" anywhere, as Config.secrets() reads it: a password holding "/" or "?" still counts
     if isinstance(proxy, str) and ("@" in proxy or is_encrypted(proxy)):
@@ -112,6 +115,69 @@ def public_change(spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """What :func:`usable_overlay` found: the configuration to serve, the database entries in it, the ones
+    left out (``("routes", "name")``...) and every problem that left them out (None: everything fits)."""
+
+    config: Config
+    overlay: Overlay = field(repr=False)
+    dropped: tuple[tuple[str, str], ...] = ()
+    error: ConfigError | None = None
+
+
+def _entry_key(kind: str, entry: Mapping[str, Any]) -> tuple[str, str]:
+    name = entry.get("name")
+    return kind, name if isinstance(name, str) else ""
+
+
+def _named(overlay: Overlay, problems: list[str]) -> set[tuple[str, str]]:
+    """The database entries the problems are about: a problem's path starts with the entry's, as
+    ``config._merge`` names it (``routes['prod'] (database).steps[0]...``)."""
+    out: set[tuple[str, str]] = set()
+    for kind, entries in (("providers", overlay.providers), ("routes", overlay.routes)):
+        for entry in entries:
+            name = entry.get("name")
+            prefix = f"{kind}[{name!r}] (database)" if isinstance(name, str) else f"{kind} (database): "
+            if any(p.startswith(prefix) for p in problems):
+                out.add(_entry_key(kind, entry))
+    return out
+
+
+def usable_overlay(overlay: Overlay, merge: Callable[[Overlay], Config]) -> Fitted:
+    """The configuration ``merge(overlay)`` makes, leaving out only the database entries that do not fit
+    (and then those that needed them: a route on a provider left out), never every one of them: a stale
+    route in the database (its provider gone from the YAML) must not take the other stored providers and
+    routes down with it at a start or a rebuild.
+
+    Each round drops the entries the problems name and tries again; problems that name no database entry
+    end it with the file alone (``Overlay()``, which the caller has checked builds). ``merge`` raises
+    :class:`ConfigError` (``Live.merge`` bound to the file config); so may this, when the file alone does not
+    build."""
+    problems: list[str] = []
+    dropped: list[tuple[str, str]] = []
+    current = overlay
+    source = ""
+    for _ in range(len(overlay.providers) + len(overlay.routes) + 1):
+        try:
+            config = merge(current)
+        except ConfigError as exc:
+            source = exc.source
+            problems += [p for p in exc.problems if p not in problems]
+            named = _named(current, list(exc.problems))
+            if not named:
+                break
+            dropped += sorted(named)
+            current = Overlay(tuple(e for e in current.providers if _entry_key("providers", e) not in named),
+                              tuple(e for e in current.routes if _entry_key("routes", e) not in named))
+            continue
+        error = ConfigError(source, problems) if problems else None
+        return Fitted(config, current, tuple(dropped), error)
+    every = [*(_entry_key("providers", e) for e in current.providers),
+             *(_entry_key("routes", e) for e in current.routes)]
+    return Fitted(merge(Overlay()), Overlay(), (*dropped, *every), ConfigError(source, problems))
+
+
 class RowError(CryptoError, StoreError):
     """A stored secret that does not decrypt, with where it is (the database, the row and the field). A
     :class:`~.db.StoreError` too: whoever handles "the database cannot be used" handles this."""
@@ -132,7 +198,7 @@ class StoredEntry:
     """A provider or route as stored: its spec (secrets decrypted), when it was made and last changed."""
 
     name: str
-    spec: Mapping[str, Any]
+    spec: Mapping[str, Any] = field(repr=False)  # decrypted secrets: never in a repr, a log line, a traceback
     created_at: float
     updated_at: float
 
@@ -154,6 +220,7 @@ class Catalog:
         # The last overlay read, and the (config_version, key id) it was read at: polls that find nothing
         # changed decrypt nothing, and a key rotated outside this run leaves the gateway serving this one.
         self._overlay: tuple[tuple[int, str | None], Overlay] | None = None
+        self._warned_plaintext = False  # "credentials stored in plaintext": said once per process
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in a worker thread under :attr:`lock`."""
@@ -188,6 +255,8 @@ class Catalog:
             elif is_encrypted(value):
                 raise StoreError(f"{self.path}: {_where(name, path)}: a value starting with 'enc:v1:' cannot be "
                                  "stored without store.encryption_key (it would read back as an encrypted one)")
+            else:
+                _set(out, path, value)  # as text: a numeric header value is stored as the string it is sent as
         return out
 
     def open(self, spec: Mapping[str, Any], cipher: Cipher | None = None, name: str | None = None) -> dict[str, Any]:
@@ -240,8 +309,7 @@ class Catalog:
         read. After a rotation this run cannot follow (the CLI, another gateway on the file), the last
         overlay read is answered: the gateway keeps serving what it has in memory (:meth:`follow_key`
         logged it once) until it is restarted with the new key."""
-        self.conn.execute("BEGIN")  # one snapshot: the key id, the version and both tables
-        try:
+        with self._snapshot():  # one snapshot: the key id, the version and both tables
             current = self._key_is_current()
             cipher = self.keyring.cipher
             stamp = (self.versions()[0], cipher.kid if cipher is not None else None)
@@ -253,41 +321,65 @@ class Catalog:
                                       "outside this run): restart it with the new store.encryption_key")
             providers = self._entries("providers")
             routes = self._entries("routes")
-        finally:
-            if self.conn.in_transaction:
-                self.conn.execute("COMMIT")
         overlay = Overlay(tuple(e.spec for e in providers), tuple(e.spec for e in routes))
         self._overlay = (stamp, overlay)
         return overlay
 
     def providers(self) -> list[StoredEntry]:
-        self.follow_key()
-        return self._entries("providers")
+        with self._snapshot():  # the key followed and the rows read at one state of the database
+            self.follow_key()
+            return self._entries("providers")
 
     def routes(self) -> list[StoredEntry]:
         return self._entries("routes")
 
     def provider(self, name: str) -> StoredEntry | None:
-        self.follow_key()
-        found = self._entries("providers", name)
+        with self._snapshot():
+            self.follow_key()
+            found = self._entries("providers", name)
         return found[0] if found else None
 
     def route(self, name: str) -> StoredEntry | None:
         found = self._entries("routes", name)
         return found[0] if found else None
 
-    # -- writing (each one transaction, with its audit row) --------------------
-    def _transaction(self) -> Any:
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error, a failed COMMIT too): one writer, a short
-        transaction, and never a connection left inside a transaction."""
+    # -- transactions -------------------------------------------------------
+    def _snapshot(self) -> Any:
+        """A read transaction (BEGIN ... COMMIT) for several statements that must see one state of the
+        database; inside a transaction already open, that one (nothing begun, nothing ended)."""
+        catalog = self
+
+        class _Snap:
+            def __enter__(self) -> sqlite3.Connection:
+                self.own = not catalog.conn.in_transaction
+                if self.own:
+                    catalog.conn.execute("BEGIN")
+                return catalog.conn
+
+            def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+                if self.own and catalog.conn.in_transaction:
+                    catalog.conn.execute("COMMIT")  # nothing written: a COMMIT only ends the snapshot
+
+        return _Snap()
+
+    def transaction(self) -> Any:
+        """``with catalog.transaction() as conn:`` BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error, a failed
+        COMMIT too): one writer at a time across every process, and never a connection left inside a
+        transaction. The admin API runs a write's checks and the write in one of these, so what it checked is
+        what it writes over (two workers cannot both check one state and then both write). Inside a
+        transaction already open, that one: the writes below (:meth:`put_provider`, ...) join the caller's."""
         catalog = self
 
         class _Tx:
             def __enter__(self) -> sqlite3.Connection:
-                catalog.conn.execute("BEGIN IMMEDIATE")
+                self.own = not catalog.conn.in_transaction
+                if self.own:
+                    catalog.conn.execute("BEGIN IMMEDIATE")
                 return catalog.conn
 
             def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+                if not self.own:
+                    return  # the caller's transaction: its commit or rollback
                 if kind is None:
                     try:
                         catalog.conn.execute("COMMIT")
@@ -301,6 +393,7 @@ class Catalog:
 
         return _Tx()
 
+    # -- writing (each one transaction, with its audit row) --------------------
     def _db_kid(self) -> str | None:
         row = self.conn.execute("SELECT value FROM settings WHERE name = ?", (_KID,)).fetchone()
         return str(row[0]) if row is not None else None
@@ -314,19 +407,22 @@ class Catalog:
         return kid is None or (cipher is not None and cipher.kid == kid)
 
     def _require_current_key(self) -> None:
-        """Refuse to write secrets under a key the database no longer uses (a rotation outside this run)."""
+        """Refuse a write under a key the database no longer uses (a rotation outside this run): credentials
+        would be sealed under a dead key, and after such a rotation :meth:`overlay` answers what it last read,
+        so a route written now would be answered as written yet never served by any worker of this run."""
         if not self._key_is_current():
             raise KeyChangedError(f"{self.path}: the encryption key was changed outside this gateway (key id "
                                   f"{self._db_kid()}); restart the gateway with the new store.encryption_key "
-                                  "before writing credentials")
+                                  "before changing providers or routes")
 
     def _put(self, table: str, spec: Mapping[str, Any], actor: str, action: str) -> bool:
         name = str(spec["name"])
         now = time.time()
-        with self._transaction() as conn:
+        with self.transaction() as conn:
+            self._require_current_key()  # routes too: after an outside rotation nothing written here is served
             if table == "providers":
-                self._require_current_key()
                 stored = self.seal(spec)  # under the key checked just now, in this transaction
+                self._warn_plaintext(spec)
             else:
                 stored = dict(spec)
             old = conn.execute(f"SELECT 1 FROM {table} WHERE name = ?", (name,)).fetchone()  # noqa: S608
@@ -338,11 +434,27 @@ class Catalog:
         return old is None
 
     def _delete(self, table: str, name: str, actor: str, action: str) -> bool:
-        with self._transaction() as conn:
+        with self.transaction() as conn:
+            self._require_current_key()
             gone = conn.execute(f"DELETE FROM {table} WHERE name = ?", (name,)).rowcount  # noqa: S608
             if gone:
                 self._audit_row(actor, f"{action}.delete", name, {})
         return bool(gone)
+
+    @property
+    def encrypts(self) -> bool:
+        """Whether credentials written now are encrypted (``store.encryption_key`` is set)."""
+        return self.keyring.cipher is not None
+
+    def _warn_plaintext(self, spec: Mapping[str, Any]) -> None:
+        """Once per process: a credential was just stored in plaintext (no encryption key). The start says so
+        too, but a write months later deserves its own line."""
+        if self._warned_plaintext or self.keyring.cipher is not None or next(secret_fields(spec), None) is None:
+            return
+        self._warned_plaintext = True
+        log.warning("store %s: provider credentials written through the admin API are stored in plaintext "
+                    "(store.encryption_key is not set): set it (e.g. ${AT_GATEWAY_ENCRYPTION_KEY}) and restart to "
+                    "encrypt them", self.path)
 
     def put_provider(self, spec: Mapping[str, Any], actor: str) -> bool:
         """Insert or replace ``spec`` (already validated; ``spec["name"]`` is its name), secrets encrypted;
@@ -361,7 +473,7 @@ class Catalog:
 
     def bump_file_version(self, actor: str) -> None:
         """An admin reload: every worker re-reads the YAML file (audited as ``config.reload``)."""
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'file_version'")
             self._audit_row(actor, "config.reload", None, {})
 
@@ -376,7 +488,7 @@ class Catalog:
         if self.conn.in_transaction:
             self._audit_row(actor, action, object_id, change)
             return
-        with self._transaction():
+        with self.transaction():
             self._audit_row(actor, action, object_id, change)
 
     def audit_rows(self, limit: int, before_id: int | None = None, *, actor: str | None = None,
@@ -417,7 +529,7 @@ class Catalog:
             raise ValueError(f"encryption_key: {problem}")
         params = KdfParams.fresh()
         fresh = Cipher.derive(new_passphrase, params)  # before the write lock: scrypt takes its time and memory
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             self._require_current_key()  # follows another worker's rotation first
             old = self.keyring.cipher
             rotated = _rotate_rows(conn, self.path, old, params, fresh, actor, self.keyring.wrap(fresh))
@@ -432,7 +544,9 @@ class Catalog:
                     "Next: set store.encryption_key (usually the AT_GATEWAY_ENCRYPTION_KEY environment "
                     "variable) to the new passphrase, before the next restart: a restart with the old "
                     "passphrase is refused (exit 1, the key does not open the stored credentials).",
-                    "Then restart whenever you like; the old passphrase opens nothing any more."]}
+                    "Then restart whenever you like; the old passphrase opens nothing any more.",
+                    "This changes the key the database encrypts with, not the provider API keys themselves: to "
+                    "replace a provider's key, create a new one at the provider and PATCH providers/{name}."]}
 
     def follow_key(self) -> bool:
         """Another worker rotated the key (``settings`` names a key id this keyring does not hold): take the

@@ -36,6 +36,9 @@ SALT_BYTES = 16
 # later release can raise it for new salts without breaking existing databases.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 _MAX_SCRYPT_MEMORY = 1 << 30  # a database asking for more than 1 GiB per derivation is refused, not obeyed
+# The least cost a database may name: a settings row written (or damaged) to ask for a toy cost must not make
+# the key of the next rotation cheap to guess. scrypt's own interactive-login floor (2^14, r=8).
+MIN_SCRYPT_N = 2**14
 MIN_PASSPHRASE = 16  # as config.py's store.encryption_key check: a key the config would refuse is no key
 
 
@@ -121,7 +124,7 @@ def parse_kdf(text: str) -> KdfParams:
             salt = base64.b64decode(m[4], validate=True)
     except (ValueError, binascii.Error):
         raise CryptoError("the key's salt in the database is damaged") from None
-    if len(salt) < SALT_BYTES or n < 2 or n & (n - 1) or not 1 <= r <= 64 or not 1 <= p <= 16 \
+    if len(salt) < SALT_BYTES or n < MIN_SCRYPT_N or n & (n - 1) or not 1 <= r <= 64 or not 1 <= p <= 16 \
             or _scrypt_memory(n, r, p) > _MAX_SCRYPT_MEMORY:
         raise CryptoError("the key's salt or cost parameters in the database are out of range (damaged?)")
     return KdfParams(salt, n, r, p)
