@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempt:
     step: int
     provider: str
@@ -34,7 +34,7 @@ class Attempt:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestContext:
     request_id: str
     method: str = ""

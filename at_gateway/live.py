@@ -9,8 +9,9 @@ of them within a second.
 
 A rebuild makes a new :class:`~at_gateway.app.Gateway` over the same upstream client (pools are keyed by
 origin and proxy, so providers whose connection settings did not change keep their connections), usage
-meter and services; requests in flight finish on the gateway they started with. A new configuration
-that does not validate is logged with every problem and the running one kept.
+meter and services; requests in flight finish on the gateway they started with. A config file that does
+not validate is logged with every problem and the running configuration kept; database entries that do not
+fit the file are left out one by one (logged, and in the admin health), never all of them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .app import Gateway
 from .config import Config, Overlay, build_config, load_config
 from .errors import ConfigError
 from .services import Services
+from .store.catalog import usable_overlay
 from .store.db import StoreError
 
 if TYPE_CHECKING:
@@ -37,6 +39,10 @@ log = logging.getLogger("at_gateway.service")
 
 POLL_INTERVAL = 0.25  # seconds between two looks at the versions: a change is applied well within 1 s
 FILE_POLLS = 4  # the files are looked at every 4th poll: a changed config file is reloaded within about 1 s
+
+
+def _names(dropped: tuple[tuple[str, str], ...]) -> str:
+    return ", ".join(f"{kind} {name!r}" for kind, name in dropped)
 
 
 def watched_files(config: Config) -> list[str]:
@@ -92,13 +98,18 @@ class Live:
                 # process): a start-up error naming the database and the row, never a traceback.
                 raise ConfigError(self.file_config.source, [f"store: {exc}"]) from None
             try:
-                config = self.merge(self.overlay)
-            except ConfigError as exc:
-                # The file is good (it was checked), the database's entries are not: serve the file alone, with
-                # the admin API up to fix them. A start refused for a stored route would lock the operator out.
+                fitted = usable_overlay(self.overlay, self.merge)
+            except ConfigError as exc:  # the file alone does not build with nothing of the database's
                 self.last_error = exc.render()
                 log.error("the providers and routes in the database do not fit the config file; serving the file "
                           "alone until they are fixed: %s", exc.render())
+            else:
+                config = fitted.config
+                if fitted.error is not None:
+                    # Only the entries that do not fit are left out (a stale route must not take the others down),
+                    # with the admin API up to fix them.
+                    self.last_error = fitted.error.render()
+                    log.error("database entries left out (%s): %s", _names(fitted.dropped), fitted.error.render())
         self.gateway = Gateway(config, services=self.services)
         return self.gateway
 
@@ -193,13 +204,18 @@ class Live:
 
     def _apply(self, file_config: Config, overlay: Overlay) -> bool:
         try:
-            config = self.merge(overlay, file_config)
+            fitted = usable_overlay(overlay, lambda o: self.merge(o, file_config))
         except ConfigError as exc:
             self.last_error = exc.render()
             log.error("config change not applied, keeping the running config: %s", exc.render())
             return False
-        self.file_config, self.overlay, self.last_error = file_config, overlay, None
-        self._swap(config)
+        # The whole overlay is kept (a later change may make a left-out entry fit again); what is served leaves
+        # out the entries that do not fit, so a worker started later serves the same as the running ones.
+        self.file_config, self.overlay = file_config, overlay
+        self.last_error = fitted.error.render() if fitted.error is not None else None
+        if fitted.error is not None:
+            log.error("database entries left out (%s): %s", _names(fitted.dropped), fitted.error.render())
+        self._swap(fitted.config)
         return True
 
     def _swap(self, config: Config) -> None:

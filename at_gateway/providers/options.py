@@ -7,6 +7,7 @@ Each checker returns problems as ``key: what is wrong`` (the caller adds the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,6 +49,14 @@ def _vertex(options: Mapping[str, Any]) -> list[str]:
     token_url = options.get("token_url")
     if isinstance(token_url, str) and token_url and not token_url.startswith(("http://", "https://")):
         problems.append("token_url: must start with http:// or https://")
+    location = options.get("location")
+    # It becomes part of the Vertex host name ({location}-aiplatform.googleapis.com): a plain region name only.
+    if isinstance(location, str) and location.strip() and not re.fullmatch(r"[a-z0-9-]+", location):
+        problems.append("location: must be a region name such as us-central1 or global (letters, digits, '-')")
+    for key in ("project",):
+        value = options.get(key)
+        if isinstance(value, str) and value.strip() and not re.fullmatch(r"[A-Za-z0-9_.:-]+", value):
+            problems.append(f"{key}: must be a project id such as my-project (letters, digits, '-', '_', '.', ':')")
     return problems
 
 
