@@ -311,7 +311,8 @@ async def request_detail(req: AdminRequest) -> Answer:
     catalog = req.catalog
 
     def read() -> tuple[Any, ...] | None:
-        # Index: request_log_request_id (request_id) where the schema has it; else a scan of request_log.
+        # Index: request_log_time, newest first, until the first match: at once for a recent request, a scan
+        # of the log for an old or unknown id (an index on request_id would cost every request's write).
         row: tuple[Any, ...] | None = catalog.conn.execute(
             f"SELECT {_LOG_COLUMNS} FROM request_log r LEFT JOIN keys k ON k.id = r.key_id "  # noqa: S608
             "WHERE r.request_id = ? ORDER BY r.time DESC, r.id DESC LIMIT 1", (request_id,)).fetchone()
