@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,54 +345,33 @@ class Catalog:
         return found[0] if found else None
 
     # -- transactions -------------------------------------------------------
-    def _snapshot(self) -> Any:
+    def _snapshot(self) -> AbstractContextManager[sqlite3.Connection]:
         """A read transaction (BEGIN ... COMMIT) for several statements that must see one state of the
         database; inside a transaction already open, that one (nothing begun, nothing ended)."""
-        catalog = self
+        return self._joined("BEGIN")
 
-        class _Snap:
-            def __enter__(self) -> sqlite3.Connection:
-                self.own = not catalog.conn.in_transaction
-                if self.own:
-                    catalog.conn.execute("BEGIN")
-                return catalog.conn
-
-            def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
-                if self.own and catalog.conn.in_transaction:
-                    catalog.conn.execute("COMMIT")  # nothing written: a COMMIT only ends the snapshot
-
-        return _Snap()
-
-    def transaction(self) -> Any:
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """``with catalog.transaction() as conn:`` BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error, a failed
         COMMIT too): one writer at a time across every process, and never a connection left inside a
         transaction. The admin API runs a write's checks and the write in one of these, so what it checked is
         what it writes over (two workers cannot both check one state and then both write). Inside a
         transaction already open, that one: the writes below (:meth:`put_provider`, ...) join the caller's."""
-        catalog = self
+        return self._joined("BEGIN IMMEDIATE")
 
-        class _Tx:
-            def __enter__(self) -> sqlite3.Connection:
-                self.own = not catalog.conn.in_transaction
-                if self.own:
-                    catalog.conn.execute("BEGIN IMMEDIATE")
-                return catalog.conn
-
-            def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
-                if not self.own:
-                    return  # the caller's transaction: its commit or rollback
-                if kind is None:
-                    try:
-                        catalog.conn.execute("COMMIT")
-                        return
-                    except BaseException:
-                        if catalog.conn.in_transaction:
-                            catalog.conn.execute("ROLLBACK")
-                        raise
-                if catalog.conn.in_transaction:
-                    catalog.conn.execute("ROLLBACK")
-
-        return _Tx()
+    @contextmanager
+    def _joined(self, begin: str) -> Iterator[sqlite3.Connection]:
+        """``begin`` ... COMMIT, or the caller's transaction when one is open (its commit or rollback)."""
+        conn = self.conn
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute(begin)
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:  # an error, or a COMMIT that failed: never left open
+                conn.execute("ROLLBACK")
 
     # -- writing (each one transaction, with its audit row) --------------------
     def _db_kid(self) -> str | None:
