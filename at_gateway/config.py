@@ -564,16 +564,7 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None,
     r = _Reader(problems)
     _unknown_keys(data, TOP_KEYS, "", problems)
 
-    keys: list[str] = []
-    if data.get("api_key") not in (None, ""):
-        k = r.string(data, "api_key", "", secret=True)
-        if k:
-            keys.append(k)
-    for i, k in enumerate(_sequence(data.get("api_keys"), "api_keys", problems)):
-        if not isinstance(k, str) or not k:
-            problems.append(f"api_keys[{i}]: must be a non-empty string")
-        else:
-            keys.append(k)
+    keys = _one_or_many(data, "api_key", "api_keys", r, problems)
     store_raw = data.get("store")
     in_memory = isinstance(store_raw, dict) and store_raw.get("path") == ":memory:"
     if not keys and in_memory:
@@ -690,17 +681,23 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None,
     return cfg
 
 
-def _build_admin(data: dict[str, Any], r: _Reader, problems: list[str]) -> AdminConfig:
-    tokens: list[str] = []
-    if data.get("admin_token") not in (None, ""):
-        token = r.string(data, "admin_token", "", secret=True)
-        if token:
-            tokens.append(token)
-    for i, token in enumerate(_sequence(data.get("admin_tokens"), "admin_tokens", problems)):
-        if not isinstance(token, str) or not token:
-            problems.append(f"admin_tokens[{i}]: must be a non-empty string")
+def _one_or_many(data: dict[str, Any], one: str, many: str, r: _Reader, problems: list[str]) -> list[str]:
+    """``api_key`` + ``api_keys`` (or ``admin_token`` + ``admin_tokens``): the single secret first, then the list."""
+    out: list[str] = []
+    if data.get(one) not in (None, ""):
+        value = r.string(data, one, "", secret=True)
+        if value:
+            out.append(value)
+    for i, value in enumerate(_sequence(data.get(many), many, problems)):
+        if not isinstance(value, str) or not value:
+            problems.append(f"{many}[{i}]: must be a non-empty string")
         else:
-            tokens.append(token)
+            out.append(value)
+    return out
+
+
+def _build_admin(data: dict[str, Any], r: _Reader, problems: list[str]) -> AdminConfig:
+    tokens = _one_or_many(data, "admin_token", "admin_tokens", r, problems)
     for i, token in enumerate(tokens):
         if len(token) < 16:
             problems.append(f"admin_token{'s' if len(tokens) > 1 else ''}: the {_ordinal(i)} token is shorter than "
