@@ -149,3 +149,13 @@ def upstream() -> Iterator[MockUpstream]:
         yield mock
     finally:
         mock.stop()
+
+
+@pytest.fixture
+def other() -> Iterator[MockUpstream]:
+    """A second upstream, for tests where which upstream served a request is the point."""
+    mock = MockUpstream().start()
+    try:
+        yield mock
+    finally:
+        mock.stop()

@@ -47,16 +47,6 @@ def catalog_config(upstream: MockUpstream, tmp_path: Path, **top: Any) -> dict[s
 
 
 @pytest.fixture
-def other() -> Iterator[MockUpstream]:
-    """A second upstream: where database providers point, so a chat's destination says which provider served."""
-    mock = MockUpstream().start()
-    try:
-        yield mock
-    finally:
-        mock.stop()
-
-
-@pytest.fixture
 def admin(upstream: MockUpstream, tmp_path: Path) -> Iterator[Admin]:
     with run_live(catalog_config(upstream, tmp_path)) as gw:
         api = Admin(gw, tmp_path / "gw.db")

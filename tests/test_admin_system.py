@@ -107,15 +107,6 @@ def test_config_is_the_effective_configuration_with_every_secret_masked(upstream
         api.http.close()
 
 
-@pytest.fixture
-def other() -> Iterator[MockUpstream]:
-    mock = MockUpstream().start()
-    try:
-        yield mock
-    finally:
-        mock.stop()
-
-
 # -- reload ------------------------------------------------------------------------------------------------
 
 def write_config(path: Path, raw: dict[str, Any]) -> None:

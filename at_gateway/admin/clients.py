@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import LIMIT_KEYS, Config, Limits
 from ..errors import BadRequest, Conflict, NotFound
+from ..store.catalog import transaction
 from ..store.keys import (
     BUDGET_PERIODS,
     ID_LENGTH,
@@ -244,15 +245,8 @@ def _atomic(conn: sqlite3.Connection, fn: Callable[[], Any]) -> Any:
     """``fn()`` and the audit row it writes in one transaction (the connection is in autocommit mode). Any
     failure, a failed COMMIT too (the disk full, the database busy), rolls back: the catalog's connection,
     which every admin call shares, is never left inside a transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        out = fn()
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return out
+    with transaction(conn):
+        return fn()
 
 
 def _page_sql(state: str | None, name: str | None, after: list[Any] | None, limit: int, now: float
@@ -298,13 +292,10 @@ async def list_clients(req: AdminRequest) -> Answer:
         conn = catalog.conn
         store = KeyStore(conn)
         sql, args = _page_sql(state, name, after, limit, time.time())
-        conn.execute("BEGIN")  # one snapshot: the page and its usage agree
-        try:
+        with transaction(conn, "BEGIN"):  # one snapshot: the page and its usage agree
             ids = [r[0] for r in conn.execute(sql, args)]
             keys = [store.get(i) for i in ids[:limit]]
             data = _render(conn, config, keys)
-        finally:
-            conn.execute("COMMIT")
         more = len(ids) > limit
         return data, [keys[-1].created_at, keys[-1].key.id] if more else None
 

@@ -358,20 +358,8 @@ class Catalog:
         transaction already open, that one: the writes below (:meth:`put_provider`, ...) join the caller's."""
         return self._joined("BEGIN IMMEDIATE")
 
-    @contextmanager
-    def _joined(self, begin: str) -> Iterator[sqlite3.Connection]:
-        """``begin`` ... COMMIT, or the caller's transaction when one is open (its commit or rollback)."""
-        conn = self.conn
-        if conn.in_transaction:
-            yield conn
-            return
-        conn.execute(begin)
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        finally:
-            if conn.in_transaction:  # an error, or a COMMIT that failed: never left open
-                conn.execute("ROLLBACK")
+    def _joined(self, begin: str) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.conn, begin)
 
     # -- writing (each one transaction, with its audit row) --------------------
     def _db_kid(self) -> str | None:
@@ -706,6 +694,23 @@ def _wrong_key(path: str, bad: RowError, cipher: Cipher | None, stored_kid: str 
                       "rotation: the new one)")
 
 
+@contextmanager
+def transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[sqlite3.Connection]:
+    """``begin`` ... COMMIT on a connection in autocommit mode, or the caller's transaction when one is open
+    (its commit or rollback). Any error, a failed COMMIT too, rolls back: a connection is never left inside a
+    transaction (the catalog's is shared by every admin call of the process)."""
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute(begin)
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:  # an error, or a COMMIT that failed
+            conn.execute("ROLLBACK")
+
+
 def prepare(path: str, passphrase: str | None, source: str) -> Keyring:
     """At start, once (before any worker forks): open the database, create the salt if missing, stretch the key,
     check that every stored secret decrypts (else :class:`~.db.StoreError` naming the database and the first
@@ -714,8 +719,7 @@ def prepare(path: str, passphrase: str | None, source: str) -> Keyring:
     One transaction: two starts at once do not both make a salt. The keyring it returns goes to every worker."""
     conn = _private(connect(path))
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             settings = _settings(conn)
             cipher = _cipher_for(conn, passphrase, settings, create_salt=True)
             bad = _first_bad_row(conn, cipher, path)
@@ -738,11 +742,6 @@ def prepare(path: str, passphrase: str | None, source: str) -> Keyring:
                     log.info("store %s: store.encryption_key is not set: provider credentials written through "
                              "the admin API would be stored in plaintext", path)
             conn.execute("DELETE FROM settings WHERE name = ?", (_HANDOFF,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         if cipher is not None and plaintext:
             _checkpoint(conn, path)  # the plaintext's old pages out of the WAL too
             log.info("store %s: encrypted %d stored credential(s) that were plaintext", path, plaintext)
@@ -770,19 +769,13 @@ def rotate_database(path: str, passphrase: str | None, new_passphrase: str, acto
     fresh = Cipher.derive(new_passphrase, params)
     conn = _private(connect(path))
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             settings = _settings(conn)
             old = _cipher_for(conn, passphrase, settings, create_salt=False)
             bad = _first_bad_row(conn, old, path)
             if bad is not None:
                 raise _wrong_key(path, bad, old, settings.get(_KID), "the config's store.encryption_key")
             rotated = _rotate_rows(conn, path, old, params, fresh, actor, None)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         _checkpoint(conn, path)
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: the rotation failed and was rolled back (the old key still opens "
