@@ -20,6 +20,7 @@ from urllib.parse import unquote_to_bytes
 from .config import Config, Route, Step, _header_safe
 from .context import RequestContext
 from .cors import CORSPolicy
+from .doors import build_doors
 from .errors import AdminDisabled, BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound, Unauthorized
 from .http.pool import UpstreamClient
 from .http.server import ClientGone, Request, Responder
@@ -48,10 +49,14 @@ _BAD_KEY = ("Incorrect API key provided. Send a key this gateway is configured w
 _WWW_AUTH = (b"www-authenticate", b'Bearer realm="at-gateway"')  # RFC 9110 §11.6.1: every 401 names a scheme
 
 # Client endpoint kinds (see Gateway._endpoint).
-_CHAT, _MODELS, _MODEL, _HEALTH_EP, _KEY = range(5)
+_CHAT, _MODELS, _MODEL, _HEALTH_EP, _KEY, _DOOR = range(6)
 _MODEL_PREFIXES = (b"/v1/models/", b"/models/")
 _GET_HEAD = frozenset((b"GET", b"HEAD"))  # HEAD is GET without the body (RFC 9110 §9.3.2); the server drops it
 _ADMIN_PREFIX = b"/admin/api/"
+# Gemini's native methods, the part after the model in /v1beta/models/{model}:{method} (also under /v1/models/).
+_GEMINI_METHODS = (b":generateContent", b":streamGenerateContent", b":countTokens")
+_GEMINI_PREFIXES = (b"/v1beta/models/", b"/v1/models/", b"/models/")
+_RESPONSES_PREFIXES = (b"/v1/responses/", b"/responses/")
 
 
 # OpenAI's reasoning models refuse max_tokens and take max_completion_tokens instead; a key's max_tokens cap
@@ -72,11 +77,14 @@ class _KeyView(NamedTuple):
 
 
 class _Endpoint(NamedTuple):
-    """A client endpoint: its kind, the methods it answers, and their Allow header for a 405."""
+    """A client endpoint: its kind, the methods it answers, and their Allow header for a 405; for a front
+    door, which door and which of its operations."""
 
     kind: int
     methods: frozenset[bytes]
     allow: bytes
+    door: Any = None
+    op: str = ""
 
 
 _CONTAINERS = frozenset((dict, list))  # what json decodes containers to
@@ -88,6 +96,11 @@ _DEPTH_COUNT_TEXT = 16 * 1024
 # Where a body could hold a surrogate escape (backslash, u, d or D). One precompiled search: a substring
 # test for it is several times slower on bodies with many escapes (newlines) followed by common letters.
 _SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")  # D800-DFFF; not the Hangul syllables D000-D7FF
+
+
+def _header_text(text: str) -> bytes:
+    """A header value from free text: printable ASCII only, at most 512 bytes."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:512].encode()
 
 
 def _refuse_constant(name: str) -> Any:
@@ -164,9 +177,12 @@ class Gateway:
         self.log = logging.getLogger("at_gateway.access")
         self._keys = [k.encode() for k in config.api_keys]
         created = int(time.time())
-        models = [{"id": name, "object": "model", "created": created, "owned_by": "at-gateway"}
-                  for name in config.routes]
-        self._models_body = json.dumps({"object": "list", "data": models}, separators=(",", ":")).encode()
+        # OpenAI's model objects, with Anthropic's fields beside them (type, display_name, created_at; has_more,
+        # first_id, last_id): Claude Code's gateway model discovery reads this same list.
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+        models = [{"id": name, "object": "model", "created": created, "owned_by": "at-gateway",
+                   "type": "model", "display_name": name, "created_at": stamp} for name in config.routes]
+        self._models_body = json.dumps(self._listing(models), separators=(",", ":")).encode()
         # GET /v1/models/{id}: one answer per route, encoded once. A client key with routes sees only those.
         self._model_bodies = {m["id"]: json.dumps(m, separators=(",", ":")).encode() for m in models}
         self._models = models
@@ -183,8 +199,27 @@ class Gateway:
         key_info = _Endpoint(_KEY, _GET_HEAD, b"GET, HEAD")  # GET /v1/key: the caller's own limits and usage
         self._endpoints[b"/v1/key"] = self._endpoints[b"/key"] = key_info
         self._model_endpoint = _Endpoint(_MODEL, _GET_HEAD, b"GET, HEAD")
+        # The other front doors (at_gateway.doors): each API format's paths, onto the same routes.
+        self.doors = build_doors(config)
+        post = frozenset((b"POST",))
+        d = self.doors
+        door_paths = {
+            (b"/v1/messages",): _Endpoint(_DOOR, post, b"POST", d["anthropic"], "messages"),
+            (b"/v1/messages/count_tokens",): _Endpoint(_DOOR, post, b"POST", d["anthropic"], "count_tokens"),
+            (b"/v1/responses", b"/responses"): _Endpoint(_DOOR, post, b"POST", d["responses"], "create"),
+            (b"/v1/embeddings", b"/embeddings"): _Endpoint(_DOOR, post, b"POST", d["embeddings"], "create"),
+            (b"/v1/completions", b"/completions"): _Endpoint(_DOOR, post, b"POST", d["completions"], "create"),
+        }
+        for paths, door_ep in door_paths.items():
+            for p in paths:
+                self._endpoints[p] = door_ep
+        self._gemini_endpoints = {m: _Endpoint(_DOOR, post, b"POST", d["gemini"], m[1:].decode())
+                                  for m in _GEMINI_METHODS}
+        self._response_endpoint = _Endpoint(_DOOR, frozenset((b"GET", b"HEAD", b"DELETE")), b"GET, HEAD, DELETE",
+                                            d["responses"], "item")
         self._cors = None if config.cors is None else CORSPolicy(
-            config.cors, {ep.allow for ep in (*self._endpoints.values(), self._model_endpoint)})
+            config.cors, {ep.allow for ep in (*self._endpoints.values(), self._model_endpoint,
+                                              self._response_endpoint)})
         # base_path: every endpoint below it; None (no prefix) costs the request path nothing.
         self._base = config.base_path.encode() if config.base_path else None
         self._admin: Any = None  # the admin door (scripts, the dashboard), when an admin token or forward auth is set
@@ -203,18 +238,26 @@ class Gateway:
         await self.client.aclose()
 
     # -- helpers ------------------------------------------------------------
-    def _authenticate(self, request: Request, ctx: RequestContext | None = None) -> str:
+    def _authenticate(self, request: Request, ctx: RequestContext | None = None, google: bool = False) -> str:
         """Return the caller's identity (the key's index, or a store key's id; ``ctx.key`` is then that
         key), or raise 401.
 
         A non-empty X-Api-Key wins: Authorization is then not looked at, whatever it holds (an SDK may
-        send its own). An empty X-Api-Key counts as absent.
+        send its own). An empty X-Api-Key counts as absent. ``google``: Gemini's ``x-goog-api-key``
+        header and ``?key=`` query parameter count too, after those two.
         """
         presented = request.header(b"x-api-key")
         if not presented:
             auth = request.header(b"authorization")
             if auth is not None and auth[:7].lower() == b"bearer ":
                 presented = auth[7:].strip()
+        if not presented and google:
+            presented = request.header(b"x-goog-api-key")
+            if not presented and b"key=" in request.query:
+                for pair in request.query.split(b"&"):
+                    if pair.startswith(b"key="):
+                        presented = unquote_to_bytes(pair[4:].replace(b"+", b" "))
+                        break
         if not presented:
             raise Unauthorized(_NO_KEY, headers=[_WWW_AUTH])
         found = -1
@@ -259,7 +302,11 @@ class Gateway:
             ctx.status = exc.status
             ctx.error = exc.message
             if not responder.started:
-                await responder.send_json(exc.status, exc.to_body(), [*exc.headers, *ctx.gateway_headers()])
+                if ctx.door is None:
+                    await responder.send_json(exc.status, exc.to_body(), [*exc.headers, *ctx.gateway_headers()])
+                else:  # the door's own error shape (and status mapping: Anthropic's 529 overloaded_error)
+                    ctx.status, body = ctx.door.error_body(exc)
+                    await responder.send_json(ctx.status, body, [*exc.headers, *ctx.gateway_headers()])
         except ClientGone:
             raise
         except Exception as exc:  # a bug: the server answers 500 and logs it; the request line must agree
@@ -289,9 +336,16 @@ class Gateway:
     def _endpoint(self, path: bytes) -> _Endpoint | None:
         """The client endpoint at ``path``; None for any other path (which never gets CORS)."""
         ep = self._endpoints.get(path)
-        if ep is None and path.startswith(_MODEL_PREFIXES):
+        if ep is not None:
+            return ep
+        if path.startswith(_GEMINI_PREFIXES) and path.endswith(_GEMINI_METHODS):
+            # POST .../models/{model}:generateContent; a route named "x:generateContent" is still GET-able
+            return self._gemini_endpoints[path[path.rindex(b":"):]]
+        if path.startswith(_MODEL_PREFIXES):
             return self._model_endpoint
-        return ep
+        if path.startswith(_RESPONSES_PREFIXES):
+            return self._response_endpoint
+        return None
 
     async def _dispatch(self, ctx: RequestContext, request: Request, responder: Responder) -> None:
         path = request.path
@@ -306,6 +360,8 @@ class Gateway:
         if ep is None:
             shown = quote(self.redact, f"{request.method.decode('latin-1')} {path.decode('latin-1')}", 200)
             raise NotFound(f"no such endpoint: {shown}", code="unknown_url")
+        if ep.door is not None:
+            ctx.door = ep.door  # every error from here on in the door's own shape
         if request.method not in ep.methods:
             raise MethodNotAllowed(f"{request.method.decode('latin-1')} is not allowed here; use "
                                    f"{ep.allow.decode()}", headers=[(b"allow", ep.allow)])
@@ -313,6 +369,11 @@ class Gateway:
         if kind == _CHAT:
             ctx.client = self._authenticate(request, ctx)
             await self.chat(ctx, request, responder)
+            return
+        if kind == _DOOR:
+            door = ep.door
+            ctx.client = self._authenticate(request, ctx, google=door.google_keys)
+            await door.serve(self, ctx, request, responder, ep.op)
             return
         if kind == _KEY:
             ctx.client = self._authenticate(request, ctx)
@@ -457,6 +518,42 @@ class Gateway:
         await responder.send(200, [_JSON_CT, *ctx.gateway_headers()], result.body)
         ctx.first_byte = time.perf_counter()
 
+    async def run_call(self, ctx: RequestContext, call: Any, responder: Responder) -> None:
+        """A front door's request through the same route, key, limits, steps and log as chat (``call``: an
+        at_gateway.doors.base.Call); answered in the door's format."""
+        limiter = self.services.limiter
+        door = call.door
+        try:
+            route = self.config.routes.get(call.model) if ctx.key is None else None
+            if route is None:
+                route = self._named_route(ctx, call.model)
+            ctx.route = route.name
+            key = ctx.key
+            if key is not None:
+                if door.chat_form:
+                    call.chat = self.apply_key(ctx, route, call.chat)
+                elif key.routes and not self._may_use(key, route.name):
+                    self._named_route(ctx, route.name)  # raises 403 model_not_allowed
+                if key.system_prompt or key.max_tokens is not None:
+                    door.constrain(call, key.system_prompt, key.max_tokens)
+        except GatewayError:
+            if ctx.key is not None and limiter is not None:
+                await limiter.peek(ctx)
+            raise
+        if limiter is not None:
+            await limiter.admit(ctx, route, call.chat)
+        if call.notes:  # what translation left out (built-in tools a translated step cannot run, ...)
+            ctx.extra_headers.append((b"x-gateway-warning", _header_text("; ".join(call.notes))))
+        if call.stream:
+            ctx.stream = True
+            await self.router.stream(ctx, route, call.chat, responder, call)
+            return
+        result = await self.router.complete(ctx, route, call.chat, call)
+        await door.finished(self, ctx, call, result.body)
+        ctx.status = 200
+        await responder.send(200, [door.content_type, *ctx.gateway_headers()], result.body)
+        ctx.first_byte = time.perf_counter()
+
     def _route_for(self, ctx: RequestContext, body: dict[str, Any]) -> Route:
         """The route a chat body names: ``model``, or ``models`` (several routes tried in order as one route
         made of their steps, OpenRouter style; ``model`` may then be absent), each name a route (or, with
@@ -537,12 +634,18 @@ class Gateway:
         view = self._key_views.get(key.id)
         if view is None or view.key is not key:
             allowed = frozenset(name for name in self.config.routes if any(fnmatchcase(name, p) for p in key.routes))
-            listing = {"object": "list", "data": [m for m in self._models if m["id"] in allowed]}
+            listing = self._listing([m for m in self._models if m["id"] in allowed])
             view = _KeyView(key, allowed, json.dumps(listing, separators=(",", ":")).encode())
             if len(self._key_views) >= _MAX_KEY_VIEWS:
                 self._key_views.clear()
             self._key_views[key.id] = view
         return view
+
+    @staticmethod
+    def _listing(models: list[dict[str, Any]]) -> dict[str, Any]:
+        """A model list in OpenAI's shape and Anthropic's at once (their fields do not collide)."""
+        return {"object": "list", "data": models, "has_more": False,
+                "first_id": models[0]["id"] if models else None, "last_id": models[-1]["id"] if models else None}
 
     @staticmethod
     def _token_field_per_route(config: Config) -> dict[str, str]:
@@ -592,6 +695,8 @@ class Gateway:
             failed = [a for a in ctx.attempts if not a.ok]
             if failed:
                 fields["failed_attempts"] = [a.public() for a in failed]
+        if ctx.door is not None:
+            fields["door"] = ctx.door.name
         if ctx.outcome is not None:  # the client got a 200 head and an error event: the status it stood for
             fields["outcome"] = ctx.outcome
         if ctx.error:

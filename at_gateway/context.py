@@ -56,6 +56,7 @@ class RequestContext:
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*, on every answer
     cost_nanousd: int | None = None  # None: unpriced (or no usage)
     unlogged: bool = False  # kept out of the request log (admin API calls: the audit log has those)
+    door: Any = None  # the front door (at_gateway.doors) it came in by; None: chat completions (or no door)
 
     def gateway_headers(self) -> list[tuple[bytes, bytes]]:
         h = [(b"x-request-id", self.request_id.encode()), *self.extra_headers]

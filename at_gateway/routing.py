@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from operator import methodcaller
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
@@ -85,8 +85,30 @@ class _Opened:
             self.release(now)
 
 
-async def _complete(body: dict[str, Any], step: Step, adapter: Provider) -> Completion:
-    return await adapter.complete(body, step)
+def _sender(body: dict[str, Any], step: Step, call: DoorCall | None) -> Callable[[Provider], Awaitable[Completion]]:
+    """What one attempt of a step sends: the chat body prepared for the step, through the door when there is one."""
+    prepared = prepare_body(body, step)
+    if call is None:
+        # methodcaller: adapter.complete(prepared, step) called straight, no wrapping coroutine frame
+        return methodcaller("complete", prepared, step)
+    return functools.partial(_door_send, call, prepared, step)
+
+
+def _door_send(call: DoorCall, prepared: dict[str, Any], step: Step, adapter: Provider) -> Awaitable[Completion]:
+    return call.complete(adapter, prepared, step)
+
+
+class DoorCall(Protocol):
+    """What routing needs of a front door's request (at_gateway.doors.base.Call; routing imports no door)."""
+
+    def complete(self, adapter: Provider, prepared: dict[str, Any], step: Step) -> Awaitable[Completion]: ...
+
+    def open(self, adapter: Provider, prepared: dict[str, Any], step: Step,
+             state: StreamState) -> AsyncIterator[bytes]: ...
+
+    def end(self, agen: Any) -> bytes: ...
+
+    def error(self, agen: Any, error: dict[str, Any]) -> bytes: ...
 
 log = logging.getLogger("at_gateway.routing")
 
@@ -418,25 +440,26 @@ class Router:
             return result
 
     # -- non-streaming -----------------------------------------------------
-    async def complete(self, ctx: RequestContext, route: Route, body: dict[str, Any]) -> Completion:
+    async def complete(self, ctx: RequestContext, route: Route, body: dict[str, Any],
+                       call: DoorCall | None = None) -> Completion:
+        """The first step's answer that succeeds. ``call``: a front door's request (its steps send and answer
+        in the door's format, see :mod:`at_gateway.doors`); None: chat completions."""
         steps = route.steps
         i = 0
         while i < len(steps):
             step = steps[i]
             if step.hedge_after is not None and i + 1 < len(steps):
-                result, i = await self._hedged(ctx, i, steps, body), i + 2
+                result, i = await self._hedged(ctx, i, steps, body, call), i + 2
             else:
-                prepared = prepare_body(body, step)
-                # methodcaller: adapter.complete(prepared, step) called straight, no wrapping coroutine frame
-                result = await self._attempts(ctx, i, step, methodcaller("complete", prepared, step))
+                result = await self._attempts(ctx, i, step, _sender(body, step, call))
                 i += 1
             if result is not None:
                 ctx.usage = result.usage
                 return result
         raise self.all_failed(ctx)
 
-    async def _hedged(self, ctx: RequestContext, i: int, steps: tuple[Step, ...], body: dict[str, Any]
-                      ) -> Completion | None:
+    async def _hedged(self, ctx: RequestContext, i: int, steps: tuple[Step, ...], body: dict[str, Any],
+                      call: DoorCall | None = None) -> Completion | None:
         """Step ``i``, and step ``i + 1`` too once ``i`` has not answered within its ``hedge_after``: the first
         to succeed wins, the other is cancelled (its connection closed, never pooled)."""
         first, second = steps[i], steps[i + 1]
@@ -446,8 +469,7 @@ class Router:
         async def run(n: int, step: Step, scope: anyio.CancelScope) -> None:
             try:
                 with scope:
-                    result = await self._attempts(ctx, i + n, step,
-                                                  methodcaller("complete", prepare_body(body, step), step))
+                    result = await self._attempts(ctx, i + n, step, _sender(body, step, call))
                     if result is not None and not won:
                         won.append((n, result))
                         tg.cancel_scope.cancel()
@@ -471,11 +493,13 @@ class Router:
 
     # -- streaming ----------------------------------------------------------
     async def _open_stream(self, body: dict[str, Any], step: Step, responder: Responder, ctx: RequestContext,
-                           include_usage: bool, keepalive: bool, adapter: Provider, deadline: float) -> _Opened:
+                           include_usage: bool, keepalive: bool, call: DoorCall | None, adapter: Provider,
+                           deadline: float) -> _Opened:
         """One attempt at a stream: its generator and first chunk by ``deadline`` (a failure before it closes the
         generator)."""
         state = StreamState(include_usage=include_usage)
-        agen: AsyncGenerator[bytes, None] = adapter.stream(body, step, state)  # type: ignore[assignment]
+        agen: AsyncGenerator[bytes, None] = (adapter.stream(body, step, state) if call is None  # type: ignore[assignment]
+                                             else call.open(adapter, body, step, state))
         try:
             first = await self._first_chunk(agen, step, responder, ctx, keepalive, deadline)
         except BaseException:
@@ -521,13 +545,16 @@ class Router:
         _lost(ctx, i + 1 - n, i + n)
         return opened
 
-    async def stream(self, ctx: RequestContext, route: Route, body: dict[str, Any], responder: Responder) -> None:
+    async def stream(self, ctx: RequestContext, route: Route, body: dict[str, Any], responder: Responder,
+                     call: DoorCall | None = None) -> None:
+        """The first step's stream that opens, relayed to the client. ``call``: a front door's request (its
+        events, end and error event are the door's); None: chat completions."""
         opts = body.get("stream_options")
         include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
 
         def opener(step: Step, keepalive: bool = True) -> Callable[[Provider], Awaitable[_Opened]]:
             return functools.partial(self._open_stream, prepare_body(body, step), step, responder, ctx,
-                                     include_usage, keepalive)
+                                     include_usage, keepalive, call)
 
         steps = route.steps
         i = 0
@@ -540,7 +567,7 @@ class Router:
                 opened, i = await self._attempts(ctx, i, step, opener(step), stream=True), i + 1
             if opened is None:
                 continue
-            await self._deliver(ctx, opened, responder)
+            await self._deliver(ctx, opened, responder, call)
             return
         err_obj = self.all_failed(ctx)
         if not responder.started:
@@ -552,9 +579,10 @@ class Router:
         ctx.error = err_obj.message
         event = err_obj.to_dict()
         event["error"]["status"] = err_obj.status
-        await responder.end(encode(event))
+        await responder.end(encode(event) if call is None else call.error(None, event))
 
-    async def _deliver(self, ctx: RequestContext, opened: _Opened, responder: Responder) -> None:
+    async def _deliver(self, ctx: RequestContext, opened: _Opened, responder: Responder,
+                       call: DoorCall | None = None) -> None:
         """The answering step's stream to the client, from its first chunk to its end (or an error event)."""
         agen, first, state, step = opened.agen, opened.first, opened.state, opened.step
         ctx.provider, ctx.model = step.provider, step.model
@@ -587,11 +615,12 @@ class Router:
                 ctx.error = f"upstream stream interrupted: {attempt.error}"
                 err = {"error": {"message": ctx.error, "type": "upstream_error", "code": "stream_interrupted",
                                  "status": ctx.outcome}}
-                await responder.end(encode(err))  # no [DONE]: a broken stream never looks finished
+                # no [DONE] (nor the door's end): a broken stream never looks finished
+                await responder.end(encode(err) if call is None else call.error(agen, err))
                 return
             self._verdict(opened, attempt, None)
             ctx.usage = state.usage
-            await responder.end(DONE_EVENT)
+            await responder.end(DONE_EVENT if call is None else call.end(agen))
         except BaseException:
             # The client left (ClientGone, or the server cancelled us): what the upstream reported so far
             # is what the limiter and the store charge; without it the limiter charges the worst case.

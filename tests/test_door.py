@@ -347,7 +347,7 @@ def test_preflight_from_another_origin_is_403_without_cors_headers(cors_gw: Runn
     assert cors_headers(r) == {} and r.headers["vary"] == "Origin"
 
 
-@pytest.mark.parametrize("path", ["/admin/keys", "/nope", "/v1/completions"])
+@pytest.mark.parametrize("path", ["/admin/keys", "/nope", "/v1/assistants"])
 def test_no_cors_outside_the_client_endpoints(cors_gw: RunningGateway, path: str) -> None:
     r = preflight(cors_gw, path, APP)
     assert r.status_code == 404 and cors_headers(r) == {} and "vary" not in r.headers

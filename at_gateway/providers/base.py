@@ -63,6 +63,39 @@ class Provider:
     async def aclose(self) -> None:
         """Release anything the provider holds (token caches, ...)."""
 
+    # -- what front doors ask of a provider (see at_gateway/doors/base.py) ----------------------
+    def native(self, op: str, step: Step) -> bool:
+        """Whether this provider takes a door's own body for ``op`` as it is (``anthropic.messages``,
+        ``anthropic.count_tokens``, ``gemini.generate``, ``gemini.count_tokens``, ``responses``)."""
+        return False
+
+    async def send_native(self, op: str, body: dict[str, Any], step: Step, headers: Headers) -> Completion:
+        """``op`` with the door's body (model already rewritten); the answer's bytes in the door's format and
+        its usage in OpenAI's form (``prompt_tokens``, ``completion_tokens``, ... for accounting).
+        ``headers``: client headers to pass on (``anthropic-beta``)."""
+        raise StepFailed(f"provider type {self.type_name!r} does not speak {op}", status=400)
+
+    def stream_native(self, op: str, body: dict[str, Any], step: Step, state: StreamState,
+                      headers: Headers) -> AsyncIterator[bytes]:
+        """``op`` streamed: the upstream's SSE events in the door's format, passed on as they come;
+        ``state.usage`` (OpenAI form) and ``state.finish_reason`` filled as they are known; StepFailed for
+        an error event or an end before the API's own end, like :meth:`stream`."""
+        raise StepFailed(f"provider type {self.type_name!r} does not speak {op}", status=400)
+
+    async def embed(self, body: dict[str, Any], step: Step) -> Completion:
+        """An OpenAI embeddings request (``model`` already the step's); an OpenAI ``list`` of embeddings back."""
+        raise StepFailed(f"provider type {self.type_name!r} does not serve embeddings", status=400)
+
+    async def complete_text(self, body: dict[str, Any], step: Step) -> Completion:
+        """A legacy ``/v1/completions`` request, passed through (OpenAI-compatible APIs only)."""
+        raise StepFailed(f"provider type {self.type_name!r} does not serve legacy completions "
+                         "(/v1/completions)", status=400)
+
+    def stream_text(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
+        """A legacy completions stream: the upstream's ``text_completion`` events as they come, no ``[DONE]``."""
+        raise StepFailed(f"provider type {self.type_name!r} does not serve legacy completions "
+                         "(/v1/completions)", status=400)
+
 
 class QuotedFailure(StepFailed):
     """A failed step that quotes an upstream's own bytes (``quoted``), kept whole and not yet redacted.

@@ -67,6 +67,7 @@ from ..config import ProviderConfig, Step
 from ..errors import StepFailed
 from ..http.pool import Headers, UpstreamClient
 from ..http.sse import EventSplitter, encode, event_data
+from . import gemini_embed
 from .base import Completion, Provider, QuotedFailure, StreamState, config_headers, read_bounded, with_retry_after
 
 API_VERSION = "v1beta"
@@ -1007,6 +1008,11 @@ class GeminiProvider(Provider):
 
     def on_unauthorized(self, headers: Headers) -> None:
         """Called on a 401 (Vertex drops its cached token)."""
+
+    async def embed(self, body: dict[str, Any], step: Step) -> Completion:
+        """OpenAI's embeddings request as ``batchEmbedContents`` (Vertex: its own endpoint), see
+        :mod:`.gemini_embed`."""
+        return await gemini_embed.embed(self, body, step)
 
     def build(self, body: dict[str, Any], step: Step) -> bytes:
         return _dumps(build_request(body, step.model, send_ids=self.send_ids, signatures=self.signatures,

@@ -48,7 +48,8 @@ class OpenAIProvider(Provider):
     def __init__(self, cfg: ProviderConfig, client: UpstreamClient) -> None:
         super().__init__(cfg, client)
         base = cfg.base_url or PRESETS.get(str(cfg.options.get("preset", "")), "")
-        self.url = base.rstrip("/") + "/chat/completions"
+        self.base = base.rstrip("/")  # the API root: /embeddings, /completions, /responses live beside chat
+        self.url = self.base + "/chat/completions"
         configured = config_headers(cfg)  # the config's headers win over ours of the same name
         names = {name for name, _ in configured}
         ours = [(b"content-type", b"application/json"), *self.auth_headers()]

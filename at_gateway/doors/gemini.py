@@ -1,0 +1,14 @@
+"""The Gemini generateContent door (being written: see the issue)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Door
+
+
+class GeminiDoor(Door):
+    name = "gemini"
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
