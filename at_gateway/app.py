@@ -49,10 +49,12 @@ _BAD_KEY = ("Incorrect API key provided. Send a key this gateway is configured w
 _WWW_AUTH = (b"www-authenticate", b'Bearer realm="at-gateway"')  # RFC 9110 §11.6.1: every 401 names a scheme
 
 # Client endpoint kinds (see Gateway._endpoint).
-_CHAT, _MODELS, _MODEL, _HEALTH_EP, _KEY, _DOOR = range(6)
+_CHAT, _MODELS, _MODEL, _HEALTH_EP, _KEY, _DOOR, _METRICS = range(7)
 _MODEL_PREFIXES = (b"/v1/models/", b"/models/")
 _GET_HEAD = frozenset((b"GET", b"HEAD"))  # HEAD is GET without the body (RFC 9110 §9.3.2); the server drops it
 _ADMIN_PREFIX = b"/admin/api/"
+_PAGE_PREFIX = b"/admin/"  # the dashboard (its files, login and logout); /admin redirects there
+_METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 # Gemini's native methods, the part after the model in /v1beta/models/{model}:{method} (also under /v1/models/).
 _GEMINI_METHODS = (b":generateContent", b":streamGenerateContent", b":countTokens")
 _GEMINI_PREFIXES = (b"/v1beta/models/", b"/v1/models/", b"/models/")
@@ -287,6 +289,9 @@ class Gateway:
     async def handle(self, request: Request, responder: Responder) -> None:
         ctx = RequestContext(self._request_id(request), method=request.method.decode("latin-1"),
                              path=request.path.decode("latin-1"))
+        metrics = self.services.metrics
+        if metrics is not None:
+            metrics.started(ctx)  # in flight until finish()
         try:
             if self._base is not None:
                 self._strip_base(request)
@@ -350,12 +355,17 @@ class Gateway:
     async def _dispatch(self, ctx: RequestContext, request: Request, responder: Responder) -> None:
         path = request.path
         ep = self._endpoint(path)
-        if ep is None and path.startswith(_ADMIN_PREFIX):
+        if ep is None and path == b"/metrics":  # not a client endpoint: no CORS, not logged
+            ep = _Endpoint(_METRICS, _GET_HEAD, b"GET, HEAD")
+        if ep is None and (path.startswith(_PAGE_PREFIX) or path == b"/admin"):
             if self._admin is None:
                 ctx.unlogged = True
                 raise AdminDisabled("the admin API is off: set admin_token (or admin_tokens, or admin.forward_auth) "
                                     "in the config to enable it")
-            await self._admin.handle(ctx, request, responder)
+            if path.startswith(_ADMIN_PREFIX):
+                await self._admin.handle(ctx, request, responder)
+            else:
+                await self._admin.page(ctx, request, responder)  # the dashboard: not in the request log either
             return
         if ep is None:
             shown = quote(self.redact, f"{request.method.decode('latin-1')} {path.decode('latin-1')}", 200)
@@ -366,6 +376,15 @@ class Gateway:
             raise MethodNotAllowed(f"{request.method.decode('latin-1')} is not allowed here; use "
                                    f"{ep.allow.decode()}", headers=[(b"allow", ep.allow)])
         kind = ep.kind
+        if kind == _METRICS:
+            ctx.unlogged = True  # scrapes are not requests of the gateway's users: not logged, not counted
+            metrics = self.services.metrics
+            if metrics is None:
+                raise NotFound("metrics are off: set metrics.enabled: true in the config", code="unknown_url")
+            metrics.authorize(request)  # raises 401 when metrics.username/password or an admin token is wanted
+            ctx.status = 200
+            await responder.send(200, [_METRICS_CT], metrics.render(self))
+            return
         if kind == _CHAT:
             ctx.client = self._authenticate(request, ctx)
             await self.chat(ctx, request, responder)
@@ -666,6 +685,8 @@ class Gateway:
         if ctx.usage:
             ctx.cost_nanousd = self.pricing.cost(ctx)
         services = self.services
+        if services.metrics is not None:
+            services.metrics.observe(ctx)
         if services.limiter is not None and ctx.admission is not None:
             services.limiter.settle(ctx)
         if services.store is not None and not ctx.unlogged:

@@ -39,7 +39,7 @@ TOP_KEYS = frozenset({
     "body_timeout", "keepalive_timeout", "cors", "max_connections", "shutdown_timeout", "tls", "log_level",
     "log_bodies", "upstream", "workers", "loop", "state_dir", "providers", "routes",
     "store", "request_log", "limits", "budget_timezone", "prices", "admin_token", "admin_tokens", "admin",
-    "base_path", "allow_direct",
+    "base_path", "allow_direct", "metrics",
 })
 STEP_KEYS = frozenset({"provider", "model", "timeout", "conflict_resolution", "price", "retries", "retry_backoff",
                        "retry_backoff_max", "wait_for_key", "hedge_after"})
@@ -52,7 +52,8 @@ KEY_STRATEGIES = ("round-robin", "fill-first", "least-busy")
 MAX_WAIT_FOR_KEY = 5.0
 ROUTE_KEYS = frozenset({"name", "steps", "limits"})
 STORE_KEYS = frozenset({"path", "encryption_key"})
-ADMIN_KEYS = frozenset({"forward_auth", "max_body_size"})
+ADMIN_KEYS = frozenset({"forward_auth", "max_body_size", "session_ttl"})
+METRICS_KEYS = frozenset({"enabled", "username", "password", "per_key", "top_keys", "seed_names"})
 FORWARD_AUTH_KEYS = frozenset({"address", "auth_request_headers", "auth_response_headers", "timeout"})
 REQUEST_LOG_KEYS = frozenset({"retention"})
 LIMIT_KEYS = ("rpm", "rph", "rpd", "tpm", "tpd")
@@ -185,10 +186,24 @@ class AdminConfig:
     tokens: tuple[str, ...] = field(default=(), repr=False)
     forward_auth: ForwardAuthConfig | None = None
     max_body_size: int = 1 * 2**20
+    session_ttl: float = 12 * 3600.0  # the dashboard's login cookie lives this long
 
     @property
     def enabled(self) -> bool:
         return bool(self.tokens) or self.forward_auth is not None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``{base_path}/metrics`` (Prometheus text format): off unless enabled; Basic auth when a username is set
+    (the admin token works too)."""
+
+    enabled: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    per_key: bool = True  # key ids as labels (capped to top_keys, the rest as "other")
+    top_keys: int = 20
+    seed_names: bool = False  # also the seed gateway's ai_gateway_* names
 
 
 @dataclass(frozen=True)
@@ -277,6 +292,7 @@ class Config:
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     routes: Mapping[str, Route] = field(default_factory=dict)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     base_path: str = ""  # every endpoint under this prefix ("/llm"); "" serves at the root
     allow_direct: bool = False  # a request may name "provider/model" without a route
     # Where each provider and route was defined: "config" (the YAML file) or "database" (the admin API; a
@@ -291,6 +307,8 @@ class Config:
         """Every configured secret value, for redaction by value."""
         out = list(self.api_keys)
         out += self.admin.tokens
+        if self.metrics.password:
+            out.append(self.metrics.password)
         for p in self.providers.values():
             out += [k.key for k in p.api_keys]
         if self.store.encryption_key:
@@ -670,6 +688,7 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None,
         providers=providers,
         routes=routes,
         admin=admin,
+        metrics=_build_metrics(data, r, problems),
         base_path=base_path,
         allow_direct=r.boolean(data, "allow_direct", "", False),
         provider_sources={n: provider_sources.get(n, "config") for n in providers},
@@ -732,7 +751,24 @@ def _build_admin(data: dict[str, Any], r: _Reader, problems: list[str]) -> Admin
             forward = ForwardAuthConfig(address, lists.get("auth_request_headers", base.auth_request_headers),
                                         lists.get("auth_response_headers", base.auth_response_headers), timeout)
     return AdminConfig(tokens=tuple(tokens), forward_auth=forward,
-                       max_body_size=_size(raw, "max_body_size", "admin", 1 * 2**20, problems))
+                       max_body_size=_size(raw, "max_body_size", "admin", 1 * 2**20, problems),
+                       session_ttl=r.duration(raw, "session_ttl", "admin", 12 * 3600.0, positive=True))
+
+
+def _build_metrics(data: dict[str, Any], r: _Reader, problems: list[str]) -> MetricsConfig:
+    raw = _mapping(data.get("metrics"), "metrics", problems)
+    _unknown_keys(raw, METRICS_KEYS, "metrics", problems)
+    username = r.string(raw, "username", "metrics")
+    password = r.string(raw, "password", "metrics")
+    if (username is None) != (password is None):
+        problems.append("metrics: username and password go together (set both for Basic auth, or neither: then "
+                        "the admin token, or no auth at all)")
+    if password is not None and len(password) < 12:
+        problems.append("metrics.password: shorter than 12 characters (use a long random one: openssl rand -hex 16)")
+    return MetricsConfig(enabled=r.boolean(raw, "enabled", "metrics", False), username=username, password=password,
+                         per_key=r.boolean(raw, "per_key", "metrics", True),
+                         top_keys=r.integer(raw, "top_keys", "metrics", 20, 1, 1000),
+                         seed_names=r.boolean(raw, "seed_names", "metrics", False))
 
 
 def _ordinal(i: int) -> str:

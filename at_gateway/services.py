@@ -80,6 +80,9 @@ class Services:
     # The clock keys and circuits measure rests with (time.monotonic: one clock for every process of the
     # machine); a test passes its own to move time without sleeping.
     clock: Callable[[], float] = time.monotonic
+    # Prometheus metrics (:class:`~at_gateway.metrics.Metrics`) when ``metrics.enabled``: counted per process,
+    # summed over the workers at scrape time; None: off, and the request path pays nothing.
+    metrics: Any = None
 
     async def aclose(self) -> None:
         """Close every part, the store last (what the limiter and the drained requests left gets written)

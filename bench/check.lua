@@ -5,12 +5,14 @@
 --   BENCH_KEY      gateway key sent as X-Api-Key (empty: none, for the direct runs)
 --   BENCH_STREAM   "1": expect an SSE stream ending in [DONE] with >= BENCH_CHUNKS chunks
 --   BENCH_CHUNKS   chat chunks a stream must carry
+--   BENCH_FORMAT   "messages": Anthropic Messages answers (events end with message_stop); else chat
 -- At the end it prints one line "BENCHJSON {...}" with the counts and latency percentiles (microseconds).
 
 local body = os.getenv("BENCH_BODY")
 local key = os.getenv("BENCH_KEY") or ""
 local stream = os.getenv("BENCH_STREAM") == "1"
 local chunks = tonumber(os.getenv("BENCH_CHUNKS") or "20")
+local messages = os.getenv("BENCH_FORMAT") == "messages"  -- Anthropic Messages: its events, its end
 
 wrk.method = "POST"
 wrk.body = body
@@ -30,14 +32,19 @@ function init(args)
 end
 
 local DONE = "data: [DONE]\n\n"
+local CHUNK = "chat.completion.chunk"
+if messages then
+  DONE = 'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+  CHUNK = "content_block_delta"
+end
 
 local function count_chunks(b)
   local n, pos = 0, 1
   while true do
-    local s = string.find(b, "chat.completion.chunk", pos, true)
+    local s = string.find(b, CHUNK, pos, true)
     if not s then return n end
     n = n + 1
-    pos = s + 21
+    pos = s + #CHUNK
   end
 end
 
@@ -47,6 +54,8 @@ function response(status, headers, b)
     good = false
   elseif stream then
     good = string.sub(b, -#DONE) == DONE and count_chunks(b) >= chunks
+  elseif messages then
+    good = string.find(b, '"type":"message"', 1, true) ~= nil and string.find(b, '"output_tokens"', 1, true) ~= nil
   else
     good = string.find(b, '"chat.completion"', 1, true) ~= nil and string.find(b, '"total_tokens"', 1, true) ~= nil
   end

@@ -81,9 +81,17 @@ class HTTPConn:
         return status, resp_headers, data
 
 
-def check_body(status: int, body: bytes, stream: bool, chunks: int) -> bool:
+MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+def check_body(status: int, body: bytes, stream: bool, chunks: int, fmt: str = "chat") -> bool:
+    """Whether an answer is right: ``fmt`` "messages" for the Anthropic Messages door, else chat completions."""
     if status != 200:
         return False
+    if fmt == "messages":
+        if stream:
+            return body.endswith(MESSAGE_STOP) and body.count(b"content_block_delta") >= chunks
+        return b'"type":"message"' in body and b'"output_tokens"' in body
     if stream:
         return body.endswith(b"data: [DONE]\n\n") and body.count(b"chat.completion.chunk") >= chunks
     return b'"chat.completion"' in body and b'"total_tokens"' in body
@@ -107,7 +115,7 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 
 async def _worker(host: str, port: int, path: str, headers: dict[str, str], body: bytes, stream: bool, chunks: int,
-                  record_from: float, end: float, res: Result) -> None:
+                  record_from: float, end: float, res: Result, fmt: str = "chat") -> None:
     conn = HTTPConn(host, port)
     now = time.perf_counter
     while True:
@@ -116,7 +124,7 @@ async def _worker(host: str, port: int, path: str, headers: dict[str, str], body
             break
         try:
             status, _, data = await conn.request("POST", path, headers, body)
-            good = check_body(status, data, stream, chunks)
+            good = check_body(status, data, stream, chunks, fmt)
         except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
             conn.close()
             good, status, data = False, 0, str(exc).encode()
@@ -137,13 +145,14 @@ async def _worker(host: str, port: int, path: str, headers: dict[str, str], body
 
 
 async def run_load(host: str, port: int, path: str, headers: dict[str, str], body: bytes, *, connections: int,
-                   duration: float, warmup: float = 0.0, stream: bool = False, chunks: int = 20) -> dict[str, object]:
+                   duration: float, warmup: float = 0.0, stream: bool = False, chunks: int = 20,
+                   fmt: str = "chat") -> dict[str, object]:
     """Run ``connections`` closed-loop clients for warmup + duration; report like check.lua's BENCHJSON."""
     res = Result()
     start = time.perf_counter()
     record_from = start + warmup
     end = record_from + duration
-    await asyncio.gather(*(_worker(host, port, path, headers, body, stream, chunks, record_from, end, res)
+    await asyncio.gather(*(_worker(host, port, path, headers, body, stream, chunks, record_from, end, res, fmt)
                            for _ in range(connections)))
     lat = sorted(res.latencies)
     us = 1e6
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key", default="")
     p.add_argument("--stream", action="store_true")
     p.add_argument("--chunks", type=int, default=20)
+    p.add_argument("--format", default="chat", choices=("chat", "messages"))
     args = p.parse_args(argv)
     rest = args.url.split("://", 1)[1]
     hostport, _, path = rest.partition("/")
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         headers["X-Api-Key"] = args.key
     out = asyncio.run(run_load(host, int(port or 80), "/" + path, headers, args.body.encode(),
                                connections=args.connections, duration=args.duration, warmup=args.warmup,
-                               stream=args.stream, chunks=args.chunks))
+                               stream=args.stream, chunks=args.chunks, fmt=args.format))
     print("BENCHJSON " + json.dumps(out), flush=True)
     return 0
 

@@ -345,6 +345,11 @@ class AdminAPI:
         await responder.send(answer.status, [_JSON_CT, _NO_STORE, (b"x-request-id", ctx.request_id.encode()),
                                              *answer.headers], body)
 
+    async def page(self, ctx: RequestContext, request: Request, responder: Responder) -> None:
+        """The dashboard at ``{base_path}/admin/`` (its files, login, logout): see :mod:`.dashboard`."""
+        ctx.unlogged = True
+        raise NotFound("the dashboard is not built yet", code="unknown_url")
+
 
 __all__ = ["PREFIX", "AdminAPI", "AdminDisabled", "AdminRequest", "Answer", "Conflict", "invalid", "is_busy",
            "listing", "mask", "parse_time", "same_origin", "store_busy"]
