@@ -289,9 +289,12 @@ class Gateway:
     async def handle(self, request: Request, responder: Responder) -> None:
         ctx = RequestContext(self._request_id(request), method=request.method.decode("latin-1"),
                              path=request.path.decode("latin-1"))
-        metrics = self.services.metrics
+        services = self.services
+        metrics = services.metrics
         if metrics is not None:
             metrics.started(ctx)  # in flight until finish()
+        in_flight = services.in_flight
+        in_flight[id(ctx)] = ctx
         try:
             if self._base is not None:
                 self._strip_base(request)
@@ -324,6 +327,7 @@ class Gateway:
                 ctx.status = responder.status or 499  # 499: the client went away first
             if not responder.finished and ctx.error is None:
                 ctx.error = "client disconnected before the response ended"
+            in_flight.pop(id(ctx), None)
             self.finish(ctx, request)
 
     def _strip_base(self, request: Request) -> None:

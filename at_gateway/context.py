@@ -57,6 +57,7 @@ class RequestContext:
     cost_nanousd: int | None = None  # None: unpriced (or no usage)
     unlogged: bool = False  # kept out of the request log (admin API calls: the audit log has those)
     door: Any = None  # the front door (at_gateway.doors) it came in by; None: chat completions (or no door)
+    limited: str | None = None  # which limit refused it (rpm, tpm, budget, ...), for metrics
 
     def gateway_headers(self) -> list[tuple[bytes, bytes]]:
         h = [(b"x-request-id", self.request_id.encode()), *self.extra_headers]

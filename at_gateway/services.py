@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -83,6 +83,8 @@ class Services:
     # Prometheus metrics (:class:`~at_gateway.metrics.Metrics`) when ``metrics.enabled``: counted per process,
     # summed over the workers at scrape time; None: off, and the request path pays nothing.
     metrics: Any = None
+    # The requests this process is answering now (id(ctx) -> RequestContext): the dashboard's "in flight".
+    in_flight: dict[int, Any] = field(default_factory=dict)
 
     async def aclose(self) -> None:
         """Close every part, the store last (what the limiter and the drained requests left gets written)
