@@ -224,6 +224,12 @@ class Router:
         last = attempts[-1].error if attempts else "no steps"
         return UpstreamFailed(f"{self._tried(ctx)} failed{_after(attempts)}; last error: {last}", extra=extra)
 
+    def _upstream_code(self, attempt: Attempt) -> str | None:
+        """The failed attempt's own error code from the upstream, redacted and shortened; None without one."""
+        up = attempt.upstream_error
+        code = up.get("code") if isinstance(up, dict) else None
+        return quote(self.redact, code, 100) if isinstance(code, str) and code else None
+
     @staticmethod
     def _tried(ctx: RequestContext) -> str:
         """``all 2 step(s) of route 'r'``: the steps the attempts ran (retries are attempts of one step)."""
@@ -579,6 +585,10 @@ class Router:
         ctx.error = err_obj.message
         event = err_obj.to_dict()
         event["error"]["status"] = err_obj.status
+        if ctx.attempts and "upstream_code" not in event["error"]:
+            upstream_code = self._upstream_code(ctx.attempts[-1])
+            if upstream_code is not None:
+                event["error"]["upstream_code"] = upstream_code
         await responder.end(encode(event) if call is None else call.error(None, event))
 
     async def _deliver(self, ctx: RequestContext, opened: _Opened, responder: Responder,
@@ -615,6 +625,9 @@ class Router:
                 ctx.error = f"upstream stream interrupted: {attempt.error}"
                 err = {"error": {"message": ctx.error, "type": "upstream_error", "code": "stream_interrupted",
                                  "status": ctx.outcome}}
+                upstream_code = self._upstream_code(attempt)
+                if upstream_code is not None:  # what the upstream called it (rate_limit_exceeded, ...): doors map it
+                    err["error"]["upstream_code"] = upstream_code
                 # no [DONE] (nor the door's end): a broken stream never looks finished
                 await responder.end(encode(err) if call is None else call.error(agen, err))
                 return

@@ -15,13 +15,18 @@ if TYPE_CHECKING:
 
 # type name -> (module, class, extra config keys allowed for that type)
 PROVIDER_TYPES: dict[str, tuple[str, str, frozenset[str]]] = {
-    "openai": ("openai", "OpenAIProvider", frozenset({"preset", "stream_usage"})),
+    "openai": ("openai", "OpenAIProvider", frozenset({"preset", "stream_usage", "wire_api"})),
     "echo": ("echo", "EchoProvider", frozenset()),
     "azure": ("azure", "AzureProvider", frozenset({"api_version", "stream_usage"})),
     "anthropic": ("anthropic", "AnthropicProvider", frozenset({"anthropic_version", "max_tokens"})),
     "gemini": ("gemini", "GeminiProvider", frozenset({"safety_settings"})),
     "vertex": ("vertex", "VertexProvider",
                frozenset({"project", "location", "credentials_file", "token_url", "api", "safety_settings"})),
+}
+
+# (type, option, value) -> (module, class): a type whose option picks another adapter class.
+VARIANTS: dict[tuple[str, str, str], tuple[str, str]] = {
+    ("openai", "wire_api", "responses"): ("openai_responses", "OpenAIResponsesProvider"),  # POST /responses
 }
 
 # Keys every provider accepts (the resilience ones: api_keys, retries, breaker, ... see config.ProviderConfig).
@@ -33,8 +38,12 @@ COMMON_KEYS = frozenset({"name", "type", "api_key", "base_url", "headers", "prox
 NO_BASE_URL_TYPES = {"echo", "anthropic", "gemini", "vertex"}
 
 
-def provider_class(type_name: str) -> type[Provider]:
+def provider_class(type_name: str, options: Any = None) -> type[Provider]:
+    """The adapter class of a type, or of the variant its ``options`` select (``wire_api: responses``)."""
     module_name, cls_name, _ = PROVIDER_TYPES[type_name]
+    for (vtype, key, value), target in VARIANTS.items():
+        if vtype == type_name and options is not None and options.get(key) == value:
+            module_name, cls_name = target
     module = importlib.import_module(f"{__name__}.{module_name}")
     cls: type[Provider] = getattr(module, cls_name)
     return cls
@@ -46,4 +55,4 @@ def allowed_keys(type_name: str) -> frozenset[str]:
 
 
 def build_provider(cfg: Any, client: Any) -> Provider:
-    return provider_class(cfg.type)(cfg, client)
+    return provider_class(cfg.type, cfg.options)(cfg, client)

@@ -67,8 +67,24 @@ def _openai(options: Mapping[str, Any]) -> list[str]:
     return []
 
 
+WIRE_APIS = ("chat", "responses")
+
+
+def _openai_type(options: Mapping[str, Any]) -> list[str]:
+    """``type: openai``: also ``wire_api``, the upstream API its requests go to."""
+    problems = _openai(options)
+    wire = options.get("wire_api")
+    if wire is not None and wire not in WIRE_APIS:
+        shown = repr(wire)[:40]
+        problems.append(f"wire_api: must be chat (POST /chat/completions, the default) or responses "
+                        f"(POST /responses, OpenAI's Responses API); got {shown}")
+    elif wire == "responses" and options.get("stream_usage") is not None:
+        problems.append("stream_usage: only for wire_api: chat (Responses streams always carry usage); remove it")
+    return problems
+
+
 CHECKERS: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {
-    "openai": _openai,
+    "openai": _openai_type,
     "azure": _openai,
     "anthropic": _anthropic,
     "gemini": _safety_settings,
