@@ -595,6 +595,16 @@ class Gateway:
         return Route(name=routes[0].name, steps=tuple(step for r in routes for step in r.steps),
                      limits=routes[0].limits)
 
+    def named_route(self, ctx: RequestContext, name: str) -> Route:
+        """The route ``name`` names for this caller: 404 ``model_not_found``, 403 ``model_not_allowed`` for a
+        client key without it (the doors' count_tokens endpoints look routes up with it too)."""
+        return self._named_route(ctx, name)
+
+    def token_field(self, route: str) -> str:
+        """Which field a key's max_tokens cap fills on ``route`` when the client sent none (see
+        :meth:`_token_field_per_route`)."""
+        return self._token_fields.get(route, "max_tokens")
+
     def _named_route(self, ctx: RequestContext, name: str) -> Route:
         route = self.config.routes.get(name)
         if route is None and self.config.allow_direct:

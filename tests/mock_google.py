@@ -68,6 +68,12 @@ VERTEX_PATH = re.compile(r"^/v1/(?:projects/(?P<project>[^/]+)/locations/(?P<loc
                          r"(?P<query>\?.*)?$")
 VERTEX_OPENAI_PATH = re.compile(r"^/v1/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/endpoints/openapi/"
                                 r"chat/completions$")
+# models.countTokens: the Gemini API takes ``contents`` or a whole ``generateContentRequest``; Vertex takes the
+# request's fields at the top level.
+COUNT_PATH = re.compile(r"^/v1beta/models/(?P<model>[^/:?]+):countTokens$")
+VERTEX_COUNT_PATH = re.compile(r"^/v1/(?:projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/)?publishers/"
+                               r"google/models/(?P<model>[^/:?]+):countTokens$")
+VERTEX_COUNT_KEYS = {"contents", "systemInstruction", "tools", "generationConfig"}
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
 
@@ -297,6 +303,75 @@ def check_request(rec: Received, *, vertex: bool = False, api_key: str | None = 
     return p, info
 
 
+def check_count_request(rec: Received, *, vertex: bool = False, api_key: str | None = API_KEY,
+                        tokens: set[str] | None = None) -> tuple[list[str], dict[str, Any]]:
+    """``models.countTokens`` as the documented API checks it (empty problems when none), and what the path said.
+
+    The Gemini API (v1beta ``CountTokensRequest``) takes ``contents`` or ``generateContentRequest`` (whose
+    ``model`` must be ``models/{model}``), never both; Vertex (v1) takes contents, systemInstruction, tools and
+    generationConfig at the top level.
+    """
+    p: list[str] = []
+    m = (VERTEX_COUNT_PATH if vertex else COUNT_PATH).match(rec.path)
+    if rec.method != "POST" or not m:
+        return [f"request line: no such method: {rec.method} {rec.path}"], {}
+    info: dict[str, Any] = m.groupdict()
+    h = rec.headers
+    if "application/json" not in h.get("content-type", ""):
+        p.append("header content-type: must be application/json")
+    if vertex and info.get("project"):
+        auth = h.get("authorization", "")
+        if not auth.startswith("Bearer ") or tokens is None or auth[7:] not in tokens:
+            info["unauthenticated"] = True
+    elif h.get("x-goog-api-key") != api_key:
+        info["bad_key"] = True
+    try:
+        body = json.loads(rec.body)
+    except ValueError:
+        return [*p, "body: not JSON"], info
+    if not isinstance(body, dict):
+        return [*p, "body: not an object"], info
+    info["body"] = body
+    if vertex:
+        for k in sorted(set(body) - VERTEX_COUNT_KEYS):
+            p.append(f"{k}: Invalid JSON payload received. Unknown name {k!r}")
+        _check_contents(body.get("contents"), info["model"], vertex, p)
+        return p, info
+    for k in sorted(set(body) - {"contents", "generateContentRequest"}):
+        p.append(f"{k}: Invalid JSON payload received. Unknown name {k!r}")
+    inner = body.get("generateContentRequest")
+    if ("contents" in body) == (inner is not None):
+        p.append("countTokens takes either contents or generateContentRequest")
+    if inner is not None:
+        if not isinstance(inner, dict):
+            return [*p, "generateContentRequest: must be an object"], info
+        if inner.get("model") != f"models/{info['model']}":
+            p.append(f"generateContentRequest.model: must be models/{info['model']}")
+        for k in sorted(set(inner) - REQUEST_KEYS - {"model"}):
+            p.append(f"generateContentRequest.{k}: Unknown name {k!r}")
+        _check_contents(inner.get("contents"), info["model"], vertex, p)
+    else:
+        _check_contents(body.get("contents"), info["model"], vertex, p)
+    return p, info
+
+
+def count_answer(body: dict[str, Any], vertex: bool = False) -> dict[str, Any]:
+    """A deterministic CountTokensResponse: one token per word of every text part sent."""
+    inner = body.get("generateContentRequest")
+    req: dict[str, Any] = inner if isinstance(inner, dict) else body
+    words = chars = 0
+    for c in [*(req.get("contents") or []), req.get("systemInstruction") or {}]:
+        for part in (c.get("parts") or []) if isinstance(c, dict) else []:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                words += len(part["text"].split())
+                chars += len(part["text"])
+    out: dict[str, Any] = {"totalTokens": words}
+    if vertex:
+        out["totalBillableCharacters"] = chars
+    gtypes.CountTokensResponse.model_validate({k: v for k, v in out.items() if k == "totalTokens"})
+    return out
+
+
 # ---------------------------------------------------------------------------
 # What the service sends
 # ---------------------------------------------------------------------------
@@ -398,7 +473,9 @@ class GeminiMock:
     problems: list[str] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     openai_calls: list[Received] = field(default_factory=list)
+    count_calls: list[Call] = field(default_factory=list)  # models.countTokens requests
     _queues: dict[str, list[Reply | Callable[[Call], Reply]]] = field(default_factory=dict)
+    _count_queues: dict[str, list[Reply | Callable[[Call], Reply]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -419,7 +496,14 @@ class GeminiMock:
                 return None
             return q.pop(0) if len(q) > 1 else q[0]
 
+    def on_count(self, model: str, *replies: Reply | Callable[[Call], Reply]) -> None:
+        """Answer the next countTokens requests for ``model`` with these (the last one repeats); without any,
+        :func:`count_answer` answers."""
+        self._count_queues[model] = list(replies)
+
     def _handle(self, rec: Received) -> Reply:
+        if rec.path.endswith(":countTokens"):
+            return self._count(rec)
         if self.vertex:
             m = VERTEX_OPENAI_PATH.match(rec.path)
             if m:
@@ -438,6 +522,24 @@ class GeminiMock:
         reply = self._next(str(info["model"]))
         if reply is None:
             return error_reply(404, f"models/{info['model']} is not found for API version v1beta")
+        return reply(call_) if callable(reply) else reply
+
+    def _count(self, rec: Received) -> Reply:
+        problems, info = check_count_request(rec, vertex=self.vertex, api_key=self.api_key, tokens=self.tokens)
+        call_ = Call(rec, info)
+        self.count_calls.append(call_)
+        if info.get("unauthenticated"):
+            return error_reply(401, "Request had invalid authentication credentials.")
+        if info.get("bad_key"):
+            return error_reply(400, "API key not valid. Please pass a valid API key.")
+        if problems:
+            self.problems += problems
+            return error_reply(400, "; ".join(problems))
+        with self._lock:
+            q = self._count_queues.get(str(info["model"]))
+            reply = (q.pop(0) if len(q) > 1 else q[0]) if q else None
+        if reply is None:
+            return Reply(body=count_answer(call_.body, self.vertex))
         return reply(call_) if callable(reply) else reply
 
     def _openai(self, rec: Received) -> Reply:

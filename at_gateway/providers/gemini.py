@@ -47,6 +47,13 @@ What is translated, and why it is done the way it is:
 Not translated: ``logprobs``/``top_logprobs``, ``logit_bias``, audio output,
 images or code-execution parts in answers, ``parallel_tool_calls`` (Gemini
 decides), and tools other than functions (a 400 says so).
+
+Native (the Gemini door, :mod:`at_gateway.doors.gemini`): ``send_native`` and
+``stream_native`` take the client's own ``GenerateContentRequest`` for
+``generateContent`` / ``streamGenerateContent?alt=sse`` / ``countTokens``
+unchanged (the provider's ``safety_settings`` added only when the client sent
+none) and hand Gemini's answer and events back as they came; the stream is read
+only for usage, the finish, error events and an early end.
 """
 
 from __future__ import annotations
@@ -104,6 +111,11 @@ _AUDIO_MIME = {"wav": "audio/wav", "mp3": "audio/mp3", "flac": "audio/flac", "og
 _GEMINI_VERSION_RE = re.compile(r"gemini-(\d+)")
 
 IdFactory = Callable[[], str]
+
+# The Gemini door's operations (Provider.native): its bodies go to generateContent / countTokens as they are.
+GENERATE_OP = "gemini.generate"
+COUNT_OP = "gemini.count_tokens"
+NATIVE_OPS = frozenset({GENERATE_OP, COUNT_OP})
 
 
 def _dict(v: Any) -> dict[str, Any]:
@@ -998,10 +1010,13 @@ class GeminiProvider(Provider):
         self.safety_settings = safety if isinstance(safety, list) else None
         self.signatures = SignatureCache()
 
-    # Vertex overrides these three: where to send, how to authenticate, what a 401 means.
-    async def endpoint(self, step: Step, stream: bool) -> str:
-        method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    # Vertex overrides these: where to send, how to authenticate, what a 401 means, how countTokens is asked.
+    async def method_url(self, step: Step, method: str) -> str:
+        """The URL of one of the model's methods (``generateContent``, ``countTokens``, ...)."""
         return f"{self.base}/models/{model_path(step.model)}:{method}"
+
+    async def endpoint(self, step: Step, stream: bool) -> str:
+        return await self.method_url(step, "streamGenerateContent?alt=sse" if stream else "generateContent")
 
     async def auth_headers(self) -> Headers:
         return []
@@ -1013,6 +1028,87 @@ class GeminiProvider(Provider):
         """OpenAI's embeddings request as ``batchEmbedContents`` (Vertex: its own endpoint), see
         :mod:`.gemini_embed`."""
         return await gemini_embed.embed(self, body, step)
+
+    # -- the Gemini door's requests, passed through (at_gateway/doors/gemini.py) ------------------------------
+    def native(self, op: str, step: Step) -> bool:
+        return op in NATIVE_OPS
+
+    def count_body(self, body: dict[str, Any], step: Step) -> dict[str, Any]:
+        """A countTokens body as the Gemini API takes it: ``contents`` alone, or the whole request as
+        ``generateContentRequest`` naming the step's model (Vertex overrides: its fields at the top level)."""
+        inner = body.get("generateContentRequest", body.get("generate_content_request"))
+        if isinstance(inner, dict):
+            return {"generateContentRequest": {**inner, "model": "models/" + step.model.removeprefix("models/")}}
+        if set(body) <= {"contents"}:
+            return body
+        return {"generateContentRequest": {**body, "model": "models/" + step.model.removeprefix("models/")}}
+
+    def _native_data(self, op: str, body: dict[str, Any], step: Step) -> bytes:
+        if op == COUNT_OP:
+            return _dumps(self.count_body(body, step))
+        if self.safety_settings and "safetySettings" not in body and "safety_settings" not in body:
+            body = {**body, "safetySettings": self.safety_settings}  # the operator's default, as on chat requests
+        return _dumps(body)
+
+    async def send_native(self, op: str, body: dict[str, Any], step: Step, headers: Headers) -> Completion:
+        """generateContent or countTokens with the client's own body; Gemini's answer passed on as it came (a
+        blocked prompt or an unusual finishReason is the client's to read, in the format it speaks)."""
+        if op not in NATIVE_OPS:
+            return await super().send_native(op, body, step, headers)
+        data = self._native_data(op, body, step)
+        auth = await self.auth_headers()
+        url = await self.method_url(step, "countTokens" if op == COUNT_OP else "generateContent")
+        async with self.client.stream(b"POST", url, [*self.headers, (b"accept", b"application/json"), *auth], data,
+                                      self.cfg.proxy) as resp:
+            if not 200 <= resp.status < 300:
+                if resp.status == 401:
+                    self.on_unauthorized(auth)
+                raise await read_error(resp)
+            raw = await resp.read()
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            raise QuotedFailure("Gemini answered 2xx with a body that is not JSON", raw) from None
+        if not isinstance(obj, dict):
+            raise StepFailed("Gemini answered 2xx with JSON that is not an object")
+        if obj.get("error"):
+            raise error_from_gemini(None, obj, "Gemini answered 2xx with an error: ")
+        return Completion(raw, None if op == COUNT_OP else usage_from_gemini(obj.get("usageMetadata")))
+
+    async def stream_native(self, op: str, body: dict[str, Any], step: Step, state: StreamState,
+                            headers: Headers) -> AsyncIterator[bytes]:
+        """streamGenerateContent with the client's body: Gemini's events passed on as they come, read only for
+        usage, the finish and errors (an error event, or an end before every candidate finished, fails)."""
+        if op != GENERATE_OP:
+            raise StepFailed(f"provider type {self.type_name!r} does not stream {op}", status=400)
+        data = self._native_data(op, body, step)
+        auth = await self.auth_headers()
+        url = await self.endpoint(step, True)
+        watch = _NativeWatch(state)
+        async with self.client.stream(b"POST", url, [*self.headers, (b"accept", b"text/event-stream"), *auth], data,
+                                      self.cfg.proxy) as resp:
+            if not 200 <= resp.status < 300:
+                if resp.status == 401:
+                    self.on_unauthorized(auth)
+                raise await read_error(resp)
+            await _require_sse(resp)
+            splitter = EventSplitter()
+            async for raw in resp.aiter_raw():
+                events = splitter.feed(raw)
+                if not events:
+                    continue
+                out, failure = watch.events(events)
+                if out:
+                    yield out
+                if failure is not None:
+                    raise failure
+            tail = splitter.pending
+        out, failure = watch.events([tail + b"\n\n"] if tail.strip() else [])
+        if out:
+            yield out
+        if failure is not None:
+            raise failure
+        watch.close()
 
     def build(self, body: dict[str, Any], step: Step) -> bytes:
         return _dumps(build_request(body, step.model, send_ids=self.send_ids, signatures=self.signatures,
@@ -1047,16 +1143,7 @@ class GeminiProvider(Provider):
                 if resp.status == 401:
                     self.on_unauthorized(auth)
                 raise await read_error(resp)
-            ctype = resp.header(b"content-type") or b""
-            if b"text/event-stream" not in ctype:
-                raw = await read_bounded(resp)
-                try:
-                    obj: Any = json.loads(raw)
-                except ValueError:
-                    obj = None
-                if isinstance(obj, (dict, list)) and (isinstance(obj, list) or obj.get("error")):
-                    raise error_from_gemini(None, obj, "Gemini answered 2xx with an error: ")
-                raise StepFailed(f"Gemini did not stream (content-type {ctype.decode('latin-1')!r})")
+            await _require_sse(resp)
             splitter = EventSplitter()
             async for raw in resp.aiter_raw():
                 out, failure = _translate_events(tr, splitter.feed(raw))
@@ -1077,6 +1164,90 @@ class GeminiProvider(Provider):
         state.finish_reason = tr.finish.get(0) or next(iter(tr.finish.values()))
         if final:
             yield final
+
+
+async def _require_sse(resp: Any) -> None:
+    """A 2xx answer to a stream request that is not SSE: Gemini's error (in a JSON body or array), or a failure."""
+    ctype = resp.header(b"content-type") or b""
+    if b"text/event-stream" in ctype:
+        return
+    raw = await read_bounded(resp)
+    try:
+        obj: Any = json.loads(raw)
+    except ValueError:
+        obj = None
+    if isinstance(obj, (dict, list)) and (isinstance(obj, list) or obj.get("error")):
+        raise error_from_gemini(None, obj, "Gemini answered 2xx with an error: ")
+    raise StepFailed(f"Gemini did not stream (content-type {ctype.decode('latin-1')!r})")
+
+
+class _NativeWatch:
+    """What a passed-through Gemini stream says about itself: its usage and finish (into the StreamState, for
+    accounting and the log), its errors, and whether it ended as Gemini ends a stream."""
+
+    __slots__ = ("state", "started", "finished", "blocked", "calls")
+
+    def __init__(self, state: StreamState) -> None:
+        self.state = state
+        self.started: set[int] = set()
+        self.finished: set[int] = set()
+        self.blocked = False
+        self.calls = False
+
+    def events(self, events: list[bytes]) -> tuple[bytes, StepFailed | None]:
+        """The events to pass on, and the failure that ended them, if one did (what came before it still goes)."""
+        out: list[bytes] = []
+        for ev in events:
+            d = event_data(ev)
+            if d is None or not d.strip():
+                continue
+            try:
+                obj = json.loads(d)
+            except ValueError:
+                return b"".join(out), QuotedFailure("Gemini sent a stream event that is not JSON", d)
+            if not isinstance(obj, dict):
+                return b"".join(out), StepFailed("Gemini sent a stream event that is not a JSON object")
+            if obj.get("error"):
+                return b"".join(out), error_from_gemini(None, obj, "Gemini stream error: ")
+            self._read(obj)
+            out.append(ev)
+        return b"".join(out), None
+
+    def _read(self, obj: dict[str, Any]) -> None:
+        usage = usage_from_gemini(obj.get("usageMetadata"))
+        if usage is not None:
+            self.state.usage = usage
+        feedback = obj.get("promptFeedback")
+        if isinstance(feedback, dict) and feedback.get("blockReason"):
+            self.blocked = True  # a blocked prompt ends the stream without candidates: a whole answer
+            self.state.finish_reason = "content_filter"
+        cands = obj.get("candidates")
+        for pos, cand in enumerate(cands if isinstance(cands, list) else ()):
+            if not isinstance(cand, dict):
+                continue
+            index = _int(cand.get("index"), pos)
+            self.started.add(index)
+            content = cand.get("content")
+            parts = content.get("parts") if isinstance(content, dict) else None
+            if isinstance(parts, list) and any(isinstance(p, dict) and "functionCall" in p for p in parts):
+                self.calls = True
+            reason = cand.get("finishReason")
+            if isinstance(reason, str) and reason:
+                self.finished.add(index)
+                mapped = STOP_REASONS.get(reason) or ("content_filter" if reason in FILTER_REASONS
+                                                      else reason.lower())
+                self.state.finish_reason = "tool_calls" if mapped == "stop" and self.calls else mapped
+
+    def close(self) -> None:
+        """At the upstream's end: raises unless the stream ended as Gemini ends one."""
+        if self.blocked:
+            return
+        if not self.finished:
+            raise StepFailed("Gemini stream ended before its first chunk" if not self.started
+                             else "Gemini stream ended before it was complete (no finishReason)")
+        unfinished = self.started - self.finished
+        if unfinished:
+            raise StepFailed(f"Gemini stream ended before candidate {min(unfinished)} finished")
 
 
 def _translate_events(tr: StreamTranslator, events: list[bytes]) -> tuple[bytes, StepFailed | None]:

@@ -50,7 +50,7 @@ from ..errors import StepFailed
 from ..http.errors import UpstreamError
 from ..http.pool import Headers, UpstreamClient
 from .base import Completion, QuotedFailure, StreamState, config_headers
-from .gemini import GeminiProvider, model_path, versioned_base
+from .gemini import NATIVE_OPS, GeminiProvider, model_path, versioned_base
 from .openai import OpenAIProvider
 
 API_VERSION = "v1"
@@ -61,6 +61,9 @@ METADATA_HOST = "metadata.google.internal"
 EXPRESS_BASE_URL = "https://aiplatform.googleapis.com/" + API_VERSION
 JWT_LIFETIME = 3600
 MAX_REFRESH_MARGIN = 300.0  # refresh this long before expiry (less for short-lived tokens)
+# What Vertex's countTokens takes beside contents (CountTokensRequest, v1), in either spelling.
+_VERTEX_COUNT_FIELDS = frozenset({"contents", "systemInstruction", "system_instruction", "tools", "generationConfig",
+                                  "generation_config"})
 
 
 def _b64url(data: bytes) -> str:
@@ -405,14 +408,27 @@ class VertexProvider(GeminiProvider):
                 raise _creds_error("no project: set `project:` on the provider (or GOOGLE_CLOUD_PROJECT)")
         return self._project
 
-    async def endpoint(self, step: Step, stream: bool) -> str:
-        method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    async def method_url(self, step: Step, method: str) -> str:
         model = model_path(step.model.removeprefix("publishers/google/models/"))
         if self.express:
             return f"{self.base}/publishers/google/models/{model}:{method}"
         project = quote(await self.project(), safe="")
         return (f"{self.base}/projects/{project}/locations/{quote(self.location, safe='')}"
                 f"/publishers/google/models/{model}:{method}")
+
+    # -- the Gemini door, passed through: Vertex's generateContent speaks the Gemini API's JSON ---------------
+    def native(self, op: str, step: Step) -> bool:
+        return op in NATIVE_OPS and not self.uses_openai(step)  # publisher/model: the OpenAI endpoint, translated
+
+    def count_body(self, body: dict[str, Any], step: Step) -> dict[str, Any]:
+        """Vertex's countTokens takes the request's fields at the top level: a Gemini API
+        ``generateContentRequest`` is unwrapped (its model, safety settings and tool config dropped: Vertex
+        counts without them)."""
+        inner = body.get("generateContentRequest", body.get("generate_content_request"))
+        if not isinstance(inner, dict):
+            return body
+        rest = {k: v for k, v in body.items() if k not in ("generateContentRequest", "generate_content_request")}
+        return {**{k: v for k, v in inner.items() if k in _VERTEX_COUNT_FIELDS}, **rest}
 
     async def quota_project(self) -> str | None:
         """The project billed for user credentials (``x-goog-user-project``), as gcloud sends it."""
