@@ -23,6 +23,14 @@ Azure streams may start with chunks that carry only ``prompt_filter_results``
 (empty ``choices``, no usage); they are dropped, so the client sees OpenAI's
 chunk sequence and a failure right after them still falls through to the
 next step.
+
+Embeddings and legacy completions go to the same deployment's
+``/embeddings`` and ``/completions`` (``POST {base_url}/openai/deployments/
+{deployment}/embeddings?api-version=...``, with ``api_version: v1``
+``{base_url}/openai/v1/embeddings``), bodies and answers as for ``type:
+openai``; legacy completions need a deployment of a completions model
+(``gpt-35-turbo-instruct``, ``davinci-002``), and their streams lose the
+filter-only chunks too.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class AzureProvider(OpenAIProvider):
         self.api_version = str(cfg.options.get("api_version") or DEFAULT_API_VERSION)
         self.v1 = self.api_version == "v1"
         self._urls: dict[str, str] = {}
+        self._endpoints: dict[tuple[str, str], str] = {}
 
     def auth_headers(self) -> Headers:
         return [(b"api-key", self.cfg.api_key.encode())] if self.cfg.api_key else []
@@ -67,23 +76,41 @@ class AzureProvider(OpenAIProvider):
             self._urls[step.model] = url  # one per configured step: bounded
         return url
 
+    def endpoint(self, step: Step, path: str) -> str:
+        url = self._endpoints.get((path, step.model))
+        if url is None:
+            if self.v1:
+                url = f"{self.base}/openai/v1/{path}"
+            else:
+                url = (f"{self.base}/openai/deployments/{quote(step.model, safe='')}/{path}"
+                       f"?api-version={quote(self.api_version, safe='')}")
+            self._endpoints[(path, step.model)] = url  # a few per configured step: bounded
+        return url
+
     def body_for(self, body: dict[str, Any], step: Step) -> dict[str, Any]:
         if self.v1:
             return body
         return {k: v for k, v in body.items() if k != "model"}
 
-    async def stream(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
-        inner = super().stream(body, step, state)
-        assert isinstance(inner, AsyncGenerator)
-        try:
-            async for out in inner:
-                if b'"prompt_filter_results"' in out:
-                    out = _drop_filter_only_chunks(out)
-                    if not out:
-                        continue
-                yield out
-        finally:
-            await inner.aclose()  # release the upstream connection now, not at garbage collection
+    def stream(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
+        return _without_filter_chunks(super().stream(body, step, state))
+
+    def stream_text(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
+        return _without_filter_chunks(super().stream_text(body, step, state))
+
+
+async def _without_filter_chunks(inner: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """An OpenAI-style stream without Azure's filter-only chunks."""
+    assert isinstance(inner, AsyncGenerator)
+    try:
+        async for out in inner:
+            if b'"prompt_filter_results"' in out:
+                out = _drop_filter_only_chunks(out)
+                if not out:
+                    continue
+            yield out
+    finally:
+        await inner.aclose()  # release the upstream connection now, not at garbage collection
 
 
 def _drop_filter_only_chunks(out: bytes) -> bytes:

@@ -4,13 +4,21 @@ The client's body passes through (only ``model`` and the step's conflict
 resolution change), and stream chunks are forwarded as the bytes received:
 we decode only the first chunk (to check it is a chat completion chunk),
 error events, and the final usage chunk.
+
+The same API's ``/embeddings`` and legacy ``/completions`` (the embeddings and
+completions doors) pass through the same way: the body as sent with the
+step's model, the answer's bytes as received, a legacy stream relayed by the
+loop chat streams use (only its URL and what a chunk is called differ).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
-from collections.abc import AsyncIterator
+import struct
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from ..config import ProviderConfig, Step
@@ -25,8 +33,8 @@ _FINISH_RE = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
 
 
-def validate_chat_completion(raw: bytes) -> dict[str, Any]:
-    """Decode an upstream 2xx body and check it really is a chat completion."""
+def _answer_object(raw: bytes) -> dict[str, Any]:
+    """An upstream 2xx body as a JSON object that is not an error (some APIs answer errors with 200)."""
     try:
         obj = json.loads(raw)
     except ValueError:
@@ -37,9 +45,57 @@ def validate_chat_completion(raw: bytes) -> dict[str, Any]:
         err = obj["error"]
         msg = err.get("message") if isinstance(err, dict) else str(err)
         raise StepFailed(f"upstream answered 2xx with an error: {msg}", error=err if isinstance(err, dict) else None)
-    if not isinstance(obj.get("choices"), list) or not obj["choices"]:
-        raise StepFailed("upstream answered 2xx with a body that is not a chat completion (no choices)")
     return obj
+
+
+def validate_chat_completion(raw: bytes, what: str = "chat completion") -> dict[str, Any]:
+    """Decode an upstream 2xx body and check it really is a chat completion (``what``: or a legacy
+    ``text completion``, which has the same ``choices`` list)."""
+    obj = _answer_object(raw)
+    if not isinstance(obj.get("choices"), list) or not obj["choices"]:
+        raise StepFailed(f"upstream answered 2xx with a body that is not a {what} (no choices)")
+    return obj
+
+
+def validate_embeddings(raw: bytes) -> dict[str, Any]:
+    """Decode an upstream 2xx embeddings answer and check it is OpenAI's ``list`` (a ``data`` array)."""
+    obj = _answer_object(raw)
+    if not isinstance(obj.get("data"), list):
+        raise StepFailed("upstream answered 2xx with a body that is not an embeddings list (no data)")
+    return obj
+
+
+def embedding_base64(vector: list[Any]) -> str:
+    """A vector in OpenAI's ``encoding_format: base64``: little-endian float32, base64 (what the openai SDK
+    asks for by default and decodes with ``array("f")`` / ``numpy.frombuffer(dtype="float32")``)."""
+    try:
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    except (struct.error, TypeError, OverflowError):
+        raise StepFailed("upstream answered an embedding that is not a list of numbers") from None
+
+
+def embedding_floats(data: str) -> list[float]:
+    """A base64 embedding (little-endian float32) as floats, for a client that asked for ``float``."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise StepFailed("upstream answered a base64 embedding that is not valid base64") from None
+    if len(raw) % 4:
+        raise StepFailed("upstream answered a base64 embedding that is not a whole number of float32 values")
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+def estimate_input_tokens(value: Any) -> int:
+    """A guess of an embeddings ``input``'s tokens for an upstream that reports none: about 4 characters a
+    token for text (as the limiter estimates prompts), the ids themselves for token arrays. Better than 0,
+    which would make embeddings free for budgets and limits."""
+    if isinstance(value, str):
+        return len(value) // 4 + 1
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) for v in value):
+            return len(value)
+        return sum(estimate_input_tokens(v) for v in value)
+    return 0
 
 
 class OpenAIProvider(Provider):
@@ -71,6 +127,36 @@ class OpenAIProvider(Provider):
         """The body as this API wants it (Azure drops ``model``)."""
         return body
 
+    def endpoint(self, step: Step, path: str) -> str:
+        """The URL of this API's other endpoints (``embeddings``, ``completions``) for a step (Azure: under
+        the step's deployment)."""
+        return f"{self.base}/{path}"
+
+    async def _post_json(self, url: str, body: dict[str, Any], step: Step) -> bytes:
+        """POST ``body`` (as this API wants it); the 2xx answer's bytes, StepFailed for any other status."""
+        data = json.dumps(self.body_for(body, step), separators=(",", ":"), ensure_ascii=False).encode()
+        async with self.client.stream(b"POST", url, self.headers, data, self.cfg.proxy) as resp:
+            if not 200 <= resp.status < 300:
+                raise await read_error(resp, self.name)
+            return await resp.read()
+
+    async def embed(self, body: dict[str, Any], step: Step) -> Completion:
+        """``POST /embeddings`` with the client's body (token-id inputs, ``encoding_format``, ``dimensions``,
+        ``user`` and any extension such as ``input_type`` as sent); the answer's bytes as received."""
+        raw = await self._post_json(self.endpoint(step, "embeddings"), body, step)
+        usage = validate_embeddings(raw).get("usage")
+        return Completion(raw, usage if isinstance(usage, dict) else None)
+
+    async def complete_text(self, body: dict[str, Any], step: Step) -> Completion:
+        """``POST /completions`` (legacy) with the client's body; the ``text_completion`` as received."""
+        raw = await self._post_json(self.endpoint(step, "completions"), body, step)
+        usage = validate_chat_completion(raw, "text completion").get("usage")
+        return Completion(raw, usage if isinstance(usage, dict) else None)
+
+    def stream_text(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
+        """A legacy completions stream: the upstream's events relayed as chat chunks are (:meth:`_relay`)."""
+        return self._relay(self.endpoint(step, "completions"), body, step, state, "text completion")
+
     async def complete(self, body: dict[str, Any], step: Step) -> Completion:
         data = json.dumps(self.body_for(body, step), separators=(",", ":"), ensure_ascii=False).encode()
         async with self.client.stream(b"POST", self.url_for(step), self.headers, data, self.cfg.proxy) as resp:
@@ -80,7 +166,14 @@ class OpenAIProvider(Provider):
         obj = validate_chat_completion(raw)
         return Completion(raw, obj.get("usage"))
 
-    async def stream(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
+    def stream(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
+        # A plain method handing out the relay generator: no wrapping generator frame per chunk.
+        return self._relay(self.url_for(step), body, step, state, "chat completion")
+
+    async def _relay(self, url: str, body: dict[str, Any], step: Step, state: StreamState,
+                     what: str) -> AsyncGenerator[bytes, None]:
+        """An OpenAI-style SSE stream from ``url`` (chat chunks, or legacy ``text_completion`` events: ``what``
+        names them in errors), relayed as received; no ``[DONE]`` (routing or the door adds the end)."""
         # Ask for usage always (accounting needs it); drop the usage-only
         # chunk again when the client did not ask for it.
         if self.stream_usage:
@@ -88,14 +181,13 @@ class OpenAIProvider(Provider):
             body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
         strip_usage = not state.include_usage
         data = json.dumps(self.body_for(body, step), separators=(",", ":"), ensure_ascii=False).encode()
-        async with self.client.stream(b"POST", self.url_for(step), self.stream_headers, data,
-                                      self.cfg.proxy) as resp:
+        async with self.client.stream(b"POST", url, self.stream_headers, data, self.cfg.proxy) as resp:
             if not 200 <= resp.status < 300:
                 raise await read_error(resp, self.name)
             ctype = resp.header(b"content-type") or b""
             if b"text/event-stream" not in ctype:
                 raw = await resp.read()
-                validate_chat_completion(raw)  # raises for errors and garbage
+                validate_chat_completion(raw, what)  # raises for errors and garbage
                 raise StepFailed(f"upstream did not stream (content-type {ctype.decode('latin-1')!r})")
             splitter = EventSplitter()
             first = True
@@ -115,7 +207,7 @@ class OpenAIProvider(Provider):
                                 done = True
                                 break
                             if first or b'"error"' in d or (b"event:" in ev and event_name(ev) == b"error"):
-                                _check_chunk(d, ev)
+                                _check_chunk(d, what)
                                 first = False
                             if b'"usage"' in d and _USAGE_RE.search(d):  # only the usage chunk is decoded
                                 obj = decode_event(d)
@@ -144,7 +236,7 @@ class OpenAIProvider(Provider):
                 raise StepFailed("upstream stream ended before it was complete")
 
 
-def _check_chunk(d: bytes, ev: bytes) -> None:
+def _check_chunk(d: bytes, what: str = "chat completion") -> None:
     obj = decode_event(d)
     err = obj.get("error")
     if err:
@@ -154,4 +246,4 @@ def _check_chunk(d: bytes, ev: bytes) -> None:
             status = err["code"]
         raise StepFailed(f"upstream stream error: {msg}", status=status, error=err if isinstance(err, dict) else None)
     if "choices" not in obj:
-        raise StepFailed("upstream sent a stream event that is not a chat completion chunk")
+        raise StepFailed(f"upstream sent a stream event that is not a {what} chunk")
