@@ -39,7 +39,7 @@ TOP_KEYS = frozenset({
     "body_timeout", "keepalive_timeout", "cors", "max_connections", "shutdown_timeout", "tls", "log_level",
     "log_bodies", "upstream", "workers", "loop", "state_dir", "providers", "routes",
     "store", "request_log", "limits", "budget_timezone", "prices", "admin_token", "admin_tokens", "admin",
-    "base_path", "allow_direct", "metrics",
+    "base_path", "allow_direct", "metrics", "response",
 })
 STEP_KEYS = frozenset({"provider", "model", "timeout", "conflict_resolution", "price", "retries", "retry_backoff",
                        "retry_backoff_max", "wait_for_key", "hedge_after"})
@@ -56,6 +56,7 @@ ADMIN_KEYS = frozenset({"forward_auth", "max_body_size", "session_ttl"})
 METRICS_KEYS = frozenset({"enabled", "username", "password", "per_key", "top_keys", "seed_names"})
 FORWARD_AUTH_KEYS = frozenset({"address", "auth_request_headers", "auth_response_headers", "timeout"})
 REQUEST_LOG_KEYS = frozenset({"retention"})
+RESPONSE_KEYS = frozenset({"retention"})  # ``response:``, the Responses door's kept responses
 LIMIT_KEYS = ("rpm", "rph", "rpd", "tpm", "tpd")
 LIMITS_KEYS = frozenset({*LIMIT_KEYS, "on_error"})
 ROUTE_LIMITS_KEYS = frozenset(LIMIT_KEYS)
@@ -286,6 +287,9 @@ class Config:
     cors: CORSConfig | None = None  # off unless allow_origins is set
     store: StoreConfig = field(default_factory=lambda: StoreConfig(":memory:"))
     request_log_retention: float = 30 * 86400.0
+    # How long the Responses door keeps each response (for previous_response_id and GET /v1/responses/{id})
+    # when the store is a file; read per request, so a reload applies to the responses made after it.
+    response_retention: float = 86400.0
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     budget_timezone: str = "UTC"
     prices: Mapping[str, Price] = field(default_factory=dict)  # model name -> price (over the built-in table)
@@ -631,6 +635,9 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None,
     rl_raw = _mapping(data.get("request_log"), "request_log", problems)
     _unknown_keys(rl_raw, REQUEST_LOG_KEYS, "request_log", problems)
     retention = r.duration(rl_raw, "retention", "request_log", 30 * 86400.0, positive=True)
+    resp_raw = _mapping(data.get("response"), "response", problems)
+    _unknown_keys(resp_raw, RESPONSE_KEYS, "response", problems)
+    response_retention = r.duration(resp_raw, "retention", "response", 86400.0, positive=True)
     lim_raw = _mapping(data.get("limits"), "limits", problems)
     _unknown_keys(lim_raw, LIMITS_KEYS, "limits", problems)
     limits = LimitsConfig(defaults=_build_limits(lim_raw, "limits", r),
@@ -682,6 +689,7 @@ def build_config(raw: Any, source: str, env: Mapping[str, str] | None = None,
         cors=cors,
         store=store,
         request_log_retention=retention,
+        response_retention=response_retention,
         limits=limits,
         budget_timezone=budget_tz,
         prices=prices,

@@ -40,10 +40,15 @@ async def open_services(config: Config, limiter_channel: socket.socket | None = 
     from .store.catalog import open_catalog
     from .store.db import MEMORY, StoreError
     from .store.keys import open_key_cache
+    from .store.responses import open_response_store
     from .store.usage import open_recorder
 
     services = Services(shared=shared)
     try:
+        if config.metrics.enabled:  # counted per process, summed over the workers at each scrape (metrics/share.py)
+            from .metrics import Metrics
+
+            services.metrics = Metrics(config, services)
         services.store = await open_recorder(config)
         services.keys = await open_key_cache(config)
         services.limiter = await open_limiter(config, limiter_channel)
@@ -54,6 +59,7 @@ async def open_services(config: Config, limiter_channel: socket.socket | None = 
                 services.catalog = await anyio.to_thread.run_sync(open_catalog, config.store.path, keyring)
             except StoreError as exc:
                 raise ConfigError(config.source, [f"store.path: {exc}"]) from None
+            services.responses = await open_response_store(config)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await services.aclose()
@@ -282,6 +288,10 @@ def run(config: Config) -> int:
 
     # Before any fork: every worker maps the same memory, so a key cooled (or a circuit opened) in one is in all.
     shared = SharedState(shared=config.workers > 1)
+    if config.metrics.enabled and config.workers > 1:
+        from .metrics.share import prepare
+
+        prepare(config)  # before any fork too: the workers publish their counts there, a scrape sums them all
     if config.workers > 1:
         from .limits import limits_possible, new_state
         from .limits.shared import Hub

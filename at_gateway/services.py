@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .context import RequestContext
     from .store.catalog import Catalog
     from .store.keys import ClientKey
+    from .store.responses import ResponseStore
 
 
 class Recorder(Protocol):
@@ -73,6 +74,8 @@ class Services:
     keys: KeyVerifier | None = None
     limiter: Limiter | None = None
     catalog: Catalog | None = None  # providers, routes and audit in the database (the admin API's); None in memory
+    # The Responses door's kept responses (previous_response_id, GET /v1/responses/{id}); None in memory.
+    responses: ResponseStore | None = None
     control: Any = None  # the :class:`~at_gateway.live.Live` holding the current gateway (reloads, health)
     # Cooldowns, disabled keys and circuits (:class:`~at_gateway.resilience.state.SharedState`): made before the
     # workers fork (shared by them), or by the first Gateway of a process (private).
@@ -98,8 +101,12 @@ class Services:
                     await self.keys.aclose()
             finally:
                 try:
-                    if self.catalog is not None:
-                        await self.catalog.aclose()
+                    try:
+                        if self.catalog is not None:
+                            await self.catalog.aclose()
+                    finally:
+                        if self.responses is not None:
+                            await self.responses.aclose()
                 finally:
                     if self.store is not None:
                         await self.store.aclose()

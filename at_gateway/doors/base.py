@@ -16,7 +16,7 @@ thought signatures, Responses' built-in items) is lost. Every other pairing is t
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..config import Step
@@ -73,14 +73,17 @@ class DoorStream:
 
     Routing treats it as the adapter's own generator (its first item opens the stream, ``aclose`` ends
     it); the renderer's closing events come as its last item, after the adapter's clean end, so a stream
-    cut before that end gets ``fail`` instead.
+    cut before that end gets ``fail`` instead. ``on_close(renderer)`` is awaited between the clean end and
+    those closing events (the Responses door keeps the response there, so a follow-up finds it).
     """
 
-    __slots__ = ("inner", "renderer", "_closed")
+    __slots__ = ("inner", "renderer", "on_close", "_closed")
 
-    def __init__(self, inner: AsyncIterator[bytes], renderer: StreamRenderer) -> None:
+    def __init__(self, inner: AsyncIterator[bytes], renderer: StreamRenderer,
+                 on_close: Callable[[Any], Awaitable[None]] | None = None) -> None:
         self.inner = inner
         self.renderer = renderer
+        self.on_close = on_close
         self._closed = False
 
     def __aiter__(self) -> DoorStream:
@@ -96,6 +99,8 @@ class DoorStream:
                     raise
                 self._closed = True
                 tail = self.renderer.close()
+                if self.on_close is not None:
+                    await self.on_close(self.renderer)
                 if tail:
                     return tail
                 raise

@@ -144,8 +144,59 @@ _V2 = (
     # the time index serves newest first (GET admin/api/v1/requests/{id}, see admin/reports.py).
 )
 
+# The Responses door's kept responses (store/responses.py): each row is one answer with the whole context it
+# was made from, so a follow-up's ``previous_response_id`` is one primary-key read. ``key_id`` is the caller
+# (only it may read the row); ``expires_at`` (its creation plus ``response.retention``) is what reads filter
+# on and the periodic purge deletes by, through its index.
+_V3 = (
+    """CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        input TEXT NOT NULL,
+        output TEXT NOT NULL,
+        response TEXT NOT NULL
+    )""",
+    "CREATE INDEX responses_expires_at ON responses (expires_at)",
+)
+
+# The dashboard's per-minute rollups (store/usage.py writes them with the request-log rows, in the same
+# transaction; admin/stats.py reads them): one row per minute (Unix seconds, the minute a request started, as
+# request_log.time), route, provider, model, key id ('' for none) and status class (2 for 2xx...). Latency and
+# time to first token as counts per fixed bucket (27 each: usage.ROLLUP_BOUNDS_MS and an overflow bucket; a new
+# bucket layout needs a new migration). WITHOUT ROWID: the primary key is the table's order, so a time range is
+# one contiguous read. Logged-out dashboard sessions (admin/auth.py): their ids until they would have expired,
+# so that every worker refuses them.
+_V4 = (
+    """CREATE TABLE usage_minute (
+        minute INTEGER NOT NULL,
+        route TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        status_class INTEGER NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        fallbacks INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_nanousd INTEGER NOT NULL DEFAULT 0,
+        unpriced INTEGER NOT NULL DEFAULT 0,
+        """ + "".join(f"lat_{i} INTEGER NOT NULL DEFAULT 0, " for i in range(27))
+    + "".join(f"ttft_{i} INTEGER NOT NULL DEFAULT 0, " for i in range(27)) + """
+        PRIMARY KEY (minute, route, provider, model, key_id, status_class)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE admin_sessions_revoked (
+        id TEXT PRIMARY KEY,
+        expires_at REAL NOT NULL
+    )""",
+)
+
 #: Ordered migrations: MIGRATIONS[i] takes version i to i + 1 (statements run in one transaction).
-MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2)
+MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
