@@ -260,6 +260,17 @@ class UpstreamClient:
             "idle": sum(len(p.idle) for p in self._pools.values()),
         }
 
+    def connections(self) -> dict[str, tuple[int, int]]:
+        """``{"scheme://host:port": (active, idle)}`` over every pool (proxied ones summed with direct ones):
+        what the metrics show as atg_upstream_connections. Active counts requests holding a slot (sending, or
+        opening their connection). A read of counters, nothing more: safe at any time."""
+        out: dict[str, tuple[int, int]] = {}
+        for (origin, _), p in self._pools.items():
+            name = f"{origin.scheme}://{origin.host}:{origin.port}"
+            active, idle = out.get(name, (0, 0))
+            out[name] = (active + p.active, idle + len(p.idle))
+        return out
+
     def register_connector(self, proxy: str | None, connector: Connector) -> None:
         """Proxies (HTTP CONNECT, SOCKS5) plug in here, keyed by their URL."""
         self._connectors[proxy] = connector

@@ -9,7 +9,9 @@ without the request path changing. What travels between the two is small tuples 
   global cap over every caller;
 - an admission ``(subjects, tokens, nanousd)``: the request's worst case, reserved when admitted;
 - a *verdict* ``(ticket, head, code, message, retry_after)``: ticket > 0 when admitted (settled with
-  it at the end), else the refusal; ``head`` is what the x-ratelimit-* headers say;
+  it at the end), else the refusal; ``head`` is what the x-ratelimit-* headers say; a refusal has a sixth
+  item, the limit that refused (``rpm``, ``rph``, ``rpd``, ``tpm``, ``tpd``, ``budget``; ``route_`` before it
+  for a route's cap), which the metrics count as ``ctx.limited``;
 - a *settlement* ``(ticket, tokens, nanousd)``: what the request used (tokens = prompt + completion,
   as the store counts them), ``None`` for nothing (released), or :data:`RESERVED` for its worst case.
 """
@@ -35,10 +37,11 @@ log = logging.getLogger("at_gateway.limits")
 
 Subject = tuple  # (sid, rpm, rph, rpd, tpm, tpd, budget_nanousd, budget_period)
 Head = tuple  # (req_limit, req_remaining, req_reset_s, tok_limit, tok_remaining, tok_reset_s)
-Verdict = tuple  # (ticket, head, code, message, retry_after)
+Verdict = tuple  # (ticket, head, code, message, retry_after[, limit]): the limit on refusals
 RatesOf = Callable[[str, str, str], "Sequence[int] | None"]  # store.prices.Pricing.rates
 
 _SPANS = ((1, 60.0, "requests per minute"), (2, 3600.0, "requests per hour"), (3, 86400.0, "requests per day"))
+_SPAN_LIMITS = {1: "rpm", 2: "rph", 3: "rpd"}  # a refusal's limit, as the metrics name it
 _NO_HEAD: Head = (None, None, None, None, None, None)
 
 #: A settlement's figure that means "what was reserved": the request reached an upstream, which
@@ -168,7 +171,7 @@ class LimitState:
                                f"Quota exceeded for {_who(sid)}: tokens per day: {tpd} ({max(0, tpd - q.used)} left, "
                                f"{q.reserved} reserved by requests in flight; resets in "
                                f"{duration(q.ends - wall)}, at the start of the next day in {self.tz_name}).",
-                               q.ends - wall)
+                               q.ends - wall, _limit(sid, "tpd"))
                 take.append((q, tokens))
                 if sub[4] is None and (head_tok is None or left - tokens < head_tok[1]):
                     head_tok = (tpd, left - tokens, q.ends - wall)
@@ -181,7 +184,7 @@ class LimitState:
                                f"Budget exceeded for {_who(sid)}: budget per {period}: {usd(budget)} (spent "
                                f"{usd(q.used)}, {usd(max(0, budget - q.used - q.reserved))} left after the "
                                f"requests in flight; resets in {duration(q.ends - wall)}, at the start of the "
-                               f"next {period} in {self.tz_name}).", q.ends - wall)
+                               f"next {period} in {self.tz_name}).", q.ends - wall, _limit(sid, "budget"))
                 take.append((q, nanousd))
         for sub in subjects:
             sid = sub[0]
@@ -195,7 +198,7 @@ class LimitState:
                 if n >= limit and refusal is None:
                     refusal = (0, None, "rate_limit_exceeded",
                                f"Rate limit reached for {_who(sid)}: {name}: {limit}. Try again in "
-                               f"{duration(wait)}.", wait)
+                               f"{duration(wait)}.", wait, _limit(sid, _SPAN_LIMITS[index]))
                 take_req.append(w)
                 remaining = limit - n - 1
                 if head_req is None or remaining < head_req[1]:
@@ -212,7 +215,8 @@ class LimitState:
                 if used >= tpm and refusal is None:
                     refusal = (0, None, "rate_limit_exceeded",
                                f"Rate limit reached for {_who(sid)}: tokens per minute: {tpm} ({used} used or "
-                               f"reserved by requests in flight). Try again in {duration(wait)}.", wait)
+                               f"reserved by requests in flight). Try again in {duration(wait)}.", wait,
+                               _limit(sid, "tpm"))
                 take.append((tw, tokens))
                 left = tpm - used - tokens
                 if head_tok is None or left < head_tok[1]:
@@ -222,7 +226,7 @@ class LimitState:
                     head_tok = (tpm, left, wait)
         if refusal is not None:
             head = _head(head_req, head_tok, tokens)
-            return (0, head, refusal[2], refusal[3], refusal[4])
+            return (0, head, refusal[2], refusal[3], refusal[4], refusal[5])
         if dry:
             return (0, _head(head_req, head_tok, tokens), None, None, None)
         for w in take_req:
@@ -293,6 +297,11 @@ class LimitState:
                              "limit_usd": usd(d["limit"])[1:], "spent_usd": usd(d["used"])[1:],
                              "reserved_usd": usd(d["reserved"])[1:], "remaining_usd": usd(d["remaining"])[1:]}
         return out
+
+
+def _limit(sid: str, name: str) -> str:
+    """A refusal's limit as the metrics name it: ``rpm`` for a key's, ``route_rpm`` for a route's cap."""
+    return "route_" + name if sid.startswith("route:") else name
 
 
 def _who(sid: str) -> str:
@@ -462,6 +471,7 @@ class Admissions:
             return
         ctx.extra_headers = render_head(verdict[1])
         if not verdict[0]:
+            ctx.limited = verdict[5] if len(verdict) > 5 else "limit"  # what atg_rate_limited_total counts
             raise refusal_error(verdict)
         ctx.admission = verdict[0]
 
