@@ -138,10 +138,11 @@ def start_mock(chunks: int, delay: float = 0.0, chunk_delay: float = 0.0,
 
 
 def gateway_config(port: int, mock_port: int, loop: str, workers: int, log_level: str = "info",
-                   store: Path | None = None) -> str:
+                   store: Path | None = None, metrics: bool = False) -> str:
     # A store file in the run's directory: the request log and usage accounting on, as deployed.
     return f"""# written by bench/run.py
 api_key: {GATEWAY_KEY}
+metrics: {{enabled: {"true" if metrics else "false"}}}
 store: {{path: "{store if store is not None else ':memory:'}"}}
 host: 127.0.0.1
 port: {port}
@@ -209,10 +210,11 @@ class Gateway:
 
 
 def start_gateway(workdir: Path, mock_port: int, loop: str, workers: int, cpus: str | None,
-                  log_level: str = "info", name: str = "gateway") -> Gateway:
+                  log_level: str = "info", name: str = "gateway", metrics: bool = False) -> Gateway:
     port = free_port()
     cfg = workdir / f"{name}.yaml"
-    cfg.write_text(gateway_config(port, mock_port, loop, workers, log_level, store=workdir / f"{name}.db"))
+    cfg.write_text(gateway_config(port, mock_port, loop, workers, log_level, store=workdir / f"{name}.db",
+                                  metrics=metrics))
     return start_gateway_from(cfg, port, workdir / f"{name}.log", workers, cpus)
 
 
@@ -351,6 +353,7 @@ class Row:
     ready_s: float | None = None
     python: str = ""  # the interpreter's version, for the .pyz rows
     keyed: bool = False  # called with a client key from the store, limited (rpm + tpm), instead of a YAML key
+    metrics: bool = False  # metrics.enabled: true (issue 13: c32 within 5 % of metrics off)
 
     @property
     def label(self) -> str:
@@ -359,7 +362,7 @@ class Row:
         if self.target == "pyz":
             return f"pyz {self.loop} py{self.python}"
         return (f"gateway {self.loop}" + (f" workers={self.workers}" if self.workers > 1 else "")
-                + (" db-key rpm+tpm" if self.keyed else ""))
+                + (" db-key rpm+tpm" if self.keyed else "") + (" metrics on" if self.metrics else ""))
 
 
 def measure(lg: LoadGen, gw: Gateway | None, port: int, scenario: str, args: argparse.Namespace,
@@ -428,7 +431,8 @@ def table(rows: list[Row]) -> str:
 
 def goals(rows: list[Row], loop: str, target: str = "gateway") -> list[tuple[str, bool, str]]:
     direct = {r.scenario: r for r in rows if r.target == "direct"}
-    gw = {r.scenario: r for r in rows if r.target == target and r.loop == loop and r.workers == 1 and not r.keyed}
+    gw = {r.scenario: r for r in rows if r.target == target and r.loop == loop and r.workers == 1 and not r.keyed
+          and not r.metrics}
     out: list[tuple[str, bool, str]] = []
     if "c1" in gw and "c1" in direct:
         added = (gw["c1"].result["p50_us"] - direct["c1"].result["p50_us"]) / 1000
@@ -461,7 +465,7 @@ def goals(rows: list[Row], loop: str, target: str = "gateway") -> list[tuple[str
 def keyed_goals(rows: list[Row], loop: str) -> list[tuple[str, bool, str]]:
     """Issue 9: a limited client key from the store costs at most 10 % of req/s (c32, s32) and 0.05 ms at c1."""
     plain = {r.scenario: r for r in rows if r.target == "gateway" and r.loop == loop and r.workers == 1
-             and not r.keyed}
+             and not r.keyed and not r.metrics}
     keyed = {r.scenario: r for r in rows if r.keyed and r.loop == loop}
     out: list[tuple[str, bool, str]] = []
     for s in ("c32", "s32"):
@@ -472,6 +476,17 @@ def keyed_goals(rows: list[Row], loop: str) -> list[tuple[str, bool, str]]:
         grew = (keyed["c1"].result["p50_us"] - plain["c1"].result["p50_us"]) / 1000
         out.append(("c1: p50 grows <= 0.05 ms with a db key", grew <= 0.05, f"{grew:+.3f} ms"))
     return out
+
+
+def metrics_goals(rows: list[Row], loop: str) -> list[tuple[str, bool, str]]:
+    """Issue 13: with metrics on, c32 req/s within 5 % of metrics off."""
+    plain = next((r for r in rows if r.target == "gateway" and r.loop == loop and r.workers == 1 and not r.keyed
+                  and not r.metrics and r.scenario == "c32"), None)
+    on = next((r for r in rows if r.metrics and r.loop == loop and r.scenario == "c32"), None)
+    if plain is None or on is None or not plain.result["rps"]:
+        return []
+    ratio = on.result["rps"] / plain.result["rps"]
+    return [("c32: metrics on req/s >= 0.95x metrics off", ratio >= 0.95, f"{ratio:.3f}x")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="event loops to measure the gateway with (uvloop skipped when not importable)")
     p.add_argument("--no-workers", action="store_true", help="skip the workers=2 row")
     p.add_argument("--no-keyed", action="store_true", help="skip the rows with a limited client key from the store")
+    p.add_argument("--no-metrics", action="store_true", help="skip the c32 row with metrics on")
     p.add_argument("--pyz", type=Path, default=os.environ.get("BENCH_PYZ") or None,
                    help="also measure this .pyz under --pyz-python -I -S (make bench: dist/at-gateway.pyz)")
     p.add_argument("--pyz-python", default=os.environ.get("BENCH_PYZ_PYTHON") or (
@@ -558,6 +574,16 @@ def main(argv: list[str] | None = None) -> int:
                     exits["keyed"] = gw.stop()
                     log_lines["keyed"] = sum(1 for line in gw.log_path.read_text().splitlines()
                                              if '"msg":"request"' in line)
+            if not args.no_metrics and "c32" in scenarios:
+                loop = loops[0]
+                print(f"gateway, loop {loop}, metrics on:", flush=True)
+                gw = start_gateway(workdir, mock_port, loop, 1, "0", name=f"gw-{loop}-metrics", metrics=True)
+                try:
+                    rows.append(measure(lg, gw, gw.port, "c32", args, Row("c32", "gateway", loop, metrics=True)))
+                finally:
+                    exits["metrics"] = gw.stop()
+                    log_lines["metrics"] = sum(1 for line in gw.log_path.read_text().splitlines()
+                                               if '"msg":"request"' in line)
             if args.pyz is not None:
                 # once unmeasured: the first start extracts the embedded wheels into the cache
                 first = start_pyz(workdir, mock_port, args.pyz, args.pyz_python, "0", name="pyz-first")
@@ -609,6 +635,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"goals (a limited client key from the store vs the YAML key, {loop}, one pinned core):")
         for name, met, value in keyed_goals(rows, loop):
             print(f"  [{'met' if met else 'MISSED'}] {name}: {value}")
+    for loop in sorted({r.loop for r in rows if r.metrics}):
+        print(f"goals (metrics on vs off, {loop}, one pinned core):")
+        for name, met, value in metrics_goals(rows, loop):
+            print(f"  [{'met' if met else 'MISSED'}] {name}: {value}")
     wrong = sum(r.result["bad"] + r.result["connect_errors"] + r.result["read_errors"] + r.result["write_errors"]
                 + r.result["timeouts"] for r in rows)
     if wrong:
@@ -628,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "chunks": args.chunks,
                      "pinning": "gateway CPU 0; mock + load generator CPU 1" if have_taskset() else "none"},
         "rows": [{"scenario": r.scenario, "target": r.target, "loop": r.loop, "workers": r.workers, "keyed": r.keyed,
+                  "metrics": r.metrics,
                   "python": r.python or platform.python_version(),
                   "cpu_us_per_req": r.cpu_us_per_req, "rss_mib": r.rss_mib, "ready_s": r.ready_s, **r.result}
                  for r in rows],
@@ -636,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
                       for loop in pyz_loops},
         "keyed_goals": {loop: [{"goal": n, "met": m, "value": v} for n, m, v in keyed_goals(rows, loop)]
                         for loop in sorted({r.loop for r in rows if r.keyed})},
+        "metrics_goals": {loop: [{"goal": n, "met": m, "value": v} for n, m, v in metrics_goals(rows, loop)]
+                          for loop in sorted({r.loop for r in rows if r.metrics})},
         "gateway_exit_codes": exits, "request_log_lines": log_lines, "ok": ok,
     }
     RESULTS.mkdir(exist_ok=True)
