@@ -788,3 +788,16 @@ def test_a_store_baseline_sums_a_key_alone_and_a_route_over_every_caller(tmp_pat
     assert read("key:k1", day) == (142, 6)
     assert read("route:demo", day) == (47, 6)
     assert read("route:demo", "9999-12-31") == (0, 0)
+
+
+@pytest.mark.parametrize("body, at_least", [
+    ({"model": "m", "input": "x" * 400}, 100),  # embeddings
+    ({"model": "m", "input": ["x" * 200, "y" * 200]}, 100),
+    ({"model": "m", "input": [[1] * 100]}, 100),  # token ids: about one token each
+    ({"model": "m", "prompt": "z" * 800}, 200),  # legacy completions
+    ({"model": "m", "prompt": [5] * 50}, 50),
+])
+def test_embeddings_and_completions_bodies_are_estimated_from_their_text(body: dict[str, Any], at_least: int) -> None:
+    from at_gateway.limits.base import estimate_prompt_tokens
+
+    assert estimate_prompt_tokens(body) >= at_least

@@ -361,7 +361,26 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     tools = body.get("tools")
     if tools:
         chars += len(repr(tools))
+    for name in ("input", "prompt"):  # embeddings and legacy completions carry their text here
+        chars += _text_chars(body.get(name))
     return chars // 4 + 1
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of an ``input``/``prompt``: a string, strings, or token ids (about 4 characters each)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        total = 0
+        for v in value:
+            if isinstance(v, str):
+                total += len(v)
+            elif isinstance(v, int):
+                total += 4
+            elif isinstance(v, list):
+                total += 4 * len(v)
+        return total
+    return 0
 
 
 def completion_cap(body: dict[str, Any]) -> int:
