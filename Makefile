@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= $(if $(wildcard config.yaml),config.yaml,config.yaml.example)
 
-.PHONY: run test lint pyz bench soak clean
+.PHONY: run test lint pyz bench soak screenshot clean
 
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
@@ -43,6 +43,12 @@ bench: $(VENV)/.installed
 SOAK_DURATION ?= 600
 soak: $(VENV)/.installed
 	$(PY) bench/soak.py --duration $(SOAK_DURATION) $(SOAK_ARGS)
+
+# docs/dashboard.png, the README's picture of the dashboard: a gateway with a mock upstream, an hour of demo traffic
+# (the rollups of the hour before now written straight into its database, live requests on top), headless Chromium.
+# `$(PY) tests/dashboard_demo.py` alone serves the same demo until Ctrl-C, to look at by hand.
+screenshot: $(VENV)/.installed
+	$(PY) tests/dashboard_demo.py --screenshot docs/dashboard.png
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check at_gateway tests bench

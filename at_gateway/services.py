@@ -88,6 +88,9 @@ class Services:
     metrics: Any = None
     # The requests this process is answering now (id(ctx) -> RequestContext): the dashboard's "in flight".
     in_flight: dict[int, Any] = field(default_factory=dict)
+    # The admin door's per-process state (admin/auth.py AdminState: failed logins per address, revocations
+    # while the store is in memory); kept across reloads.
+    admin_state: Any = None
 
     async def aclose(self) -> None:
         """Close every part, the store last (what the limiter and the drained requests left gets written)

@@ -10,6 +10,10 @@ browser's cookie authenticates, and a page of another site must not be able to u
 
 Handlers are plain async functions ``handler(req) -> Answer``; whatever touches sqlite runs in a thread
 through :meth:`AdminRequest.db`, never on the event loop.
+
+The dashboard (its page, files, login and logout: :mod:`.dashboard`) is the other door here, at
+``{base_path}/admin/``; its session cookie opens this API like a token (:mod:`.auth`), every write made
+with it carrying the CSRF header.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
     from ..context import RequestContext
     from ..http.server import Request, Responder
     from ..store.catalog import Catalog
+    from .auth import Session
 
 log = logging.getLogger("at_gateway.admin")
 
@@ -66,11 +71,13 @@ MASK_MIN = 20  # characters: a shorter secret is shown as the ellipsis alone
 
 @dataclass
 class Answer:
-    """What a handler answers: a status and a JSON-able body."""
+    """What a handler answers: a status and a JSON-able body; or, with ``raw``, those bytes as they are (their
+    Content-Type among ``headers``: a CSV export)."""
 
     body: Any
     status: int = 200
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    raw: bytes | None = None
 
 
 Handler = Callable[["AdminRequest"], Awaitable[Answer]]
@@ -80,11 +87,14 @@ class AdminRequest:
     """One admin request, as handlers see it: path parameters, query, body, the actor, the gateway."""
 
     def __init__(self, gateway: Gateway, request: Request, ctx: RequestContext, actor: str,
-                 params: dict[str, str], query: dict[str, str]) -> None:
+                 params: dict[str, str], query: dict[str, str], session: Session | None = None) -> None:
         self.gateway = gateway
         self.request = request
         self.ctx = ctx
-        self.actor = actor  # "token0", "token1", ... or the forward-auth user ("forward-auth:alice")
+        # "token0", "token1", ..., "session:token0" (the dashboard's cookie), or the forward-auth user
+        # ("forward-auth:alice")
+        self.actor = actor
+        self.session = session  # the dashboard session the request came with; None: a token or forward auth
         self.params = params
         self.query = query
         self.method = request.method.decode("latin-1")
@@ -280,9 +290,9 @@ Route = tuple[str, tuple[str, ...], Handler]  # (method, path pattern ("provider
 
 def _table() -> list[Route]:
     """Every resource module's rows (imported here, once: the modules import this one for its helpers)."""
-    from . import catalog, clients, reports, system
+    from . import catalog, clients, dashboard, reports, stats, system
 
-    return [*clients.ROUTES, *catalog.ROUTES, *reports.ROUTES, *system.ROUTES]
+    return [*clients.ROUTES, *catalog.ROUTES, *reports.ROUTES, *system.ROUTES, *stats.ROUTES, *dashboard.ROUTES]
 
 
 class AdminAPI:
@@ -292,8 +302,10 @@ class AdminAPI:
         self.gateway = gateway
         self.routes = routes if routes is not None else _table()
         from .auth import AdminAuth
+        from .dashboard import Dashboard
 
         self.auth = AdminAuth(gateway.config.admin, gateway)
+        self.dashboard = Dashboard(self)  # its files read now: serving reads nothing more from the package
 
     def match(self, method: str, parts: list[str]) -> tuple[Handler, dict[str, str]]:
         allowed: list[str] = []
@@ -323,7 +335,7 @@ class AdminAPI:
         if len(request.body) > admin.max_body_size:
             raise PayloadTooLarge(f"admin request bodies are limited to {admin.max_body_size} bytes "
                                   "(admin.max_body_size)")
-        actor = await self.auth.check(request)
+        identity = await self.auth.authenticate(request)
         if request.method in UNSAFE:
             same_origin(request)
         if not request.path.startswith(PREFIX):  # /admin/api/v2/..., /admin/apix: after auth (no probing)
@@ -339,16 +351,20 @@ class AdminAPI:
             if k in query:
                 raise BadRequest(f"query parameter {k}: given more than once", code="invalid_query")
             query[k] = v
-        answer = await handler(AdminRequest(self.gateway, request, ctx, actor, params, query))
-        body = json.dumps(answer.body, separators=(",", ":"), ensure_ascii=False).encode()
+        answer = await handler(AdminRequest(self.gateway, request, ctx, identity.actor, params, query,
+                                            identity.session))
         ctx.status = answer.status
-        await responder.send(answer.status, [_JSON_CT, _NO_STORE, (b"x-request-id", ctx.request_id.encode()),
-                                             *answer.headers], body)
+        rid = (b"x-request-id", ctx.request_id.encode())
+        if answer.raw is not None:
+            await responder.send(answer.status, [_NO_STORE, rid, *answer.headers], answer.raw)
+            return
+        body = json.dumps(answer.body, separators=(",", ":"), ensure_ascii=False).encode()
+        await responder.send(answer.status, [_JSON_CT, _NO_STORE, rid, *answer.headers], body)
 
     async def page(self, ctx: RequestContext, request: Request, responder: Responder) -> None:
         """The dashboard at ``{base_path}/admin/`` (its files, login, logout): see :mod:`.dashboard`."""
         ctx.unlogged = True
-        raise NotFound("the dashboard is not built yet", code="unknown_url")
+        await self.dashboard.serve(ctx, request, responder)
 
 
 __all__ = ["PREFIX", "AdminAPI", "AdminDisabled", "AdminRequest", "Answer", "Conflict", "invalid", "is_busy",

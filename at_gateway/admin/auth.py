@@ -1,4 +1,5 @@
-"""Who may use the admin API: an admin token (``Authorization: Bearer``), or the site's forward auth.
+"""Who may use the admin API: an admin token (``Authorization: Bearer``), the dashboard's session cookie, or the
+site's forward auth.
 
 Admin tokens are their own secrets: client keys and the gateway's ``api_key`` never open the admin API,
 and an admin token opens nothing else (unless it is also configured as a gateway key).
@@ -11,12 +12,34 @@ is the answer (a 302 to the login page keeps its ``Location``). The auth service
 ``auth_response_headers`` (such as ``X-Auth-User``) are then on the request the handlers see:
 ``req.request.header(b"x-auth-user")``. Copies a client sent itself of those names are removed from every
 admin request first, so that a handler can trust them; the first one present names the audit actor.
+
+Dashboard sessions (``POST {base_path}/admin/login`` with an admin token: see :mod:`.dashboard`). The cookie
+``atg_session`` is ``<id>.<expires_at>.<mac>``: a random 128-bit id, the expiry in Unix seconds, and an
+HMAC-SHA256 over both under a key derived from the admin token that logged in
+(``HMAC(token, "at-gateway dashboard session v1")``). So it cannot be forged or extended without a token,
+every worker accepts it without shared state (each derives the same keys from the configuration), and
+removing or rotating that token ends its sessions. It is refused once expired, and when it claims to
+outlive ``admin.session_ttl`` from now (a lowered ttl shortens the sessions already given). Logout revokes
+it: its id goes into ``admin_sessions_revoked`` (kept until it would have expired), which every worker
+reads on each cookie-authenticated call (one primary-key lookup); with an in-memory store, into this
+process's memory. ``atg_csrf`` (readable by the page) is ``HMAC(key, "c." + id)``: a write made with the
+session cookie must send it back as ``X-CSRF-Token`` (a double-submit bound to the session: a cookie
+planted by a sibling site cannot be paired with a valid token), else 403 ``csrf_failed``. The actor of a
+session is ``session:token<i>``.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
-from typing import TYPE_CHECKING
+import os
+import re
+import sqlite3
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -43,26 +66,153 @@ _NOT_FORWARDED = frozenset((b"host", b"content-length", b"transfer-encoding", b"
 _PASSED_BACK = (b"location", b"www-authenticate")
 _MAX_ACTOR = 200  # characters of the auth service's user name kept for the audit log
 
+SESSION_COOKIE = "atg_session"
+CSRF_COOKIE = "atg_csrf"
+CSRF_HEADER = b"x-csrf-token"
+_SESSION_LABEL = b"at-gateway dashboard session v1"
+_SESSION_RE = re.compile(r"^([A-Za-z0-9_-]{22})\.(\d{1,12})\.([A-Za-z0-9_-]{43})$")
+_UNSAFE = frozenset((b"POST", b"PUT", b"PATCH", b"DELETE"))
+_MAX_COOKIES = 8  # atg_session values looked at (a stale one of another path may come first)
+_TTL_SLACK = 60  # seconds a cookie may claim beyond session_ttl from now (clocks of workers, the second it was made)
+#: Failed logins per client address: this many in a window, then 429 until the oldest leaves the window.
+LOGIN_FAILURES = 10
+LOGIN_WINDOW = 60.0
+_MAX_ADDRESSES = 10_000  # addresses whose failures are remembered (past it, the stalest are forgotten)
+_REVOKED_SQL = "SELECT 1 FROM admin_sessions_revoked WHERE id = ? AND expires_at > ?"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def session_key(token: str | bytes) -> bytes:
+    """The key sessions of an admin token are signed with."""
+    return hmac.new(token.encode() if isinstance(token, str) else token, _SESSION_LABEL, hashlib.sha256).digest()
+
+
+def sign_session(key: bytes, session_id: str, expires_at: int) -> str:
+    """The ``atg_session`` cookie value of a session."""
+    mac = hmac.new(key, f"s.{session_id}.{expires_at}".encode(), hashlib.sha256).digest()
+    return f"{session_id}.{expires_at}.{_b64(mac)}"
+
+
+def csrf_of(key: bytes, session_id: str) -> str:
+    """The ``atg_csrf`` value (and X-CSRF-Token) of a session."""
+    return _b64(hmac.new(key, f"c.{session_id}".encode(), hashlib.sha256).digest())
+
+
+@dataclass(frozen=True)
+class Session:
+    """A valid dashboard session (its cookie verified)."""
+
+    id: str
+    expires_at: int
+    actor: str  # "session:token<i>"
+    csrf: str = field(repr=False)
+    cookie: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who an admin request is: the audit actor, and the session when a cookie authenticated it."""
+
+    actor: str
+    session: Session | None = None
+
+
+class AdminState:
+    """What the admin door keeps per process across config reloads (a reload builds a new gateway, and with it a
+    new :class:`AdminAuth`): revoked sessions without a database, failed logins per client address.
+
+    Per process: with ``workers: N`` each worker counts the failed logins it saw (an address gets at most N
+    times the allowance); revocations are shared through the database."""
+
+    def __init__(self) -> None:
+        self.revoked: dict[str, float] = {}  # session id -> expiry (an in-memory store only)
+        self.failures: dict[str, deque[float]] = {}
+
+    def login_wait(self, address: str, now: float) -> float | None:
+        """Seconds until ``address`` may try again; None: it may now."""
+        seen = self.failures.get(address)
+        if seen is None or len(seen) < LOGIN_FAILURES:
+            return None
+        wait = seen[0] + LOGIN_WINDOW - now
+        return wait if wait > 0 else None
+
+    def login_failed(self, address: str, now: float) -> None:
+        seen = self.failures.get(address)
+        if seen is None:
+            if len(self.failures) >= _MAX_ADDRESSES:
+                self._forget(now)
+            seen = self.failures[address] = deque(maxlen=LOGIN_FAILURES)
+        seen.append(now)
+
+    def _forget(self, now: float) -> None:
+        """Room for a new address: those whose failures all left the window, else the oldest half."""
+        stale = [a for a, seen in self.failures.items() if seen[-1] + LOGIN_WINDOW <= now]
+        if len(stale) < len(self.failures) // 10:
+            stale = list(self.failures)[:len(self.failures) // 2]
+        for address in stale:
+            del self.failures[address]
+
+    def revoke(self, session_id: str, expires_at: float, now: float) -> None:
+        self.revoked = {k: v for k, v in self.revoked.items() if v > now}
+        self.revoked[session_id] = expires_at
+
+
+def process_state(services: Any) -> AdminState:
+    """The :class:`AdminState` of this process, kept on its services (built once per process, kept across
+    reloads)."""
+    state = services.admin_state
+    if state is None:
+        state = AdminState()
+        services.admin_state = state
+    return state
+
+
+def cookies(request: Request) -> dict[str, list[str]]:
+    """The request's cookies by name (every value of a name, in order); a malformed pair is skipped."""
+    out: dict[str, list[str]] = {}
+    for name, value in request.headers:
+        if name != b"cookie":
+            continue
+        for pair in value.decode("latin-1").split(";"):
+            k, sep, v = pair.strip().partition("=")
+            if sep and k:
+                out.setdefault(k, []).append(v.strip().strip('"'))
+    return out
+
 
 class AdminAuth:
     def __init__(self, config: AdminConfig, gateway: Gateway) -> None:
         self.config = config
         self.gateway = gateway
         self._tokens = [t.encode() for t in config.tokens]
+        self._session_keys = [session_key(t) for t in self._tokens]
         fa = config.forward_auth
         self._send = frozenset(n.encode() for n in fa.auth_request_headers) - _NOT_FORWARDED if fa else frozenset()
         self._take = tuple(n.encode() for n in fa.auth_response_headers) if fa else ()
 
-    def token_actor(self, presented: bytes) -> str | None:
-        """``token<i>`` for the admin token ``presented`` is; compared with every token (constant time)."""
+    def token_index(self, presented: bytes) -> int | None:
+        """Which admin token ``presented`` is (its index); compared with every token (constant time)."""
         found = -1
         for i, token in enumerate(self._tokens):
             if hmac.compare_digest(presented, token) and found < 0:
                 found = i
-        return f"token{found}" if found >= 0 else None
+        return found if found >= 0 else None
+
+    def token_actor(self, presented: bytes) -> str | None:
+        """``token<i>`` for the admin token ``presented`` is; compared with every token (constant time)."""
+        found = self.token_index(presented)
+        return f"token{found}" if found is not None else None
 
     async def check(self, request: Request) -> str:
         """The actor for the audit log, or raise (401; or forward auth's own answer)."""
+        return (await self.authenticate(request)).actor
+
+    async def authenticate(self, request: Request) -> Identity:
+        """Who is asking: an admin token, else the dashboard's session cookie (for a write, with its CSRF
+        header), else forward auth; or raise (401, 403 ``csrf_failed``, or forward auth's own answer)."""
         if self._take:
             # Only the auth service may set these: a client's own X-Auth-User never reaches a handler.
             taken = frozenset(self._take)
@@ -72,10 +222,109 @@ class AdminAuth:
         if presented:
             actor = self.token_actor(presented)
             if actor is not None:
-                return actor
+                return Identity(actor)
+        refused: Unauthorized | None = None
+        if not presented:
+            jar = cookies(request)
+            if SESSION_COOKIE in jar:
+                session, refused = await self.session_of(jar[SESSION_COOKIE])
+                if session is not None:
+                    if request.method in _UNSAFE:
+                        _check_csrf(request, jar, session)
+                    return Identity(session.actor, session)
         if self.config.forward_auth is not None:
-            return await self.forward(request, self.config.forward_auth)
+            return Identity(await self.forward(request, self.config.forward_auth))
+        if refused is not None:
+            raise refused
         raise Unauthorized(_BAD_TOKEN if presented else _NO_TOKEN, code="invalid_admin_token", headers=[_WWW_AUTH])
+
+    # -- dashboard sessions ----------------------------------------------------
+    def new_session(self, index: int, now: float | None = None) -> Session:
+        """A new session for admin token ``index`` (which must exist), expiring ``admin.session_ttl`` from now."""
+        now = time.time() if now is None else now
+        key = self._session_keys[index]
+        sid = _b64(os.urandom(16))
+        expires = int(now + self.config.session_ttl)
+        return Session(sid, expires, f"session:token{index}", csrf_of(key, sid), sign_session(key, sid, expires))
+
+    def verify_session(self, value: str, now: float | None = None) -> tuple[Session | None, str]:
+        """The session of a cookie value, and why not when not: ``"ok"``, ``"expired"``, ``"invalid"``
+        (malformed, signed by no current token, or claiming to outlive ``session_ttl``). Revocation is
+        :meth:`session_of`'s (it needs the database)."""
+        now = time.time() if now is None else now
+        m = _SESSION_RE.match(value)
+        if m is None:
+            return None, "invalid"
+        sid, expires = m[1], int(m[2])
+        found = -1
+        for i, key in enumerate(self._session_keys):  # every key, no early exit
+            if hmac.compare_digest(sign_session(key, sid, expires), value) and found < 0:
+                found = i
+        if found < 0 or expires > now + self.config.session_ttl + _TTL_SLACK:
+            return None, "invalid"
+        if expires <= now:
+            return None, "expired"
+        key = self._session_keys[found]
+        return Session(sid, expires, f"session:token{found}", csrf_of(key, sid), value), "ok"
+
+    async def session_of(self, values: list[str]) -> tuple[Session | None, Unauthorized | None]:
+        """The first valid, unrevoked session among the cookie's values; else the 401 to answer."""
+        reason = "invalid"
+        for value in values[:_MAX_COOKIES]:
+            session, why = self.verify_session(value)
+            if session is not None:
+                if not await self.revoked(session):
+                    return session, None
+                why = "revoked"
+            if why != "invalid" or reason == "invalid":
+                reason = why
+        text = {"expired": "the dashboard session has expired: log in again",
+                "revoked": "the dashboard session has ended (logged out): log in again"}.get(
+            reason, "the dashboard session cookie is not valid (forged, or signed with an admin token that is no "
+                    "longer configured): log in again")
+        return None, Unauthorized(text, code="session_expired" if reason == "expired" else "invalid_session",
+                                  headers=[_WWW_AUTH])
+
+    async def revoked(self, session: Session) -> bool:
+        """Whether the session was logged out (in this process's memory, or in the database: any worker's)."""
+        services = self.gateway.services
+        now = time.time()
+        if process_state(services).revoked.get(session.id, 0.0) > now:
+            return True
+        catalog = getattr(services, "catalog", None)
+        if catalog is None:
+            return False
+        conn = catalog.conn
+
+        def look() -> bool:
+            return conn.execute(_REVOKED_SQL, (session.id, now)).fetchone() is not None
+
+        try:
+            return bool(await catalog.call(look))
+        except sqlite3.OperationalError as exc:
+            from .api import is_busy, store_busy
+
+            if is_busy(exc):
+                raise store_busy("the session could not be checked") from None
+            raise
+
+    async def revoke(self, session: Session) -> None:
+        """End ``session`` in every worker: its id kept until it would have expired."""
+        services = self.gateway.services
+        now = time.time()
+        process_state(services).revoke(session.id, session.expires_at, now)
+        catalog = getattr(services, "catalog", None)
+        if catalog is None:
+            return
+        conn = catalog.conn
+
+        def write() -> None:
+            with catalog.transaction():
+                conn.execute("DELETE FROM admin_sessions_revoked WHERE expires_at <= ?", (now,))
+                conn.execute("INSERT OR REPLACE INTO admin_sessions_revoked (id, expires_at) VALUES (?, ?)",
+                             (session.id, session.expires_at))
+
+        await catalog.call(write)
 
     async def forward(self, request: Request, fa: ForwardAuthConfig) -> str:
         """Ask the auth service about ``request``: the actor on a 2xx (its response headers added to the
@@ -111,6 +360,22 @@ class AdminAuth:
                 if user:
                     return f"forward-auth:{user}"
         return "forward-auth"
+
+
+def _check_csrf(request: Request, jar: dict[str, list[str]], session: Session) -> None:
+    """A write with the session cookie must send ``X-CSRF-Token``, equal to the ``atg_csrf`` cookie and to the
+    session's own value (both compared in constant time)."""
+    sent = request.header(CSRF_HEADER)
+    cookie = (jar.get(CSRF_COOKIE) or [""])[0].encode("latin-1")
+    want = session.csrf.encode()
+    if sent is None or not cookie:
+        raise Forbidden("a change made with the dashboard's session must send the X-CSRF-Token header (the value "
+                        "of the atg_csrf cookie)", code="csrf_failed")
+    same = hmac.compare_digest(sent.strip(), cookie)
+    valid = hmac.compare_digest(sent.strip(), want)
+    if not (same and valid):
+        raise Forbidden("the X-CSRF-Token header does not match this session's atg_csrf cookie: reload the page",
+                        code="csrf_failed")
 
 
 def _refusal(status: int, answer: Headers) -> GatewayError:

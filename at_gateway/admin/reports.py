@@ -7,11 +7,17 @@ it as ``cost_nanousd`` and as ``cost_usd``, an exact decimal string (``"0.000000
 
 Pages are ``limit`` + ``cursor``; the cursor is the sort key of the last row given, so rows written while a
 client walks the pages (the newest, at the front) neither shift nor repeat what it has not read yet.
+
+``usage?format=csv`` is the same query as a CSV download (every group at once, no pages; by default one line
+per stored group: day, key, route, provider and model), for a spreadsheet: names that a spreadsheet would
+take for a formula (``=``, ``+``, ``-``, ``@`` first) are prefixed with ``'``.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 import math
 import re
@@ -36,6 +42,9 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _STATUS = re.compile(r"^([1-5])(\d\d|xx)$")
 _PAGE = ("limit", "cursor")
+MAX_CSV_ROWS = 200_000  # groups in one CSV export (the daily aggregates: days x keys x routes x models)
+_CSV_GROUPS = "day,key,route,provider,model"  # format=csv without group_by: the stored groups
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 
 # -- query values ----------------------------------------------------------------------------------------
@@ -119,24 +128,37 @@ def _cursor(values: list[Any] | None, kinds: tuple[type | tuple[type, ...], ...]
 
 # -- usage -----------------------------------------------------------------------------------------------
 
-async def usage(req: AdminRequest) -> Answer:
-    """``GET usage?group_by=day,route&since=7d&until=&key=&route=&provider=&model=``: one row per group with
-    requests, errors, tokens and cost (days in ``budget_timezone``; since and until are inclusive days)."""
-    _only(req, ("group_by", "since", "until", "key", "route", "provider", "model", *_PAGE))
-    groups = [g.strip() for g in req.query.get("group_by", "day").split(",")]
+def _groups(req: AdminRequest, default: str) -> list[str]:
+    groups = [g.strip() for g in req.query.get("group_by", default).split(",")]
     bad = [g for g in groups if g not in GROUPS]
     if bad or not groups:
         raise _bad(f"query parameter group_by: {quote(req.gateway.redact, ','.join(bad), 60)!r} is not one of "
                    f"{', '.join(GROUPS)} (a comma list, such as day,route)")
     if len(set(groups)) != len(groups):
         raise _bad("query parameter group_by: a group is named twice")
-    limit, after = req.page()
-    after = _cursor(after, (str,) * len(groups), "GET usage with this group_by")
+    return groups
+
+
+def _usage_filters(req: AdminRequest) -> tuple[str | None, str | None, dict[str, str]]:
     tz = req.gateway.config.budget_timezone
     since, until = _day(req, "since", tz), _day(req, "until", tz)
     filters = {col: req.query[name] for name, col in (("key", "key_id"), ("route", "route"),
                                                       ("provider", "provider"), ("model", "model"))
                if name in req.query}
+    return since, until, filters
+
+
+async def usage(req: AdminRequest) -> Answer:
+    """``GET usage?group_by=day,route&since=7d&until=&key=&route=&provider=&model=``: one row per group with
+    requests, errors, tokens and cost (days in ``budget_timezone``; since and until are inclusive days);
+    ``format=csv``: every group as CSV (:func:`usage_csv`)."""
+    _only(req, ("group_by", "since", "until", "key", "route", "provider", "model", "format", *_PAGE))
+    if req.q_str("format", "json", ("json", "csv")) == "csv":
+        return await usage_csv(req)
+    groups = _groups(req, "day")
+    limit, after = req.page()
+    after = _cursor(after, (str,) * len(groups), "GET usage with this group_by")
+    since, until, filters = _usage_filters(req)
 
     catalog = req.catalog
 
@@ -162,6 +184,54 @@ async def usage(req: AdminRequest) -> Answer:
         return out
 
     return Answer(await req.db(read))
+
+
+def _cell(value: Any) -> Any:
+    """A text cell a spreadsheet will not run: a leading ``=``, ``+``, ``-``, ``@`` (a formula) gets a ``'``."""
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        return "'" + value
+    return value
+
+
+async def usage_csv(req: AdminRequest) -> Answer:
+    """``GET usage?format=csv``: the groups of ``GET usage`` (the same ``group_by``, by default every stored
+    group, and the same filters) as ``text/csv`` with a header line, as an attachment; money as exact
+    decimal dollars. No pages: at most :data:`MAX_CSV_ROWS` groups, else 400 (narrow with since/until)."""
+    paged = [p for p in _PAGE if p in req.query]
+    if paged:
+        raise _bad(f"query parameter(s) {', '.join(paged)}: format=csv answers every row at once (no pages)")
+    groups = _groups(req, _CSV_GROUPS)
+    since, until, filters = _usage_filters(req)
+    catalog = req.catalog
+
+    def read() -> list[tuple[Any, ...]]:
+        sql, args = usage_sql(groups, since, until, filters, None, MAX_CSV_ROWS)
+        return list(catalog.conn.execute(sql, args).fetchall())
+
+    rows = await req.db(read)
+    if len(rows) > MAX_CSV_ROWS:
+        raise _bad(f"more than {MAX_CSV_ROWS} groups: narrow the export with since/until or fewer group_by fields")
+    named = "key" in groups
+    head = [*groups]
+    if named:
+        head.insert(groups.index("key") + 1, "key_name")
+    numbers = ["requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
+               "tokens", "cost_usd", "unpriced"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")  # RFC 4180
+    writer.writerow([*head, *numbers])
+    for row in rows:
+        cells: list[Any] = [_cell(v) for v in row[:len(groups)]]
+        rest = row[len(groups):]
+        if named:
+            cells.insert(groups.index("key") + 1, _cell(rest[0]) if rest[0] is not None else "")
+            rest = rest[1:]
+        n = _numbers(rest)
+        writer.writerow([*cells, *(n[k] for k in numbers)])
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
+    return Answer(None, raw=out.getvalue().encode("utf-8"), headers=[
+        (b"content-type", b"text/csv; charset=utf-8"),
+        (b"content-disposition", f'attachment; filename="at-gateway-usage-{stamp}.csv"'.encode())])
 
 
 def usage_sql(groups: list[str], since: str | None, until: str | None, filters: dict[str, str],
@@ -362,4 +432,4 @@ ROUTES: list[Route] = [
     ("GET", ("audit",), audit),
 ]
 
-__all__ = ["GROUPS", "ROUTES", "explain", "requests_sql", "usage_sql"]
+__all__ = ["GROUPS", "MAX_CSV_ROWS", "ROUTES", "explain", "requests_sql", "usage_csv", "usage_sql"]

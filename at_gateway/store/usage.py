@@ -5,9 +5,16 @@ from the finished request and appends it to a deque (a few hundred nanoseconds).
 owns the write connection. It wakes on the first row, collects rows for ``interval`` (200 ms) or
 until ``batch_rows`` (64: small batches keep the thread's turns short, which the event loop sharing its
 core sees at p99) wait, whichever comes first, and writes them in one transaction: the
-request-log rows and the ``usage_daily`` upserts (requests, errors, tokens, cost per day, key,
+request-log rows, the ``usage_daily`` upserts (requests, errors, tokens, cost per day, key,
 route, provider and model; the day in ``budget_timezone``, the day the request finished, as the
-limiter counts it). JSON (failed attempts, key metadata) is encoded there too, off the loop.
+limiter counts it) and the dashboard's per-minute rollups (``usage_minute``: see :func:`rollup_group`).
+JSON (failed attempts, key metadata) is encoded there too, off the loop.
+
+The rollups are what the dashboard's charts and tables read (admin/stats.py), never the raw log: one
+row per minute, route, provider, model, key and status class, with requests, errors, fallbacks, tokens,
+cost, and latency and time to first token as counts in fixed buckets (:data:`ROLLUP_BOUNDS_MS`), from
+which percentiles are estimated to within a bucket. A request counts in the minute it started (the
+request log's ``time``), so a rollup is the exact sum of its minute's log rows.
 
 A database that fails (locked past the busy timeout, disk full, read-only, an I/O error) never
 fails a request: the writer keeps the rows and retries every ``retry_interval`` (new rows do not
@@ -15,12 +22,16 @@ cut that wait short, only a flush or the stop does: each attempt re-sends every 
 logging once a minute how many rows wait and how many were dropped. Waiting log rows are bounded
 (``max_rows``); past the bound the oldest are dropped and counted. Usage is never dropped: it is
 merged in memory per (day, key, route, provider, model), a few numbers per group (sums saturate at
-the 64-bit integer sqlite stores), until it can be written.
+the 64-bit integer sqlite stores), until it can be written. The rollups are merged likewise, a group
+per minute and combination; their groups are bounded too (``max_rollup_groups``: a long outage makes a
+group per minute), past it the oldest minutes' groups are dropped and counted (``dropped_rollups``).
 
 A row the database refuses for what it holds (a value sqlite cannot bind, a constraint) fails its
 batch, not the store: the batch is then written row by row in one transaction, and a row that
 fails alone is dropped and counted (``rejected``, logged once a minute). Token counts are clamped
 on the way in (``prices.MAX_TOKENS``), so an upstream's absurd usage is stored, not refused.
+``write_errors`` counts the writes that failed (each attempt on a failing database, and each batch
+that had to be written row by row): the metrics' ``atg_store_write_errors_total``.
 
 What can be lost: ``kill -9`` loses the rows of the current batch window (at most ``interval``;
 more while the database is failing: everything still waiting). A clean stop (SIGTERM drain)
@@ -29,11 +40,13 @@ flushes everything before the process exits.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sqlite3
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
@@ -76,6 +89,47 @@ _UPSERT_USAGE = (
     f"cached_tokens = min(cached_tokens + excluded.cached_tokens, {_SUM_MAX}), "
     f"reasoning_tokens = min(reasoning_tokens + excluded.reasoning_tokens, {_SUM_MAX}), "
     f"cost_nanousd = min(cost_nanousd + excluded.cost_nanousd, {_SUM_MAX}), unpriced = unpriced + excluded.unpriced")
+
+#: The rollups' latency and time-to-first-token buckets, upper bounds in milliseconds (a value counts in the
+#: first bucket whose bound it does not exceed; beyond the last, in an overflow bucket). Roughly 1.5x apart
+#: where latencies live, so a percentile estimated from them is within a bucket (~50%) of the exact one.
+#: The migration (db._V4) has one column per bucket: changing these needs a new migration.
+ROLLUP_BOUNDS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 1500,
+                                       2000, 3000, 5000, 7500, 10000, 15000, 20000, 30000, 60000, 120000)
+ROLLUP_BUCKETS = len(ROLLUP_BOUNDS_MS) + 1
+#: The counters of a rollup group, in usage_minute's column order after its key.
+ROLLUP_COUNTS = ("requests", "errors", "fallbacks", "prompt_tokens", "completion_tokens", "cached_tokens",
+                 "reasoning_tokens", "cost_nanousd", "unpriced")
+ROLLUP_LAT = len(ROLLUP_COUNTS)  # where the latency buckets start in a group's list
+ROLLUP_TTFT = ROLLUP_LAT + ROLLUP_BUCKETS  # where the time-to-first-token buckets start
+ROLLUP_WIDTH = ROLLUP_TTFT + ROLLUP_BUCKETS
+ROLLUP_KEY = ("minute", "route", "provider", "model", "key_id", "status_class")
+ROLLUP_COLUMNS = (*ROLLUP_COUNTS, *(f"lat_{i}" for i in range(ROLLUP_BUCKETS)),
+                  *(f"ttft_{i}" for i in range(ROLLUP_BUCKETS)))
+_SATURATING = frozenset(("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_nanousd"))
+_UPSERT_MINUTE = (
+    f"INSERT INTO usage_minute ({', '.join((*ROLLUP_KEY, *ROLLUP_COLUMNS))}) "
+    f"VALUES ({', '.join('?' * (len(ROLLUP_KEY) + len(ROLLUP_COLUMNS)))}) "
+    f"ON CONFLICT ({', '.join(ROLLUP_KEY)}) DO UPDATE SET "
+    + ", ".join(f"{c} = min({c} + excluded.{c}, {_SUM_MAX})" if c in _SATURATING else f"{c} = {c} + excluded.{c}"
+                for c in ROLLUP_COLUMNS))
+_FIRST_MINUTE = "SELECT min(minute) FROM usage_minute"  # the primary key's first column: one seek
+_PRUNE_MINUTES = "DELETE FROM usage_minute WHERE minute < ?"
+
+RollupKey = tuple[int, str, str, str, str, int]
+
+
+def rollup_group(started: float, route: str | None, provider: str | None, model: str | None, key_id: str | None,
+                 status: int) -> RollupKey:
+    """The rollup row a request counts in: (minute it started, route, provider, model, key id, status class);
+    a missing name is ``''``, the status class is ``status // 100`` (2 for 2xx, 4 for a 429 or a 499)."""
+    return (int(started // 60) * 60, route or "", provider or "", model or "", key_id or "", status // 100)
+
+
+def bucket_of(ms: float) -> int:
+    """The index of the bucket (of :data:`ROLLUP_BOUNDS_MS`, or the overflow one) a duration counts in."""
+    return bisect_left(ROLLUP_BOUNDS_MS, ms)
+
 
 _PERIOD_USAGE = {
     column: "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0), coalesce(sum(cost_nanousd), 0) "
@@ -145,7 +199,8 @@ class StoreRecorder:
     def __init__(self, conn: sqlite3.Connection, path: str, *, timezone_name: str = "UTC",
                  retention: float = 30 * 86400.0, interval: float = 0.2, batch_rows: int = 64,
                  max_rows: int = 100_000, retry_interval: float = 1.0, prune_interval: float = 600.0,
-                 report_interval: float = 60.0, redact: Callable[[str], str] | None = None) -> None:
+                 report_interval: float = 60.0, redact: Callable[[str], str] | None = None,
+                 rollups: bool = True, max_rollup_groups: int = 20_000) -> None:
         self.path = path
         self._conn = conn
         self._day = day_function(timezone_name)
@@ -157,12 +212,15 @@ class StoreRecorder:
         self.prune_interval = prune_interval
         self.report_interval = report_interval
         self._redact = redact
+        self.rollups = rollups  # False: no per-minute rollups (only to measure what they cost)
+        self.max_rollup_groups = max_rollup_groups
         self._queue: deque[tuple[Any, ...]] = deque()  # record() appends, the writer pops
         self._wake = threading.Event()
         self._stop = False
         # Writer-thread state: log rows waiting to be written, usage merged per group.
         self._pending: deque[tuple[Any, ...]] = deque()
         self._usage: dict[tuple[str, str, str, str, str], list[int]] = {}
+        self._rollups: dict[RollupKey, list[int]] = {}  # per minute and combination; insertion order ~ time
         self._lock = threading.Lock()  # guards the round counters and the flush waiters
         self._rounds_started = 0
         self._flushes: list[_Flush] = []
@@ -175,7 +233,9 @@ class StoreRecorder:
         self.dropped = 0  # log rows dropped past max_rows while the database failed
         self.failures = 0  # failed write attempts
         self.rejected = 0  # log rows the database refused on their own (dropped; the others written)
-        self.rejected_groups = 0  # usage groups likewise (none expected: the sums saturate)
+        self.rejected_groups = 0  # usage and rollup groups likewise (none expected: the sums saturate)
+        self.dropped_rollups = 0  # rollup groups dropped past max_rollup_groups while the database failed
+        self.write_errors = 0  # writes that failed: a failing database's attempts, batches written row by row
         self.last_error: str | None = None
         self._last_reject_report = -1e18
         self._unreported_drops = 0
@@ -216,16 +276,21 @@ class StoreRecorder:
         """:meth:`flush` for threads: wait for a writer round that starts after this call."""
         with self._lock:
             if self._closed:
-                return self.waiting() == 0
+                return self.waiting() == 0 and not self._rollups
             waiter = _Flush(self._rounds_started + 1)
             self._flushes.append(waiter)
         self._wake.set()
         waiter.done.wait(timeout)
-        return self.waiting() == 0
+        return self.waiting() == 0 and not self._rollups
 
     def waiting(self) -> int:
-        """Log rows and usage groups not yet in the database (queued or held after a failure)."""
+        """Log rows and usage groups not yet in the database (queued or held after a failure); the rollup
+        groups waiting with them are :meth:`rollups_waiting`."""
         return len(self._queue) + len(self._pending) + len(self._usage)
+
+    def rollups_waiting(self) -> int:
+        """Rollup groups not yet in the database (held after a failure)."""
+        return len(self._rollups)
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """Flush (retrying a failing database for up to ``timeout`` seconds), then stop the writer; what
@@ -257,16 +322,17 @@ class StoreRecorder:
         self._wake.set()
         self._thread.join(wait)
         left = len(self._pending) + len(self._queue)
-        if left or self._usage:
-            log.error("store %s: stopping with %d request-log rows and %d usage groups not written (%s)",
-                      self.path, left, len(self._usage), self.last_error or "the database kept failing")
+        if left or self._usage or self._rollups:
+            log.error("store %s: stopping with %d request-log rows, %d usage groups and %d rollup groups not "
+                      "written (%s)", self.path, left, len(self._usage), len(self._rollups),
+                      self.last_error or "the database kept failing")
 
     # -- the writer thread -----------------------------------------------------
     def _run(self) -> None:
         conn = self._conn
         try:
             while True:
-                if self._failing_since is not None and (self._pending or self._usage):
+                if self._failing_since is not None and (self._pending or self._usage or self._rollups):
                     self._retry_wait()
                 else:
                     self._wake.wait(self._idle_timeout())
@@ -303,7 +369,7 @@ class StoreRecorder:
     def _idle_timeout(self) -> float | None:
         if self._queue:
             return 0.0
-        if self._pending or self._usage:
+        if self._pending or self._usage or self._rollups:
             return self.retry_interval
         return max(0.0, self._next_prune - time.monotonic())
 
@@ -331,11 +397,14 @@ class StoreRecorder:
         q = self._queue
         pending = self._pending
         usage = self._usage
+        rollups = self._rollups if self.rollups else None
         day = self._day
         for i in range(len(q)):
             row = q.popleft()
             try:
                 entry = self._log_row(row)
+                if rollups is not None:
+                    self._merge_rollup(rollups, entry, row[12])
                 if row[18]:  # a routed request of a known caller: its usage counts, on the day it finished
                     self._merge_usage(usage, day(row[1]), entry)
             except Exception as exc:  # noqa: BLE001 (a value the writer cannot read: that row alone goes)
@@ -346,17 +415,19 @@ class StoreRecorder:
                 # Hand the GIL back now and then: otherwise the event loop waits out the interpreter's switch
                 # interval (5 ms) behind a batch of hundreds of rows, which shows at p99.
                 time.sleep(0)
-        if not pending and not usage:
+        rollups = self._rollups
+        if not pending and not usage and not rollups:
             return
         refused = 0
         try:
             try:
-                _write(conn, pending, usage)
+                _write(conn, pending, usage, rollups)
             except Exception as exc:  # noqa: BLE001
                 if _database_fault(exc):
                     raise
                 # Something in the rows: write them one by one; those that fail alone are dropped.
-                refused, groups, first = _write_singly(conn, pending, usage)
+                self.write_errors += 1
+                refused, groups, first = _write_singly(conn, pending, usage, rollups)
                 self._rejected(refused, groups, first)
         except Exception as exc:  # noqa: BLE001 (the database failed: keep everything, retry)
             self._failed(exc)
@@ -365,6 +436,7 @@ class StoreRecorder:
         self.batches += 1
         pending.clear()
         usage.clear()
+        rollups.clear()
         if self._failing_since is not None:
             log.warning("store %s: the database takes writes again (after %.0fs; %d log rows dropped while it "
                         "failed)", self.path, time.monotonic() - self._failing_since, self._unreported_drops)
@@ -417,6 +489,39 @@ class StoreRecorder:
                 for j in (2, 3, 4, 5, 6):
                     counts[j] = min(counts[j], _SUM_MAX)
 
+    @staticmethod
+    def _merge_rollup(rollups: dict[RollupKey, list[int]], entry: tuple[Any, ...], attempts: Any) -> None:
+        """Count a request-log row (``entry``, request_log's columns) in its minute's rollup group: a few
+        additions and two bisects, in the writer thread (:func:`rollup_group` and :func:`bucket_of`, inlined)."""
+        status = entry[8]
+        group = (int(entry[0] // 60) * 60, entry[5] or "", entry[6] or "", entry[7] or "", entry[2] or "",
+                 status // 100)
+        counts = rollups.get(group)
+        if counts is None:
+            counts = rollups[group] = [0] * ROLLUP_WIDTH
+        counts[0] += 1
+        if status >= 400 or entry[9] is not None:
+            counts[1] += 1
+        for a in attempts:
+            if a.step:  # the route went past its first step (a fallback, or a hedge)
+                counts[2] += 1
+                break
+        if entry[15] is not None:
+            counts[3] += entry[15]
+            counts[4] += entry[16]
+            counts[5] += entry[17]
+            counts[6] += entry[18]
+            if entry[19] is None:
+                counts[8] += 1
+            else:
+                counts[7] += entry[19]
+            if max(counts[3], counts[4], counts[5], counts[6], counts[7]) > _SUM_MAX:
+                for j in (3, 4, 5, 6, 7):
+                    counts[j] = min(counts[j], _SUM_MAX)
+        counts[ROLLUP_LAT + bisect_left(ROLLUP_BOUNDS_MS, entry[12])] += 1
+        if entry[14] and entry[13] is not None:  # time to first token: of streams (a whole answer's is its latency)
+            counts[ROLLUP_TTFT + bisect_left(ROLLUP_BOUNDS_MS, entry[13])] += 1
+
     def _rejected(self, rows: int, groups: int, exc: BaseException | None) -> None:
         """Rows (and usage groups) the database refused on their own: dropped and counted, logged once a minute."""
         if not rows and not groups:
@@ -432,6 +537,7 @@ class StoreRecorder:
 
     def _failed(self, exc: BaseException) -> None:
         self.failures += 1
+        self.write_errors += 1
         self.last_error = f"{exc.__class__.__name__}: {exc}"
         now = time.monotonic()
         self._retry_at = now + self.retry_interval
@@ -444,6 +550,12 @@ class StoreRecorder:
                 pending.popleft()
             self.dropped += over
             self._unreported_drops += over
+        rollups = self._rollups
+        over = len(rollups) - self.max_rollup_groups
+        if over > 0:  # the oldest minutes' groups (a dict keeps the order they were first counted in)
+            for group in list(itertools.islice(rollups, over)):
+                del rollups[group]
+            self.dropped_rollups += over
         if now - self._last_report >= self.report_interval:
             self._last_report = now
             log.error("store %s: cannot write to the database (%s); requests are served, %d request-log rows "
@@ -452,8 +564,8 @@ class StoreRecorder:
                       self.retry_interval, self.dropped, self.max_rows)
 
     def _prune(self, conn: sqlite3.Connection) -> None:
-        """Delete request-log rows older than the retention, a chunk per transaction (readers and the
-        next batch never wait long)."""
+        """Delete request-log rows and rollups older than the retention, a chunk per transaction (5000 log
+        rows, an hour of rollups: readers and the next batch never wait long)."""
         self._next_prune = time.monotonic() + self.prune_interval
         cutoff = time.time() - self.retention
         try:
@@ -463,6 +575,14 @@ class StoreRecorder:
                 if cur.rowcount < 5000:
                     break
                 if self._queue:  # rows wait: write them first, prune on soon after
+                    self._next_prune = time.monotonic() + 1.0
+                    return
+            while True:
+                first = conn.execute(_FIRST_MINUTE).fetchone()[0]
+                if first is None or first >= cutoff:
+                    break
+                conn.execute(_PRUNE_MINUTES, (min(first + 3600, cutoff),))
+                if self._queue:
                     self._next_prune = time.monotonic() + 1.0
                     break
         except sqlite3.Error as exc:
@@ -478,14 +598,16 @@ def _database_fault(exc: BaseException) -> bool:
 
 
 def _write(conn: sqlite3.Connection, pending: deque[tuple[Any, ...]],
-           usage: dict[tuple[str, str, str, str, str], list[int]]) -> None:
-    """The batch in one transaction."""
+           usage: dict[tuple[str, str, str, str, str], list[int]], rollups: dict[RollupKey, list[int]]) -> None:
+    """The batch in one transaction: log rows, daily usage and the minutes' rollups (all or none)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         if pending:
             conn.executemany(_INSERT_LOG, pending)
         if usage:
             conn.executemany(_UPSERT_USAGE, [(*k, *v) for k, v in usage.items()])
+        if rollups:
+            conn.executemany(_UPSERT_MINUTE, [(*k, *v) for k, v in rollups.items()])
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -494,7 +616,8 @@ def _write(conn: sqlite3.Connection, pending: deque[tuple[Any, ...]],
 
 
 def _write_singly(conn: sqlite3.Connection, pending: deque[tuple[Any, ...]],
-                  usage: dict[tuple[str, str, str, str, str], list[int]]) -> tuple[int, int, BaseException | None]:
+                  usage: dict[tuple[str, str, str, str, str], list[int]],
+                  rollups: dict[RollupKey, list[int]]) -> tuple[int, int, BaseException | None]:
     """The batch row by row in one transaction: a statement that fails alone is skipped (sqlite undoes
     just that statement); a database fault aborts it all. ``(rows, groups, first error)`` skipped."""
     rows = groups = 0
@@ -511,14 +634,18 @@ def _write_singly(conn: sqlite3.Connection, pending: deque[tuple[Any, ...]],
                 first = first or exc
             if i & 31 == 31:
                 time.sleep(0)  # the GIL, as in a round
-        for k, v in usage.items():
-            try:
-                conn.execute(_UPSERT_USAGE, (*k, *v))
-            except Exception as exc:  # noqa: BLE001
-                if _database_fault(exc):
-                    raise
-                groups += 1
-                first = first or exc
+        groups_of: list[tuple[str, list[tuple[Any, ...]]]] = [
+            (_UPSERT_USAGE, [(*k, *v) for k, v in usage.items()]),
+            (_UPSERT_MINUTE, [(*k, *v) for k, v in rollups.items()])]
+        for sql, values in groups_of:
+            for group in values:
+                try:
+                    conn.execute(sql, group)
+                except Exception as exc:  # noqa: BLE001
+                    if _database_fault(exc):
+                        raise
+                    groups += 1
+                    first = first or exc
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
