@@ -23,8 +23,9 @@ $(VENV)/.installed: $(VENV)/.installed-run
 run: $(VENV)/.installed-run
 	$(PY) -m at_gateway serve --config $(CONFIG)
 
+# On every CPU (pytest-xdist), each test module in one process (its module fixtures: one browser, one .pyz build).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # The one-file build: dist/at-gateway.pyz (needs only python3 with pip; wheels cached in build/wheel-cache).
 pyz:
