@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "--pid", str(proc.pid)], "1"),
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
-            res = lg.run(port, bench.GATEWAY_KEY, "bench", connections, stream, args.duration, args.chunks)
+            res = lg.run(port, bench.GATEWAY_KEY, "bench", connections, stream, args.duration, args.chunks,
+                         bench.DOORS.get(args.scenario, "chat"))
             print(f"{args.scenario}: {res['rps']:.0f} req/s under {args.tool}, p50 {res['p50_us'] / 1000:.2f} ms, "
                   f"bad {res['bad']}")
             if spy is not None:

@@ -45,16 +45,17 @@ _EVENT = TypeAdapter(anthropic.types.RawMessageStreamEvent)
 # Request schema
 # ---------------------------------------------------------------------------
 
-def check_request(rec: Received, api_key: str = API_KEY) -> list[str]:
-    """Every way the request breaks the documented Messages API schema (empty when none)."""
+def check_request(rec: Received, api_key: str = API_KEY, versions: tuple[str, ...] = (API_VERSION,)) -> list[str]:
+    """Every way the request breaks the documented Messages API schema (empty when none). ``versions``: the
+    ``anthropic-version`` values accepted (a client's own passes through the Messages door unchanged)."""
     p: list[str] = []
     if rec.method != "POST" or rec.path != "/v1/messages":
         p.append(f"request line: expected POST /v1/messages, got {rec.method} {rec.path}")
     h = rec.headers
     if h.get("x-api-key") != api_key:
         p.append("header x-api-key: missing or wrong")
-    if h.get("anthropic-version") != API_VERSION:
-        p.append(f"header anthropic-version: expected {API_VERSION}, got {h.get('anthropic-version')!r}")
+    if h.get("anthropic-version") not in versions:
+        p.append(f"header anthropic-version: expected {' or '.join(versions)}, got {h.get('anthropic-version')!r}")
     if "application/json" not in h.get("content-type", ""):
         p.append("header content-type: must be application/json")
     if "authorization" in h:
@@ -402,12 +403,13 @@ class AnthropicMock:
     api_key: str = API_KEY
     problems: list[str] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    versions: tuple[str, ...] = (API_VERSION,)  # anthropic-version values accepted
 
     def on(self, model: str, scenario: Scenario) -> None:
         self.upstream.replies[model] = lambda rec: self._answer(rec, scenario)
 
     def _answer(self, rec: Received, scenario: Scenario) -> Reply:
-        problems = check_request(rec, self.api_key)
+        problems = check_request(rec, self.api_key, self.versions)
         if problems:
             self.problems += problems
             return Reply(status=400, body=error_body("invalid_request_error", "; ".join(problems)),
@@ -428,3 +430,59 @@ def error_reply(status: int, etype: str, msg: str) -> Reply:
 
 def stream_reply(events: list[tuple[str, dict[str, Any]]], reset_after: int | None = None) -> Reply:
     return Reply(sse=frame(events), done=False, reset_after=reset_after)
+
+
+# ---------------------------------------------------------------------------
+# Token counting (POST /v1/messages/count_tokens)
+# ---------------------------------------------------------------------------
+
+COUNT_KEYS = {"model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers", "output_config"}
+
+
+def check_count_request(rec: Received, api_key: str = API_KEY,
+                        versions: tuple[str, ...] = (API_VERSION,)) -> list[str]:
+    """Every way a count_tokens request breaks the documented schema: the Messages rules without ``max_tokens``
+    (and without the fields that only shape an answer), at ``/v1/messages/count_tokens`` (``?beta=true`` too)."""
+    p: list[str] = []
+    path = rec.path.split("?", 1)[0]
+    if rec.method != "POST" or path != "/v1/messages/count_tokens":
+        p.append(f"request line: expected POST /v1/messages/count_tokens, got {rec.method} {rec.path}")
+    try:
+        body = json.loads(rec.body)
+    except ValueError:
+        return [*p, "body: not JSON"]
+    if not isinstance(body, dict):
+        return [*p, "body: not an object"]
+    for k in sorted(set(body) - COUNT_KEYS):
+        p.append(f"{k}: unknown field")
+    # The shared rules, as if it were a Messages request with room for any thinking budget.
+    probe = Received("POST", "/v1/messages", rec.headers, json.dumps({**body, "max_tokens": 1 << 20}).encode())
+    return p + check_request(probe, api_key, versions)
+
+
+def count_tokens_reply(tokens: int) -> Reply:
+    """The answer of count_tokens, validated with the SDK's type."""
+    anthropic.types.MessageTokensCount.model_validate({"input_tokens": tokens})
+    return Reply(body={"input_tokens": tokens}, headers={"request-id": "req_011MockCount"})
+
+
+def serve_count_tokens(mock: AnthropicMock, model: str, answer: int | Reply,
+                       seen: list[Received] | None = None) -> None:
+    """Let ``model`` also answer count_tokens (``answer``: the count, or a ready Reply such as an error); its
+    Messages scenario (set with ``mock.on`` before) still answers /v1/messages. Checked requests go to ``seen``."""
+    previous = mock.upstream.replies.get(model)
+
+    def reply(rec: Received) -> Reply:
+        if not rec.path.startswith("/v1/messages/count_tokens"):
+            if previous is None:
+                return error_reply(404, "not_found_error", f"model: {model}")
+            return previous(rec) if callable(previous) else previous
+        problems = check_count_request(rec, mock.api_key, mock.versions)
+        if problems:
+            mock.problems += problems
+            return error_reply(400, "invalid_request_error", "; ".join(problems))
+        if seen is not None:
+            seen.append(rec)
+        return answer if isinstance(answer, Reply) else count_tokens_reply(answer)
+
+    mock.upstream.replies[model] = reply

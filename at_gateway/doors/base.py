@@ -72,18 +72,23 @@ class DoorStream:
     """An adapter's stream seen through a door's :class:`StreamRenderer`.
 
     Routing treats it as the adapter's own generator (its first item opens the stream, ``aclose`` ends
-    it); the renderer's closing events come as its last item, after the adapter's clean end, so a stream
-    cut before that end gets ``fail`` instead. ``on_close(renderer)`` is awaited between the clean end and
-    those closing events (the Responses door keeps the response there, so a follow-up finds it).
+    it). After the adapter's clean end come the renderer's closing events: kept in ``tail`` for
+    :meth:`Call.end`, which routing writes with the stream's end (one write and one relay round less per
+    stream), or, when nothing went out yet (an empty answer), as the item that opens the stream. Routing
+    asks for the end only after a clean end, so a stream cut before it gets ``fail`` instead.
+    ``on_close(renderer)`` is awaited between the clean end and those closing events (the Responses door
+    keeps the response there, so a follow-up finds it).
     """
 
-    __slots__ = ("inner", "renderer", "on_close", "_closed")
+    __slots__ = ("inner", "renderer", "on_close", "tail", "_sent", "_closed")
 
     def __init__(self, inner: AsyncIterator[bytes], renderer: StreamRenderer,
                  on_close: Callable[[Any], Awaitable[None]] | None = None) -> None:
         self.inner = inner
         self.renderer = renderer
         self.on_close = on_close
+        self.tail = b""
+        self._sent = False
         self._closed = False
 
     def __aiter__(self) -> DoorStream:
@@ -101,11 +106,14 @@ class DoorStream:
                 tail = self.renderer.close()
                 if self.on_close is not None:
                     await self.on_close(self.renderer)
-                if tail:
+                if tail and not self._sent:
+                    self._sent = True
                     return tail
+                self.tail = tail
                 raise
             out = feed(chunk)
             if out:
+                self._sent = True
                 return out
 
     async def aclose(self) -> None:
@@ -162,8 +170,8 @@ class Call:
         return DoorStream(adapter.stream(prepared, step, state), self.door.renderer(self, step, native=False))
 
     def end(self, agen: Any) -> bytes:
-        """What follows a delivered stream's last event (its renderer already closed it)."""
-        return b""
+        """What ends a delivered stream after its clean end: the renderer's closing events (see DoorStream)."""
+        return agen.tail if isinstance(agen, DoorStream) else b""
 
     def error(self, agen: Any, error: dict[str, Any]) -> bytes:
         """The door's error event: for the stream delivered (``agen``), or for none (every step failed after

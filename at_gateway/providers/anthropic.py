@@ -53,6 +53,14 @@ calls get a stable ``index`` with ``id`` and ``name`` in their first delta and t
 ``input_json_delta`` fragments as ``arguments``. An ``error`` event, or a stream that ends
 without ``message_stop``, is a failed step, never a clean finish.
 
+Native (the Anthropic Messages door, :mod:`at_gateway.doors.anthropic`): ops ``anthropic.messages`` and
+``anthropic.count_tokens`` take the door's body as it is (model already the step's) to ``/v1/messages`` and
+``/v1/messages/count_tokens``, with the client's ``anthropic-beta`` / ``anthropic-version`` headers in place of
+ours (the provider's configured ``headers:`` still win). Answers come back as the bytes received; a stream's
+events pass as they come, except that ``message_start`` and ``ping`` wait for the first content block (an
+``error`` event right after ``message_start``, as an overloaded API sends it, still lets the route fall through).
+Usage is read from ``message_start`` and ``message_delta`` only (content deltas are not decoded).
+
 Errors keep Anthropic's type and message (``HTTP 400 invalid_request_error: ...``) and status:
 a 4xx the client caused comes back with that status once every step refused it; ``overloaded_error``
 (529), ``api_error`` (500) and rate limits are failed steps the route falls through.
@@ -70,7 +78,8 @@ from typing import Any
 
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed
-from ..http.pool import UpstreamClient
+from ..http.errors import UpstreamError
+from ..http.pool import Headers, UpstreamClient
 from ..http.sse import EventSplitter, encode, event_data, event_name
 from .base import (
     Completion,
@@ -88,6 +97,11 @@ DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
 JSON_TOOL_DEFAULT = "json_response"
+MESSAGES_OP = "anthropic.messages"
+COUNT_OP = "anthropic.count_tokens"
+NATIVE_OPS = frozenset((MESSAGES_OP, COUNT_OP))
+_HELD = frozenset((b"message_start", b"ping"))  # a native stream's head, held until its first content block
+_USAGE_EVENTS = frozenset((b"message_start", b"message_delta", b"error"))  # the events a native stream decodes
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -740,6 +754,7 @@ class AnthropicProvider(Provider):
         if base.endswith("/v1"):
             base = base[:-3]
         self.url = base + "/v1/messages"
+        self.count_url = base + "/v1/messages/count_tokens"
         opts = cfg.options
         mt = opts.get("max_tokens")
         self.max_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else DEFAULT_MAX_TOKENS
@@ -755,6 +770,7 @@ class AnthropicProvider(Provider):
         headers += extra
         self.headers = [*headers, (b"accept", b"application/json")]
         self.stream_headers = [*headers, (b"accept", b"text/event-stream")]
+        self._configured = own  # header names the config sets: a client's headers do not replace them
 
     def _encode(self, body: dict[str, Any], step: Step, stream: bool) -> tuple[bytes, str | None]:
         tr = to_anthropic(body, step.model, self.max_tokens)
@@ -808,4 +824,103 @@ class AnthropicProvider(Provider):
         if not tr.finished:
             if not tr.started:
                 raise StepFailed("anthropic stream ended before its first chunk")
+            raise StepFailed("anthropic stream ended before message_stop")
+
+    # -- native: the Anthropic Messages door's body as it is ------------------------------------
+    def native(self, op: str, step: Step) -> bool:
+        return op in NATIVE_OPS
+
+    def _with_client(self, ours: Headers, client: Headers) -> Headers:
+        """Our headers with the client's (``anthropic-beta``, ``anthropic-version``) in place of ours of the same
+        name; those the provider's config sets stay."""
+        passed = [(k, v) for k, v in client if k not in self._configured]
+        if not passed:
+            return ours
+        names = {k for k, _ in passed}
+        return [h for h in ours if h[0] not in names] + passed
+
+    async def send_native(self, op: str, body: dict[str, Any], step: Step, headers: Headers) -> Completion:
+        if op not in NATIVE_OPS:
+            return await super().send_native(op, body, step, headers)
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        url = self.url if op == MESSAGES_OP else self.count_url
+        async with self.client.stream(b"POST", url, self._with_client(self.headers, headers), data,
+                                      self.cfg.proxy) as resp:
+            if not 200 <= resp.status < 300:
+                raise with_retry_after(error_from_anthropic(resp.status, await read_bounded(resp)), resp)
+            raw = await resp.read()
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            raise QuotedFailure("anthropic answered 2xx with a body that is not JSON", raw) from None
+        if isinstance(obj, dict) and obj.get("type") == "error":
+            raise error_from_anthropic(None, obj, "anthropic answered 2xx with an error: ")
+        if op == COUNT_OP:
+            if not isinstance(obj, dict) or type(obj.get("input_tokens")) is not int:
+                raise StepFailed("anthropic answered count_tokens with a body that is not a token count")
+            return Completion(raw, None)
+        if not isinstance(obj, dict) or obj.get("type") != "message" or not isinstance(obj.get("content"), list):
+            raise StepFailed("anthropic answered 2xx with a body that is not a message")
+        return Completion(raw, map_usage(obj.get("usage")))
+
+    async def stream_native(self, op: str, body: dict[str, Any], step: Step, state: StreamState,
+                            headers: Headers) -> AsyncIterator[bytes]:
+        if op != MESSAGES_OP:
+            raise StepFailed(f"anthropic: {op} does not stream", status=400)
+        data = json.dumps({**body, "stream": True}, separators=(",", ":"), ensure_ascii=False).encode()
+        usage: dict[str, Any] = {}
+        stop_reason: Any = None
+        held: list[bytes] = []  # message_start and ping, until the first content block
+        opened = finished = False
+        async with self.client.stream(b"POST", self.url, self._with_client(self.stream_headers, headers), data,
+                                      self.cfg.proxy) as resp:
+            if not 200 <= resp.status < 300:
+                raise with_retry_after(error_from_anthropic(resp.status, await read_bounded(resp)), resp)
+            ctype = resp.header(b"content-type") or b""
+            if b"text/event-stream" not in ctype:
+                raw = await read_bounded(resp)
+                _check_message(raw, None, step.model)  # raises for errors and garbage
+                raise StepFailed(f"anthropic did not stream (content-type {ctype.decode('latin-1')!r})")
+            splitter = EventSplitter()
+            try:
+                async for chunk in resp.aiter_raw():
+                    if finished:
+                        continue  # read to the end so the connection can be reused
+                    out: list[bytes] = held
+                    held = []
+                    for ev in splitter.feed(chunk):
+                        name = event_name(ev)
+                        if name in _USAGE_EVENTS or name is None:
+                            parsed = parse_event(ev)
+                            if parsed is None:
+                                continue
+                            kind, obj = parsed
+                            if kind == "error":
+                                if opened and out:  # what came with the error reaches the client first
+                                    yield b"".join(out)
+                                raise error_from_anthropic(None, obj, "anthropic stream error: ")
+                            if kind == "message_start":
+                                usage.update(_obj(_obj(obj.get("message")).get("usage")))
+                                state.usage = map_usage(usage)
+                            elif kind == "message_delta":
+                                usage.update({k: v for k, v in _obj(obj.get("usage")).items() if v is not None})
+                                stop_reason = _obj(obj.get("delta")).get("stop_reason") or stop_reason
+                                state.usage = map_usage(usage)
+                        if not opened and name not in _HELD:
+                            opened = True
+                        out.append(ev)
+                        if name == b"message_stop":
+                            finished = opened = True
+                            state.finish_reason = finish_reason(stop_reason)
+                            break
+                    if not opened:
+                        held = out  # no content yet: an error now still lets the route fall through
+                    elif out:
+                        yield b"".join(out)
+            except UpstreamError:
+                if not finished:
+                    raise
+        if not finished:
+            if not opened:
+                raise StepFailed("anthropic stream ended before its first content block")
             raise StepFailed("anthropic stream ended before message_stop")
