@@ -110,6 +110,11 @@ class DoorCall(Protocol):
 
     def error(self, agen: Any, error: dict[str, Any]) -> bytes: ...
 
+    #: Whether SSE comments may go out (keep-alives while waiting, the answering step's headers after an early
+    #: head); False: none (Google's SDKs read nothing but ``data:`` lines).
+    comments: bool
+    stream_headers: list[tuple[bytes, bytes]]  # the head of a stream (content type and caching)
+
 log = logging.getLogger("at_gateway.routing")
 
 _MAX_ERROR_TEXT = 300
@@ -507,7 +512,8 @@ class Router:
         agen: AsyncGenerator[bytes, None] = (adapter.stream(body, step, state) if call is None  # type: ignore[assignment]
                                              else call.open(adapter, body, step, state))
         try:
-            first = await self._first_chunk(agen, step, responder, ctx, keepalive, deadline)
+            first = await self._first_chunk(agen, step, responder, ctx, keepalive and (call is None or call.comments),
+                                            deadline, _SSE_HEADERS if call is None else call.stream_headers)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await agen.aclose()
@@ -601,7 +607,8 @@ class Router:
             attempt = next(a for a in reversed(ctx.attempts) if a.ok and a.provider == step.provider)
         try:
             if not responder.started:
-                await responder.start(200, [*_SSE_HEADERS, *ctx.gateway_headers()])
+                head = _SSE_HEADERS if call is None else call.stream_headers
+                await responder.start(200, [*head, *ctx.gateway_headers()])
             else:
                 # A keep-alive sent the head before this step answered, without the step's headers:
                 # they come now, as a comment, before the first chunk.
@@ -672,7 +679,8 @@ class Router:
             await responder.write(chunk)
 
     async def _first_chunk(self, agen: AsyncIterator[bytes], step: Step, responder: Responder,
-                           ctx: RequestContext, keepalive_on: bool = True, deadline: float | None = None) -> bytes:
+                           ctx: RequestContext, keepalive_on: bool = True, deadline: float | None = None,
+                           head: list[tuple[bytes, bytes]] = _SSE_HEADERS) -> bytes:
         """Wait for the first chunk by ``deadline`` (the step's, which its retries share; default: the step's
         timeout from now), sending SSE comments meanwhile (not for a hedge: the step it races sends them)."""
         interval = self.keepalive_interval
@@ -691,7 +699,7 @@ class Router:
                     delay = interval
                     if not responder.started:
                         # Which step answers is not known yet: the head names none (see step_comment).
-                        await responder.start(200, [*_SSE_HEADERS, *ctx.early_headers()])
+                        await responder.start(200, [*head, *ctx.early_headers()])
                     await responder.write(KEEPALIVE)
             except ClientGone:
                 tg.cancel_scope.cancel()

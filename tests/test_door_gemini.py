@@ -9,7 +9,6 @@ every test asserts what the upstream received, what the client got and what the 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -517,20 +516,18 @@ def test_errors_are_the_sdks_exceptions_with_geminis_codes(gw: RunningGateway, u
     assert "Invalid value at 'contents[0]'" in err["message"]  # the upstream's own words, its key redacted
 
 
-def test_a_stream_whose_every_step_fails_after_the_head_ends_with_the_error_event(
+def test_a_stream_whose_every_step_fails_is_an_error_answer_not_a_200_with_comments(
         upstream: MockUpstream, other: MockUpstream, gem: GeminiMock, vx: GeminiMock, claude: AnthropicMock) -> None:
-    gate = threading.Event()
+    # Google's SDKs read nothing but data: lines, so this door sends no keep-alive comments: the head waits for
+    # a step's first chunk, and when every step fails the client gets the error status itself.
     upstream.replies["gpt-broken"] = Reply(sse=[b'data: {"error": {"message": "boom", "code": 500}}\n\n'],
-                                           hold=gate, hold_after=0, done=False)
+                                           done=False)
     gem.on(MODEL, error_reply(503, "The model is overloaded."))
-    with run_gateway(config(upstream, other.url, stream_keepalive_interval=0.05)) as gw, \
-            httpx.stream("POST", gw.url + "/v1beta/models/fb:streamGenerateContent?alt=sse",
-                         json=HI,
-                         headers={"x-goog-api-key": GATEWAY_KEY}, timeout=10) as r:
-        assert r.status_code == 200  # the head went out before any step answered (the keep-alive)
-        gate.set()
-        events = data_events(r.read())
-    assert len(events) == 1 and events[0]["error"]["status"] == "UNAVAILABLE", events
+    with run_gateway(config(upstream, other.url, stream_keepalive_interval=0.05)) as gw:
+        r = httpx.post(gw.url + "/v1beta/models/fb:streamGenerateContent?alt=sse", json=HI,
+                       headers={"x-goog-api-key": GATEWAY_KEY}, timeout=10)
+    assert r.status_code >= 500 and r.json()["error"]["status"] in ("UNAVAILABLE", "INTERNAL"), r.text
+    assert b":" not in r.content[:1]
 
 
 # ---------------------------------------------------------------------------
@@ -653,16 +650,15 @@ def test_keep_alives_never_reach_a_gemini_client(upstream: MockUpstream, other: 
                                                  vx: GeminiMock, claude: AnthropicMock) -> None:
     # Google's SDKs read only `data:` lines (the JS ones hang on anything else): the SSE comments the
     # gateway sends other doors while a step is slow must not reach this one.
-    gate = threading.Event()
-    events = openai_stream("Hel", "lo").sse
-    upstream.replies[GPT] = Reply(sse=events, hold=gate, hold_after=0)
+    # The upstream answers after 0.3 s: six keep-alive intervals, in which other doors would get comments.
+    upstream.replies[GPT] = Reply(sse=openai_stream("Hel", "lo").sse, delay=0.3)
     with run_gateway(config(upstream, other.url, stream_keepalive_interval=0.05)) as gw, \
             httpx.stream("POST", gw.url + "/v1beta/models/o:streamGenerateContent?alt=sse",
                          json={"contents": [{"parts": [{"text": "hi"}]}]},
                          headers={"x-goog-api-key": GATEWAY_KEY}, timeout=10) as r:
-        assert r.status_code == 200  # the head went out early, as keep-alives send it
-        gate.set()
+        assert r.status_code == 200
         raw = r.read()
+    assert not raw.startswith(b":") and b"\n:" not in raw
     got = data_events(raw)  # asserts every event is a data line: no ": keep-alive", no ": x-gateway-..." comment
     assert "".join(p["text"] for ev in got for c in ev.get("candidates", [])
                    for p in c.get("content", {}).get("parts", [])) == "Hello"

@@ -736,7 +736,7 @@ class AnthropicDoor(Door):
     native_op = MESSAGES_OP
 
     def __init__(self, config: Any) -> None:
-        self.config = config
+        super().__init__(config)
         self._native = _Passthrough()  # stateless: one for every native stream
 
     # -- requests --------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..config import Step
-from ..errors import GatewayError
+from ..errors import BadRequest, GatewayError
 from ..http.pool import Headers
 from ..providers.base import Completion, Provider, StreamState
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ..http.server import Request, Responder
 
 _JSON_CT = (b"content-type", b"application/json")
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once: json.dumps with
@@ -122,6 +123,18 @@ class DoorStream:
             await aclose()
 
 
+def json_object(request: Request, decode: Any) -> dict[str, Any]:
+    """The body as a JSON object with a string ``model``: 400 ``invalid_json`` / ``missing_model`` (OpenAI's
+    wording and ``param``) otherwise. The OpenAI-shaped doors (responses, embeddings, completions) start here."""
+    body = decode(request.body)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a string", code="missing_model", extra={"param": "model"})
+    return body
+
+
 class Call:
     """One request through a door: what the gateway and routing need from it.
 
@@ -130,6 +143,11 @@ class Call:
     ``native``: the door's own body, for steps that speak the door's API (None: never native).
     ``headers``: client headers native steps get unchanged (``anthropic-beta``, ``anthropic-version``).
     """
+
+    #: SSE comments allowed (keep-alives while the first chunk is awaited; the answering step's headers as a
+    #: comment after an early head). A door whose clients choke on them turns them off.
+    comments = True
+    stream_headers = SSE_HEADERS  # the head of a streamed answer
 
     def __init__(self, door: Door, model: str, chat: dict[str, Any], *, native: dict[str, Any] | None = None,
                  stream: bool = False, headers: Headers | None = None) -> None:
@@ -195,6 +213,9 @@ class Door:
     #: Whether a key may come as ``x-goog-api-key`` or ``?key=`` (Gemini's ways) besides X-Api-Key and Bearer.
     google_keys = False
     content_type = _JSON_CT
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
 
     def parse(self, request: Request, decode: Any) -> Call:
         """The request as a Call; BadRequest for a body the door's API would refuse. ``decode`` is the

@@ -21,7 +21,7 @@ from ..config import Step
 from ..errors import BadRequest, Forbidden
 from ..http.sse import DONE_EVENT, encode
 from ..providers.base import Completion, Provider, StreamState
-from .base import Call, Door, DoorStream, StreamRenderer
+from .base import Call, Door, DoorStream, StreamRenderer, json_object
 
 #: What OpenAI (and vLLM) generate when ``max_tokens`` is absent: a key's cap fills it in no higher.
 DEFAULT_MAX_TOKENS = 16
@@ -72,17 +72,9 @@ class CompletionsDoor(Door):
     name = "completions"
     chat_form = False
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
     def parse(self, request: Any, decode: Any) -> Call:
-        body = decode(request.body)
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object", code="invalid_json")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("'model' is required and must be a string", code="missing_model",
-                             extra={"param": "model"})
+        body = json_object(request, decode)
+        model = body["model"]
         check_prompt(body.get("prompt"))
         stream = body.get("stream")
         if stream is not None and not isinstance(stream, bool):

@@ -30,7 +30,7 @@ from ..config import Step
 from ..errors import BadRequest, StepFailed
 from ..providers.base import Completion, Provider, QuotedFailure
 from ..providers.openai import embedding_base64, embedding_floats, estimate_input_tokens
-from .base import Call, Door
+from .base import Call, Door, json_object
 
 MAX_INPUTS = 2048  # OpenAI's limit on an input array
 _FLOAT_VECTOR = re.compile(rb'"embedding"\s*:\s*\[')
@@ -106,17 +106,9 @@ class EmbeddingsDoor(Door):
     name = "embeddings"
     chat_form = False
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
     def parse(self, request: Any, decode: Any) -> Call:
-        body = decode(request.body)
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object", code="invalid_json")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("'model' is required and must be a string", code="missing_model",
-                             extra={"param": "model"})
+        body = json_object(request, decode)
+        model = body["model"]
         check_input(body.get("input"))
         encoding = body.get("encoding_format")
         if encoding is None:

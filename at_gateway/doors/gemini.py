@@ -47,7 +47,6 @@ from .base import Call, Door, StreamRenderer, dumps
 
 if TYPE_CHECKING:
     from ..context import RequestContext
-    from ..http.pool import Headers
     from ..http.server import Request, Responder
 
 GENERATE = "gemini.generate"
@@ -677,6 +676,10 @@ class _ChatRenderer(StreamRenderer):
 # The door
 # --------------------------------------------------------------------------
 
+_ARRAY_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-cache"),
+                  (b"x-accel-buffering", b"no")]
+
+
 class GeminiCall(Call):
     """A Gemini request: ``array`` (a stream asked for without ``alt=sse``), ``include_thoughts``."""
 
@@ -685,6 +688,10 @@ class GeminiCall(Call):
         super().__init__(door, model, chat, native=native, stream=stream)
         self.array = array
         self.include_thoughts = include_thoughts
+        if array:  # streamed without alt=sse: one JSON array, written as it grows
+            self.stream_headers = _ARRAY_HEADERS
+
+    comments = False  # Google's SDKs read nothing but data: lines (no keep-alives, no step comments)
 
     def native_body(self, step: Step) -> dict[str, Any]:
         """The body as sent; the model is the URL's (a ``model`` field would name the route, not the step's)."""
@@ -698,60 +705,6 @@ class _CountCall(GeminiCall):
 
     async def complete(self, adapter: Provider, prepared: dict[str, Any], step: Step) -> Completion:
         return await adapter.send_native(COUNT, self.native_body(step), step, self.headers)
-
-
-class _StreamResponder:
-    """Duck-types Responder for a Gemini stream: SSE comments (keep-alives, the answering step's headers after
-    an early head) are left out, since Google's SDKs read nothing but ``data:`` lines; a JSON-array stream gets
-    ``application/json`` as its content type."""
-
-    __slots__ = ("_inner", "_array")
-
-    def __init__(self, inner: Responder, array: bool) -> None:
-        self._inner = inner
-        self._array = array
-
-    @property
-    def started(self) -> bool:
-        return self._inner.started
-
-    @property
-    def finished(self) -> bool:
-        return self._inner.finished
-
-    @property
-    def status(self) -> int:
-        return self._inner.status
-
-    async def send(self, status: int, headers: Headers, body: bytes) -> None:
-        await self._inner.send(status, headers, body)
-
-    async def send_json(self, status: int, body: bytes, headers: Headers | None = None) -> None:
-        await self._inner.send_json(status, body, headers)
-
-    async def start(self, status: int, headers: Headers) -> None:
-        if self._array:
-            headers = [(k, b"application/json") if k == b"content-type" else (k, v) for k, v in headers]
-        await self._inner.start(status, headers)
-
-    async def write(self, data: bytes) -> None:
-        if data[:1] == b":":
-            data = _uncommented(data)
-        if data:
-            await self._inner.write(data)
-
-    async def end(self, data: bytes = b"") -> None:
-        await self._inner.end(_uncommented(data) if data[:1] == b":" else data)
-
-
-def _uncommented(data: bytes) -> bytes:
-    """``data`` without the SSE comment lines (and the blank line ending them) it starts with."""
-    while data[:1] == b":":
-        nl = data.find(b"\n")
-        data = b"" if nl < 0 else data[nl + 1:]
-        if data[:1] == b"\n":
-            data = data[1:]
-    return data
 
 
 def route_from_path(path: bytes) -> str:
@@ -802,9 +755,6 @@ class GeminiDoor(Door):
     native_op = GENERATE
     model_in_body = False  # the route comes from the URL
     google_keys = True
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
 
     def build_call(self, model: str, body: dict[str, Any], *, stream: bool, array: bool = False,
                    token_field: str = "max_tokens") -> GeminiCall:
@@ -895,8 +845,6 @@ class GeminiDoor(Door):
         token_field = gateway.token_field(route_from_path(request.path))
         call = self.parse(request, gateway.decode_body, token_field)
         assert isinstance(call, GeminiCall)
-        if call.stream:
-            responder = _StreamResponder(responder, call.array)  # type: ignore[assignment]
         await gateway.run_call(ctx, call, responder)
 
     async def _count(self, gateway: Any, ctx: RequestContext, request: Request, responder: Responder) -> None:

@@ -897,9 +897,6 @@ class ResponsesDoor(Door):
     name = "responses"
     native_op = NATIVE_OP
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
     # -- POST /v1/responses -------------------------------------------------------------------------------
     def parse(self, request: Request, decode: Any) -> Call:
         """The request as a Call, without kept responses (``serve`` adds them)."""

@@ -66,7 +66,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
@@ -1056,19 +1056,8 @@ class GeminiProvider(Provider):
         if op not in NATIVE_OPS:
             return await super().send_native(op, body, step, headers)
         data = self._native_data(op, body, step)
-        auth = await self.auth_headers()
-        url = await self.method_url(step, "countTokens" if op == COUNT_OP else "generateContent")
-        async with self.client.stream(b"POST", url, [*self.headers, (b"accept", b"application/json"), *auth], data,
-                                      self.cfg.proxy) as resp:
-            if not 200 <= resp.status < 300:
-                if resp.status == 401:
-                    self.on_unauthorized(auth)
-                raise await read_error(resp)
-            raw = await resp.read()
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            raise QuotedFailure("Gemini answered 2xx with a body that is not JSON", raw) from None
+        method = "countTokens" if op == COUNT_OP else "generateContent"
+        raw, obj = await self._post(lambda: self.method_url(step, method), data)
         if not isinstance(obj, dict):
             raise StepFailed("Gemini answered 2xx with JSON that is not an object")
         if obj.get("error"):
@@ -1114,21 +1103,25 @@ class GeminiProvider(Provider):
         return _dumps(build_request(body, step.model, send_ids=self.send_ids, signatures=self.signatures,
                                     safety_settings=self.safety_settings))
 
-    async def complete(self, body: dict[str, Any], step: Step) -> Completion:
-        data = self.build(body, step)
+    async def _post(self, where: Callable[[], Awaitable[str]], data: bytes) -> tuple[bytes, Any]:
+        """One whole-answer call: its bytes and decoded JSON (a failed step for an error status or garbage).
+        ``where`` (the URL) is awaited after the credentials, as every call of this provider asks them."""
         auth = await self.auth_headers()
-        headers = [*self.headers, (b"accept", b"application/json"), *auth]
-        url = await self.endpoint(step, False)
-        async with self.client.stream(b"POST", url, headers, data, self.cfg.proxy) as resp:
+        url = await where()
+        async with self.client.stream(b"POST", url, [*self.headers, (b"accept", b"application/json"), *auth], data,
+                                      self.cfg.proxy) as resp:
             if not 200 <= resp.status < 300:
                 if resp.status == 401:
                     self.on_unauthorized(auth)
                 raise await read_error(resp)
             raw = await resp.read()
         try:
-            obj = json.loads(raw)
+            return raw, json.loads(raw)
         except ValueError:
             raise QuotedFailure("Gemini answered 2xx with a body that is not JSON", raw) from None
+
+    async def complete(self, body: dict[str, Any], step: Step) -> Completion:
+        _, obj = await self._post(lambda: self.endpoint(step, False), self.build(body, step))
         out = completion_from_gemini(obj, step.model, signatures=self.signatures)
         return Completion(_dumps(out), out.get("usage"))
 
