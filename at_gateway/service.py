@@ -25,6 +25,7 @@ from .http.server import Server, ServerSettings
 from .live import Live
 from .logs import Redactor, setup_logging
 from .services import Services
+from .signals import StopSignals
 
 if TYPE_CHECKING:
     from .store.crypto import Keyring
@@ -200,20 +201,23 @@ async def serve(config: Config, *, ready: Any = None, sock: socket.socket | None
 
         async def signals() -> None:
             assert server is not None
-            stops = 0
+            stops = StopSignals()
             async for signum in receiver:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    if stops:
+                    if stops.count:
                         log.info("signal SIGHUP: stopping, the config is not reloaded")
                     else:
                         await live.reload_file()
                     continue
-                stops += 1
-                if stops == 1:
+                if not stops.add(signum):
+                    log.info("signal %s again at once: taken as the same stop (make and a process-group kill "
+                             "both send it)", name)
+                    continue
+                if stops.count == 1:
                     log.info("signal %s: draining (up to %gs)", name, config.shutdown_timeout)
                     server.shutdown()
-                elif stops == 2:
+                elif stops.count == 2:
                     log.warning("signal %s again: stopping the requests still running; writing what was "
                                 "recorded (up to %gs)", name, HURRY_SECONDS)
                     serving.cancel()

@@ -37,6 +37,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
+from .signals import StopSignals
 
 if TYPE_CHECKING:
     from .limits.shared import Hub
@@ -114,6 +115,7 @@ class Supervisor:
         self.mode = mode or default_mode()
         self.workers: dict[int, float] = {}  # pid -> start time
         self.stopping = 0  # signals received asking to stop
+        self._stops = StopSignals()
         self.codes: list[int] = []
         self._sock: socket.socket | None = None
 
@@ -184,7 +186,9 @@ class Supervisor:
                 pass
 
     def _on_stop(self, signum: int, frame: object) -> None:
-        self.stopping += 1
+        if not self._stops.add(signum):
+            return  # the echo of the one before (make relays it; a process-group kill reached us too)
+        self.stopping = self._stops.count
         if self.stopping == 1:
             log.info("signal %s: draining %d worker(s) (up to %gs)", signal.Signals(signum).name,
                      len(self.workers), self.config.shutdown_timeout)

@@ -300,9 +300,11 @@ def test_each_family_moves_as_it_should(moving: tuple[RunningGateway, dict[str, 
 
 def test_scrapes_are_not_requests_and_the_fixed_families_are_there(
         moving: tuple[RunningGateway, dict[str, str]]) -> None:
-    gw, _ = moving
+    gw, keys = moving
+    _plain(gw, keys)  # a request through the pool: its connection is idle in it afterwards
     first = scrape(gw.url)
     for _ in range(3):
+        assert httpx.get(gw.url + "/health", timeout=5).status_code == 200  # a load balancer's probes
         again = scrape(gw.url)
     assert total(again, "atg_requests_total") == total(first, "atg_requests_total")
     assert total(again, "atg_requests_in_flight") == 0  # the scrape itself is not a request in flight

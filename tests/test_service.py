@@ -154,3 +154,39 @@ def test_sighup_reload_redacts_the_new_keys_in_logs(upstream: MockUpstream, tmp_
         line = next(ln for ln in logfile.read_text().splitlines() if '"rid-k"' in ln)
         assert new_key not in line and "my key is [REDACTED]" in line
         assert "changes to max_body_size need a restart" in logfile.read_text()
+
+
+def test_a_stop_signal_sent_twice_at_once_is_one_stop_and_the_drain_completes(
+        upstream: MockUpstream, tmp_path: Path) -> None:
+    # `make run` relays SIGTERM to its child, and a process-group kill reaches both: the gateway sees it twice
+    # within moments. That is one stop: the request in flight still gets its whole answer.
+    upstream.replies["slow"] = Reply(sse=stream_of(*[f"w{i}" for i in range(10)]), sse_delay=0.05)
+    route = [{"name": "r", "steps": [{"provider": "up1", "model": "slow"}]}]
+    with gateway_process(base_config(upstream.url, route), tmp_path) as (proc, url, _, logfile):
+        with httpx.stream("POST", url + "/v1/chat/completions", headers={"x-api-key": GATEWAY_KEY}, timeout=20,
+                          json={"model": "r", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+            it = r.iter_bytes()
+            first = next(it)
+            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
+            rest = b"".join(it)
+        assert (first + rest).endswith(b"data: [DONE]\n\n")
+        assert proc.wait(15) == 0
+        text = logfile.read_text()
+        assert "taken as the same stop" in text and "stopping the requests still running" not in text
+
+
+def test_stop_signals_count_an_echo_once_and_a_later_repeat_twice() -> None:
+    from at_gateway.signals import ECHO_WINDOW, StopSignals
+
+    now = [100.0]
+    stops = StopSignals(clock=lambda: now[0])
+    table = [  # (signal, seconds since the one before, counted, stops so far)
+        (signal.SIGTERM, 0.0, True, 1),
+        (signal.SIGTERM, 0.01, False, 1),  # make's relay of the same stop
+        (signal.SIGINT, 0.01, True, 2),  # another signal is another stop
+        (signal.SIGINT, ECHO_WINDOW + 0.1, True, 3),  # a person's second Ctrl-C, later
+    ]
+    for signum, after, counted, total in table:
+        now[0] += after
+        assert stops.add(signum) is counted and stops.count == total, (signum, after)

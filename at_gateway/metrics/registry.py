@@ -129,9 +129,10 @@ class Counts:
             self.arm()
 
     def observe(self, ctx: RequestContext) -> None:
-        """A request finished: count it (see the module doc). Scrapes and admin calls (``ctx.unlogged``) are not
-        requests of the gateway's users and are not counted."""
-        if ctx.unlogged:
+        """A request finished: count it (see the module doc). Scrapes, admin calls (``ctx.unlogged``) and health
+        checks (a load balancer's, every few seconds) are not requests of the gateway's users and are not
+        counted."""
+        if ctx.unlogged or (ctx.route is None and ctx.path.endswith("/health")):
             if self.shared and not self.armed:
                 self.arm()
             return
