@@ -30,7 +30,7 @@ calls -> ``tool_use``); ``finish_reason`` stop/length/tool_calls/content_filter 
 end_turn/max_tokens/tool_use/refusal, and ``stop_sequence`` when the upstream names the stop sequence that
 matched (vLLM's ``stop_reason``). Usage: ``input_tokens`` (the prompt without cache reads and writes),
 ``cache_read_input_tokens`` (``prompt_tokens_details.cached_tokens``), ``cache_creation_input_tokens``,
-``output_tokens``. Streams: ``message_start``, ``ping``, per block ``content_block_start`` /
+``output_tokens``. Streams: ``message_start``, per block ``content_block_start`` (the first followed by ``ping``) /
 ``content_block_delta`` (``text_delta``, ``thinking_delta``, ``input_json_delta``) / ``content_block_stop``,
 then ``message_delta`` (stop_reason, usage: the counts are known only at the end, so ``message_start``
 carries zeros) and ``message_stop``. The common text chunk takes a fast path (:data:`_FAST_TEXT`).
@@ -529,14 +529,15 @@ class MessagesRenderer(StreamRenderer):
     every chunk, which the tests compare it with), the events it makes are byte templates where the values need
     no escaping, and usage is read from the stream's ``state`` (the adapter decoded it already) at the end."""
 
-    __slots__ = ("stops", "model", "state", "started", "kind", "block", "next", "tools", "tool_ids", "finish",
-                 "matched", "usage", "text_prefix", "fast")
+    __slots__ = ("stops", "model", "state", "started", "pinged", "kind", "block", "next", "tools", "tool_ids",
+                 "finish", "matched", "usage", "text_prefix", "fast")
 
     def __init__(self, stops: Any, model: str, state: StreamState | None = None) -> None:
         self.stops = stops
         self.model = model
         self.state = state
         self.started = False
+        self.pinged = False
         self.kind = _NONE  # the open block's kind
         self.block = -1  # the open block's index
         self.next = 0  # the next block's index
@@ -610,6 +611,11 @@ class MessagesRenderer(StreamRenderer):
         if not self.started:
             self.started = True
             out.append(_MESSAGE_START % (_message_id().encode(), dumps(self.model)))
+
+    def _ping(self, out: list[bytes]) -> None:
+        """The ``ping`` goes after the first ``content_block_start``, as Anthropic's own streams send it."""
+        if not self.pinged:
+            self.pinged = True
             out.append(_PING)
 
     def _stop_block(self, out: list[bytes]) -> None:
@@ -633,6 +639,7 @@ class MessagesRenderer(StreamRenderer):
             self.text_prefix = _TEXT_DELTA % index
         else:
             out.append(_THINKING_START % index)
+        self._ping(out)
 
     def _tool(self, tc: dict[str, Any], out: list[bytes]) -> None:
         index = tc.get("index", 0)
@@ -647,6 +654,7 @@ class MessagesRenderer(StreamRenderer):
                                                       "content_block": {
                                                           "type": "tool_use", "id": str(tid or _tool_id()),
                                                           "name": str(fn.get("name") or ""), "input": {}}}))
+            self._ping(out)
         args = fn.get("arguments")
         if isinstance(args, str) and args:
             # An earlier call's late fragment goes to its own block: clients accumulate by index.
@@ -655,6 +663,7 @@ class MessagesRenderer(StreamRenderer):
     def close(self) -> bytes:
         out: list[bytes] = []
         self._start(out)
+        self._ping(out)  # an answer without content: after message_start
         self._stop_block(out)
         finish = self.finish or ("tool_calls" if self.tools else "stop")
         stop_reason, stop_sequence = _stop_reason(finish, self.matched, self.stops)
