@@ -173,7 +173,8 @@ def test_a_stop_signal_sent_twice_at_once_is_one_stop_and_the_drain_completes(
         assert (first + rest).endswith(b"data: [DONE]\n\n")
         assert proc.wait(15) == 0
         text = logfile.read_text()
-        assert "taken as the same stop" in text and "stopping the requests still running" not in text
+        # (the kernel may merge the two into one pending signal; either way, one stop)
+        assert "stopping the requests still running" not in text
 
 
 def test_stop_signals_count_an_echo_once_and_a_later_repeat_twice() -> None:
