@@ -25,6 +25,7 @@ class Attempt:
     key: int | None = None  # which of the provider's keys (when it has several)
     skipped: bool = False  # no request went out (circuit open, every key resting)
     cooling: float | None = None  # seconds the key (or every key) rests after this attempt's 429
+    rate_limited: bool = False  # skipped because every key rests, and for 429s (not for failures in a row)
 
     def public(self) -> dict[str, Any]:
         out = {"step": self.step, "provider": self.provider, "model": self.model,

@@ -194,7 +194,7 @@ class Router:
     def all_failed(self, ctx: RequestContext) -> GatewayError:
         attempts = ctx.attempts
         extra = {"attempts": [a.public() for a in attempts]}
-        if attempts and all(a.status == 429 or a.cooling is not None for a in attempts):
+        if attempts and all(a.status == 429 or a.rate_limited for a in attempts):
             # Only rate limits and resting keys: the client may come back when the first key is free again.
             waits = [w for w in self._next_free(ctx) if w is not None]
             wait = max(1, math.ceil(min(waits))) if waits else 1
@@ -284,6 +284,7 @@ class Router:
         breaker.released(now)
         attempt.skipped = True
         attempt.cooling = wait
+        attempt.rate_limited = wait is not None and pool.resting_for_rate_limits(now)
         attempt.error = ("all keys disabled (refused with 401/403 until the next reload)" if wait is None
                          else f"all keys cooling down, next free in {wait:.1f}s")
         return None
@@ -380,6 +381,8 @@ class Router:
                 if anyio.current_time() + choice >= deadline:
                     attempt.skipped = True
                     attempt.cooling = choice
+                    attempt.rate_limited = target.pool is not None and target.pool.resting_for_rate_limits(
+                        self.clock())
                     attempt.error = f"all keys cooling down, next free in {choice:.1f}s (after the step's timeout)"
                     return None
                 await anyio.sleep(choice)

@@ -800,3 +800,26 @@ def test_least_busy_counts_a_stream_in_flight_until_it_ends(upstream: MockUpstre
         finally:
             release.set()
     assert seen(upstream, "m") == [0, 1]
+
+
+@pytest.mark.parametrize("status, limited", [(500, False), (503, False), (429, True)])
+def test_keys_resting_after_failures_are_not_called_rate_limited(upstream: MockUpstream, status: int,
+                                                                  limited: bool) -> None:
+    # One key: failures in a row (cooldown.failures) rest it as 429s do. A later request that finds it resting
+    # is a 429 "rate limited upstream" with Retry-After only when the rest came from 429s.
+    upstream.replies["m"] = Reply(status, err(status), headers={"retry-after": "30"} if status == 429 else {})
+    clock = FakeClock()
+    raw = config(upstream, [keyed("p", upstream.url, 1, cooldown={"failures": 1, "initial": "30s"})],
+                 route({"provider": "p", "model": "m"}))
+    with run_gateway(raw, services=clocked(clock)) as gw:
+        first = chat(gw)
+        assert first.status_code == (429 if limited else 502)
+        again = chat(gw)  # the key rests: nothing goes out
+        assert hits(upstream, "m") == 1
+        err_body = again.json()["error"]
+        if limited:
+            assert again.status_code == 429 and err_body["code"] == "upstream_rate_limited"
+            assert int(again.headers["retry-after"]) >= 1
+        else:
+            assert again.status_code == 502 and err_body["code"] != "upstream_rate_limited", again.text
+            assert "retry-after" not in again.headers

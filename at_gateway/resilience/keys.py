@@ -65,6 +65,7 @@ class KeyPool:
         self._until = [0.0] * n
         self._off = [False] * n  # disabled
         self._clean = [True] * n  # no consecutive failures or 429s to reset
+        self._limited = [False] * n  # its rest (if any) comes from 429s, not from failures
         self._logged: set[int] = set()  # refusals this worker logged (the shared flag makes it once in all)
 
     def enable_all(self) -> int:
@@ -100,6 +101,7 @@ class KeyPool:
         self._until[i] = s.until
         self._off[i] = bool(s.flags & DISABLED)
         self._clean[i] = not s.failures and not s.limited
+        self._limited[i] = bool(s.limited)
         self._seen[i] = -1 if seen & 1 else seen  # read during a write: read again next time
 
     def _usable(self, i: int, now: float) -> bool:
@@ -174,6 +176,21 @@ class KeyPool:
             if best is None or wait < best:
                 best = wait
         return best
+
+    def resting_for_rate_limits(self, now: float) -> bool:
+        """Whether every key that rests now rests for 429s (not for failures in a row): then a request finding
+        them all resting was rate limited, and may be told when to come back (added for routing's
+        ``all_failed``)."""
+        resting = False
+        for i in range(self._n):
+            if self.state.version(self.slots[i]) != self._seen[i]:
+                self._refresh(i)
+            if self._off[i] or self._until[i] <= now:
+                continue
+            if not self._limited[i]:
+                return False
+            resting = True
+        return resting
 
     # -- in flight (least-busy) -------------------------------------------------------------------------------
     def started(self, index: int) -> None:
