@@ -101,8 +101,9 @@ _SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")  # D800-DFFF; not the Hangul 
 
 
 def _header_text(text: str) -> bytes:
-    """A header value from free text: printable ASCII only, at most 512 bytes."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text)[:512].encode()
+    """A header value from free text: printable ASCII only, at most 512 bytes, no leading or trailing space
+    (RFC 9110 §5.5: a field value cannot end in whitespace, and h11 refuses to send one that does)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:512].strip().encode()
 
 
 def _refuse_constant(name: str) -> Any:
@@ -183,7 +184,8 @@ class Gateway:
         # first_id, last_id): Claude Code's gateway model discovery reads this same list.
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
         models = [{"id": name, "object": "model", "created": created, "owned_by": "at-gateway",
-                   "type": "model", "display_name": name, "created_at": stamp} for name in config.routes]
+                   "type": "model", "display_name": name, "created_at": stamp, "lifecycle": "active"}
+                  for name in config.routes]
         self._models_body = json.dumps(self._listing(models), separators=(",", ":")).encode()
         # GET /v1/models/{id}: one answer per route, encoded once. A client key with routes sees only those.
         self._model_bodies = {m["id"]: json.dumps(m, separators=(",", ":")).encode() for m in models}
@@ -217,11 +219,13 @@ class Gateway:
                 self._endpoints[p] = door_ep
         self._gemini_endpoints = {m: _Endpoint(_DOOR, post, b"POST", d["gemini"], m[1:].decode())
                                   for m in _GEMINI_METHODS}
+        self._gemini_unknown = _Endpoint(_DOOR, frozenset((b"GET", b"HEAD", b"POST")), b"GET, HEAD, POST",
+                                         d["gemini"], "")
         self._response_endpoint = _Endpoint(_DOOR, frozenset((b"GET", b"HEAD", b"DELETE")), b"GET, HEAD, DELETE",
                                             d["responses"], "item")
         self._cors = None if config.cors is None else CORSPolicy(
             config.cors, {ep.allow for ep in (*self._endpoints.values(), self._model_endpoint,
-                                              self._response_endpoint)})
+                                              self._response_endpoint, self._gemini_unknown)})
         # base_path: every endpoint below it; None (no prefix) costs the request path nothing.
         self._base = config.base_path.encode() if config.base_path else None
         self._admin: Any = None  # the admin door (scripts, the dashboard), when an admin token or forward auth is set
@@ -321,7 +325,12 @@ class Gateway:
             if not responder.started:
                 ctx.status = 500
             ctx.error = f"internal error: {exc.__class__.__name__}"
-            raise
+            if ctx.door is None or responder.started:
+                raise
+            # At a front door the 500 is in the door's own shape (its SDK reads it), logged as the server would.
+            logging.getLogger("at_gateway.server").error("unhandled error in handler", exc_info=exc)
+            ctx.status, body = ctx.door.error_body(GatewayError("internal error"))
+            await responder.send_json(ctx.status, body, [(b"x-request-id", ctx.request_id.encode())])
         finally:
             if ctx.status == 0:
                 ctx.status = responder.status or 499  # 499: the client went away first
@@ -350,6 +359,8 @@ class Gateway:
         if path.startswith(_GEMINI_PREFIXES) and path.endswith(_GEMINI_METHODS):
             # POST .../models/{model}:generateContent; a route named "x:generateContent" is still GET-able
             return self._gemini_endpoints[path[path.rindex(b":"):]]
+        if path.startswith(b"/v1beta/"):  # Gemini's API root: whatever else is asked there, a Google-shaped 404
+            return self._gemini_unknown
         if path.startswith(_MODEL_PREFIXES):
             return self._model_endpoint
         if path.startswith(_RESPONSES_PREFIXES):
@@ -395,7 +406,11 @@ class Gateway:
             return
         if kind == _DOOR:
             door = ep.door
-            ctx.client = self._authenticate(request, ctx, google=door.google_keys)
+            ctx.client = self._authenticate(request, ctx, google=door.google_keys)  # before a 404: no probing
+            if not ep.op:
+                shown = quote(self.redact, f"{request.method.decode('latin-1')} {path.decode('latin-1')}", 200)
+                raise NotFound(f"no such endpoint: {shown} (this gateway serves generateContent, "
+                               "streamGenerateContent and countTokens)", code="unknown_url")
             await door.serve(self, ctx, request, responder, ep.op)
             return
         if kind == _KEY:

@@ -191,6 +191,10 @@ def test_models_list_reads_as_openai_and_as_anthropic(gw: RunningGateway) -> Non
     page = an.models.list()
     assert [m.id for m in page.data] == names
     assert all(m.type == "model" and m.display_name == m.id for m in page.data)
+    raw = httpx.get(gw.url + "/v1/models", headers={"x-api-key": GATEWAY_KEY}, timeout=10).json()
+    for m in raw["data"]:  # strictly Anthropic's ModelInfo too (required fields included)
+        anthropic.types.ModelInfo.model_validate(m, strict=False)
+        assert m["lifecycle"] == "active"
     assert page.has_more is False and page.first_id == names[0] and page.last_id == names[-1]
 
 
@@ -247,3 +251,40 @@ def test_a_client_keys_system_prompt_and_cap_reach_the_upstream_through_the_anth
         assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
         assert json.dumps(sent["messages"][1]).find("Mine.") >= 0
         assert sent.get("max_tokens", sent.get("max_completion_tokens")) == 8
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1beta/models/gpt:embedContent"), ("GET", "/v1beta/models"),
+                                          ("GET", "/v1beta/models/gpt"), ("POST", "/v1beta/files")])
+def test_other_gemini_paths_are_a_google_shaped_404(gw: RunningGateway, upstream: MockUpstream, method: str,
+                                                    path: str) -> None:
+    r = httpx.request(method, gw.url + path, headers={"x-goog-api-key": GATEWAY_KEY}, timeout=10,
+                      json={} if method == "POST" else None)
+    assert r.status_code == 404 and _gemini_error(r.json(), 404), r.text
+    assert upstream.received == []
+    bad = httpx.request(method, gw.url + path, timeout=10)  # the key first: a 401 says nothing about paths
+    assert bad.status_code == 401 and _gemini_error(bad.json(), 401)
+
+
+def test_a_warning_that_would_end_in_a_space_is_still_sent(gw: RunningGateway) -> None:
+    # The warning names what translation dropped, in the client's own words: a name ending in a space (or a cut
+    # at 512 bytes landing on one) must not make the answer unsendable (h11 refuses a header value ending in
+    # whitespace), after the upstream was already paid.
+    body = {"model": "gpt", "input": "hi", "store": False,
+            "tools": [{"type": "web_search "}, *[{"type": f"builtin_{i} "} for i in range(60)]]}
+    r = post(gw, "/v1/responses", body)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 200:
+        warning = r.headers.get("x-gateway-warning", "")
+        assert warning == warning.strip() and len(warning) <= 512
+
+
+def test_a_bug_at_a_door_is_a_500_in_the_doors_shape(gw: RunningGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not our network layer: a door's parse made to fail as a bug would (an exception that is no GatewayError).
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gw.gateway.doors["anthropic"], "parse", broken)
+    r = post(gw, "/v1/messages", {"model": "gpt", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 500 and _anthropic_error(r.json(), 500), r.text
+    assert "a bug" not in r.text and "Traceback" not in r.text
+    assert "unhandled error in handler" in gw.logs.getvalue()
