@@ -338,7 +338,28 @@ class Config:
                 if ":" in userinfo:
                     password = userinfo.split(":", 1)[1]
                     out += [password, unquote(password)]
+            if p.base_url:
+                out += _url_secrets(p.base_url)
         return [s for s in out if s and len(s) >= 4]
+
+
+def _url_secrets(url: str) -> list[str]:
+    """Credentials a URL carries: its userinfo's password, and query values named like credentials
+    (``?api-key=...``, ``key=``, ``token=``, ``sig=``), raw and percent-decoded."""
+    from urllib.parse import parse_qsl, unquote
+
+    out: list[str] = []
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return out
+    if password:
+        out += [password, unquote(password)]
+    for name, value in parse_qsl(parts.query, keep_blank_values=False):
+        if _CREDENTIAL_HEADER.search(name) or name.lower() in ("sig", "code"):
+            out.append(value)
+    return out
 
 
 _CREDENTIAL_HEADER = re.compile(r"(?i)auth|key|token|secret|cookie|session|signature|password|credential")

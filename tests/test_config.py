@@ -386,3 +386,20 @@ def test_credentials_file_other_than_a_small_regular_file_is_refused_unread(tmp_
         load_credentials(path, "credentials_file")
     assert reason in exc.value.message and repr(path) in exc.value.message, exc.value.message
     assert "XYZ" not in exc.value.message
+
+
+@pytest.mark.parametrize("base_url, secret", [
+    ("http://u:userinfo-pass-xyz@127.0.0.1:1/v1", "userinfo-pass-xyz"),
+    ("http://u:p%40ss-word-123@127.0.0.1:1/v1", "p@ss-word-123"),
+    ("https://h.example/v1?api-key=sk-in-query-zzz&x=1", "sk-in-query-zzz"),
+    ("https://h.example/v1?token=tok-abcdef123", "tok-abcdef123"),
+    ("https://h.example/v1?sig=sv2025signature", "sv2025signature"),
+])
+def test_credentials_in_a_base_url_are_redacted_by_value(base_url: str, secret: str) -> None:
+    cfg = build_config({"api_key": "gateway-key-123", "store": {"path": ":memory:"},
+                        "providers": [{"name": "p", "type": "openai", "base_url": base_url}], "routes": []}, "t")
+    assert secret in cfg.secrets()
+    plain = build_config({"api_key": "gateway-key-123", "store": {"path": ":memory:"},
+                          "providers": [{"name": "p", "type": "openai", "base_url": "https://h.example/v1?x=12345"}],
+                          "routes": []}, "t")
+    assert "12345" not in plain.secrets()
