@@ -19,13 +19,14 @@ import httpx
 import pytest
 
 from at_gateway.doors.anthropic import AnthropicDoor, estimate_tokens
-from at_gateway.doors.base import Call
+from at_gateway.doors.base import Call, dumps
 from tests.conftest import GATEWAY_KEY, RunningGateway, base_config, run_gateway
 from tests.mock_anthropic import (
     API_KEY,
     API_VERSION,
     AnthropicMock,
     error_reply,
+    frame,
     message,
     serve_count_tokens,
     stream_events,
@@ -34,6 +35,7 @@ from tests.mock_anthropic import (
     thinking,
     tool_use,
 )
+from tests.mock_anthropic import sse as anthropic_sse
 from tests.mock_google import API_KEY as GEMINI_KEY
 from tests.mock_google import GeminiMock, response, sse, usage
 from tests.mock_google import text as gtext
@@ -374,6 +376,73 @@ def test_a_streamed_tool_call_translated_is_input_json_deltas(mocks: Mocks, gw: 
         ("text", None), ("tool_use", {"city": "Paris"}), ("tool_use", {"city": "Rome"})]
 
 
+
+def well_formed(events: list[tuple[str, Any]]) -> None:
+    """The Messages stream's block rules: indexes 0, 1, ... in order, one block open at a time, every delta
+    inside its block's start and stop."""
+    open_, next_ = None, 0
+    for name, d in events:
+        if name == "content_block_start":
+            assert open_ is None and d["index"] == next_, (name, d, open_)
+            open_, next_ = d["index"], next_ + 1
+        elif name == "content_block_delta":
+            assert d["index"] == open_, (name, d, open_)
+        elif name == "content_block_stop":
+            assert d["index"] == open_, (name, d, open_)
+            open_ = None
+    assert open_ is None
+
+
+def blocks(events: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Each block's type and what its deltas add up to (a tool's input decoded)."""
+    out: list[list[Any]] = []
+    for name, d in events:
+        if name == "content_block_start":
+            out.append([d["content_block"]["type"], ""])
+        elif name == "content_block_delta":
+            delta = d["delta"]
+            out[d["index"]][1] += delta.get("text") or delta.get("partial_json") or ""
+    return [(kind, json.loads(got) if kind == "tool_use" else got) for kind, got in out]
+
+
+PARIS, ROME, OSLO = '{"city":"Paris"}', '{"city":"Rome"}', '{"city":"Oslo"}'
+
+
+@pytest.mark.parametrize("chunks, expected", [
+    pytest.param([tool_chunk(0, "", "call_1", "get_weather"), tool_chunk(1, "", "call_2", "get_weather"),
+                  tool_chunk(0, PARIS), tool_chunk(1, ROME)],
+                 [("tool_use", {"city": "Paris"}), ("tool_use", {"city": "Rome"})], id="starts-then-arguments"),
+    pytest.param([tool_chunk(0, '{"city":', "call_1", "get_weather"), tool_chunk(1, '{"ci', "call_2", "get_weather"),
+                  tool_chunk(0, '"Paris"}'), tool_chunk(1, 'ty":"Rome"}')],
+                 [("tool_use", {"city": "Paris"}), ("tool_use", {"city": "Rome"})], id="fragments-alternate"),
+    pytest.param([tool_chunk(0, "", "call_1", "get_weather"), tool_chunk(1, "", "call_2", "get_weather"),
+                  tool_chunk(2, OSLO, "call_3", "get_weather"), tool_chunk(1, ROME), tool_chunk(0, PARIS)],
+                 [("tool_use", {"city": "Paris"}), ("tool_use", {"city": "Rome"}), ("tool_use", {"city": "Oslo"})],
+                 id="three-calls-backwards"),
+    pytest.param([tool_chunk(0, '{"city":', "call_1", "get_weather"), chunk("Checking.", model=GPT),
+                  tool_chunk(0, '"Paris"}')],
+                 [("tool_use", {"city": "Paris"}), ("text", "Checking.")], id="text-inside-a-call"),
+])
+def test_interleaved_tool_call_fragments_stay_inside_their_blocks(mocks: Mocks, gw: RunningGateway,
+                                                                  chunks: list[Any],
+                                                                  expected: list[tuple[str, Any]]) -> None:
+    """Some upstreams start every call before sending arguments (or alternate them): the open block keeps
+    streaming; the other calls are held and sent whole, each delta inside its own block."""
+    mocks.upstream.replies[GPT] = Reply(sse=[chunk("", role=True, model=GPT), *chunks,
+                                             chunk(finish="tool_calls", model=GPT)])
+    body: dict[str, Any] = {"model": "oa", "max_tokens": 200, "tools": [WEATHER],
+                            "messages": [{"role": "user", "content": "Weather?"}]}
+    events = raw_events(gw, body)
+    well_formed(events)
+    assert blocks(events) == expected
+    ids = [d["content_block"].get("id") for n, d in events if n == "content_block_start"]
+    assert [i for i in ids if i] == [f"call_{n + 1}" for n in range(len(ids)) if expected[n][0] == "tool_use"]
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    with sdk(gw).messages.stream(**body) as stream:
+        final = stream.get_final_message()
+    assert [(b.type, getattr(b, "input", None) or getattr(b, "text", None)) for b in final.content] == expected
+
+
 def test_tools_over_two_turns_native_pass_through_unchanged(mocks: Mocks, gw: RunningGateway) -> None:
     mocks.claude.on(CLAUDE, lambda body: message(tool_use("toolu_01A", "get_weather", {"city": "Paris"}),
                                                  stop_reason="tool_use") if len(body["messages"]) == 1
@@ -512,6 +581,31 @@ def test_claude_codes_shapes_are_accepted_on_a_translated_route(mocks: Mocks, gw
                                      {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
                                      {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]},
     ]
+
+
+
+@pytest.mark.parametrize("content, is_error, expected", [
+    ("ls: permission denied", True, "Error: ls: permission denied"),
+    ([{"type": "text", "text": "exit 1"}, {"type": "text", "text": "no such file"}], True,
+     "Error: exit 1\nno such file"),
+    ("fine", False, "fine"),
+    ("fine", None, "fine"),
+])
+def test_a_failed_tool_result_says_so_on_a_translated_step(mocks: Mocks, gw: RunningGateway, content: Any,
+                                                           is_error: bool | None, expected: str) -> None:
+    """Chat's tool messages have no is_error: the model is told in the content, as the flag tells Claude."""
+    mocks.upstream.replies[GPT] = Reply(body=chat_completion("ok", model=GPT))
+    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": "toolu_01", "content": content}
+    if is_error is not None:
+        result["is_error"] = is_error
+    ask: dict[str, Any] = {"model": "oa", "max_tokens": 10, "tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01", "name": "get_weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [result]}]}
+    sdk(gw).messages.create(**ask)
+    sent = mocks.upstream.received[-1].json["messages"]
+    assert sent[-1] == {"role": "tool", "tool_call_id": "toolu_01", "content": expected}
 
 
 def test_built_in_tools_are_dropped_on_translated_steps_with_a_warning(mocks: Mocks, gw: RunningGateway) -> None:
@@ -680,6 +774,16 @@ def test_errors_are_the_sdks_exception_classes(mocks: Mocks, route: str, client_
     ({"model": "oa", "max_tokens": 10, "messages": [USER], "stream": "yes"}, "stream"),
     ({"model": "oa", "max_tokens": 10, "messages": [USER], "system": 5}, "system"),
     ({"max_tokens": 10, "messages": [USER]}, "model"),
+    ({"model": "oa", "max_tokens": 0, "messages": [USER]}, "max_tokens"),
+    ({"model": "oa", "max_tokens": -1, "messages": [USER]}, "max_tokens"),
+    ({"model": "oa", "max_tokens": 10, "messages": [USER], "metadata": "u-1"}, "metadata"),
+    ({"model": "oa", "max_tokens": 10, "messages": [USER], "thinking": "enabled"}, "thinking"),
+    ({"model": "oa", "max_tokens": 10, "messages": [USER], "output_config": "high"}, "output_config"),
+    ({"model": "oa", "max_tokens": 10, "messages": [USER], "output_config": {"effort": {}}}, "output_config.effort"),
+    ({"model": "oa", "max_tokens": 10, "messages": [USER], "output_config": {"effort": []}}, "output_config.effort"),
+    ({"model": "oa", "max_tokens": 10, "messages": [USER], "output_config": {"effort": 3}}, "output_config.effort"),
+    ({"model": "oa", "max_tokens": 10, "messages": [USER], "stop_sequences": "END"}, "stop_sequences"),
+    ({"model": "oa", "max_tokens": 10, "messages": [USER], "stop_sequences": ["END", 5]}, "stop_sequences.1"),
 ])
 def test_what_the_messages_api_refuses_is_a_clear_400(mocks: Mocks, gw: RunningGateway, body: dict[str, Any],
                                                       where: str) -> None:
@@ -733,11 +837,142 @@ def test_a_stream_broken_after_its_first_event_ends_with_an_error_event(mocks: M
     no_secrets(gw, json.dumps(events))
 
 
+
+def _openai_error_midway(code: str) -> Reply:
+    return Reply(sse=[chunk("", role=True, model=GPT), chunk("Hel", model=GPT),
+                      {"error": {"message": "Rate limit reached", "type": "requests", "code": code}}], done=False)
+
+
+def _anthropic_error_midway(etype: str) -> Reply:
+    head = frame(stream_events(message(text("Hello world"), model=CLAUDE)))[:5]  # into the text block
+    return Reply(sse=[*head, anthropic_sse("error", {"type": "error", "error": {"type": etype, "message": "oops"}})],
+                 done=False)
+
+
+@pytest.mark.parametrize("route, reply, etype", [
+    ("oa", _openai_error_midway("rate_limit_exceeded"), "rate_limit_error"),
+    ("oa", _openai_error_midway("insufficient_quota"), "rate_limit_error"),
+    ("oa", _openai_error_midway("server_error"), "api_error"),
+    ("cl", _anthropic_error_midway("overloaded_error"), "overloaded_error"),
+    ("cl", _anthropic_error_midway("rate_limit_error"), "rate_limit_error"),
+    ("cl", _anthropic_error_midway("invalid_request_error"), "invalid_request_error"),
+    ("cl", _anthropic_error_midway("api_error"), "api_error"),
+], ids=["oa-rate-limit", "oa-quota", "oa-server", "cl-overloaded", "cl-rate-limit", "cl-invalid", "cl-api"])
+def test_a_mid_stream_error_keeps_the_upstreams_error_type(mocks: Mocks, gw: RunningGateway, route: str,
+                                                           reply: Reply, etype: str) -> None:
+    """Claude Code waits and retries on overloaded_error and rate_limit_error: a stream that breaks with one
+    must say which, not a generic api_error."""
+    mocks.upstream.replies[GPT if route == "oa" else CLAUDE] = reply
+    events = raw_events(gw, {"model": route, "max_tokens": 10, "messages": [USER]})
+    assert any(n == "content_block_delta" for n, _ in events) and "message_stop" not in names(events)
+    name, last = events[-1]
+    assert name == "error" and last["error"]["type"] == etype, last
+    assert set(last) == {"type", "error"} and set(last["error"]) == {"type", "message"}
+
+
+@pytest.mark.parametrize("error, etype", [
+    ({"status": 502, "upstream_code": "overloaded_error"}, "overloaded_error"),
+    ({"status": 502, "upstream_code": "rate_limit_error"}, "rate_limit_error"),
+    ({"status": 502, "upstream_code": "rate_limit_exceeded"}, "rate_limit_error"),
+    ({"status": 502, "upstream_code": "insufficient_quota"}, "rate_limit_error"),
+    ({"status": 502, "upstream_code": "invalid_request_error"}, "invalid_request_error"),
+    ({"status": 502, "upstream_code": "authentication_error"}, "authentication_error"),
+    ({"status": 502, "upstream_code": "permission_error"}, "permission_error"),
+    ({"status": 502, "upstream_code": "not_found_error"}, "not_found_error"),
+    ({"status": 502, "upstream_code": "server_error"}, "api_error"),  # not one of Anthropic's: by status
+    ({"status": 504}, "api_error"),
+    ({"status": 429}, "rate_limit_error"),
+    # every step failed after keep-alives: the route's verdict, as the whole answer would give it
+    ({"status": 502, "upstream_code": "rate_limit_exceeded", "attempts": [{"status": 500}, {"status": 429}]},
+     "api_error"),
+    ({"status": 502, "upstream_code": "api_error", "attempts": [{"status": 529}, {"status": 503}]},
+     "overloaded_error"),
+])
+@pytest.mark.parametrize("native", [False, True], ids=["translated", "native"])
+def test_the_stream_error_events_type(error: dict[str, Any], etype: str, native: bool) -> None:
+    door = AnthropicDoor(None)
+    renderer = door.renderer(Call(door, "r", {"messages": []}, stream=True), None, native=native)
+    out = renderer.fail({"error": {"message": "what happened", "type": "upstream_error", "code": "stream_interrupted",
+                                   **error}})
+    assert out.startswith(b"event: error\ndata: ") and out.endswith(b"\n\n")
+    assert json.loads(out.split(b"data: ", 1)[1]) == {"type": "error", "error": {"type": etype,
+                                                                                 "message": "what happened"}}
+
+
+def _data_only(events: list[tuple[str, dict[str, Any]]]) -> list[bytes]:
+    """Anthropic's events without their ``event:`` lines (SSE allows it; some proxies and clones send this)."""
+    return [b"data: " + json.dumps(d).encode() + b"\n\n" for _, d in events]
+
+
+def test_a_native_stream_of_data_only_events_ends_cleanly(mocks: Mocks, gw: RunningGateway) -> None:
+    mocks.claude.on(CLAUDE, lambda body: Reply(sse=_data_only(stream_events(message(text("Hello"), model=CLAUDE))),
+                                               done=False))
+    r = httpx.post(gw.url + "/v1/messages", headers={"x-api-key": GATEWAY_KEY}, timeout=20,
+                   json={"model": "cl", "max_tokens": 10, "stream": True, "messages": [USER]})
+    assert r.status_code == 200
+    assert "event: error" not in r.text
+    types = [json.loads(b[6:])["type"] for b in r.text.split("\n\n") if b.startswith("data: ")]
+    assert types[0] == "message_start" and types[-2:] == ["message_delta", "message_stop"]
+    log = gw.request_logs()[-1]
+    assert log.get("error") is None and log["tokens"]["completion_tokens"] == 6
+
+
+def test_a_data_only_stream_failing_before_its_first_block_falls_through(mocks: Mocks, gw: RunningGateway) -> None:
+    """message_start and ping are held by their data's type too: an error before the first block is still a
+    failed step, and the route goes on."""
+    head = stream_events(message(text("Hello"), model="claude-busy"))[:2]
+    error = ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    mocks.claude.on("claude-busy", lambda body: Reply(sse=_data_only([*head, error]), done=False))
+    _setup_oa(mocks)
+    ask: dict[str, Any] = {"model": "cl-then-oa", "max_tokens": 10, "messages": [USER]}
+    with sdk(gw).messages.stream(**ask) as s:
+        assert "".join(s.text_stream) == "Hello!"
+        headers = s.response.headers
+    assert headers["x-gateway-attempts"] == "2" and headers["x-gateway-provider"] == "up1"
+
+
 def test_a_stream_without_content_still_opens_and_ends(mocks: Mocks, gw: RunningGateway) -> None:
     mocks.upstream.replies[GPT] = Reply(sse=[chunk("", role=True), chunk(finish="length")])
     events = raw_events(gw, {"model": "oa", "max_tokens": 1, "messages": [USER]})
     assert names(events) == ["message_start", "ping", "message_delta", "message_stop"]
     assert events[2][1]["delta"]["stop_reason"] == "max_tokens"
+
+
+
+@pytest.mark.parametrize("content", ["", None])
+def test_an_empty_translated_answer_has_no_content_blocks(mocks: Mocks, gw: RunningGateway,
+                                                          content: str | None) -> None:
+    """As Anthropic answers it: an empty text block would be refused when the client sends the turn back."""
+    mocks.upstream.replies[GPT] = Reply(body=chat_completion(content, model=GPT))  # type: ignore[arg-type]
+    ask: dict[str, Any] = {"model": "oa", "max_tokens": 10, "messages": [USER]}
+    raw = sdk(gw).messages.with_raw_response.create(**ask)
+    assert json.loads(raw.http_response.text)["content"] == []
+    assert raw.parse().content == []
+
+
+LONE = "x\ud800y"  # a lone surrogate, as an upstream's JSON escape can carry it
+
+
+def test_dumps_escapes_what_utf_8_cannot_carry() -> None:
+    assert dumps({"t": "é😀"}) == '{"t":"é😀"}'.encode()  # UTF-8 as it is, normally
+    assert dumps({"t": LONE, "u": "é"}) == b'{"t":"x\\ud800y","u":"\\u00e9"}'
+    assert json.loads(dumps({"t": LONE})) == {"t": LONE}
+
+
+def test_a_lone_surrogate_from_upstream_reaches_the_client_escaped(mocks: Mocks, gw: RunningGateway) -> None:
+    """The fast path passes the upstream's escape on as it is; the decoded path (the first chunk, a whole answer)
+    must not fail the step over it."""
+    head = '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+    first = head + '"delta":{"content":"x\\ud800y"},"finish_reason":null}]}'
+    mocks.upstream.replies[GPT] = lambda rec: Reply(sse=[first, first, chunk(finish="stop")]) \
+        if rec.json.get("stream") else Reply(body=json.dumps(chat_completion(LONE, model=GPT)).encode(),
+                                             headers={"content-type": "application/json"})
+    events = raw_events(gw, {"model": "oa", "max_tokens": 10, "messages": [USER]})
+    assert [d["delta"]["text"] for n, d in events if n == "content_block_delta"] == [LONE, LONE]
+    assert names(events)[-1] == "message_stop"
+    r = httpx.post(gw.url + "/v1/messages", headers={"x-api-key": GATEWAY_KEY}, timeout=20,
+                   json={"model": "oa", "max_tokens": 10, "messages": [USER]})
+    assert r.status_code == 200 and r.json()["content"] == [{"type": "text", "text": LONE}]
 
 
 def test_every_step_failing_after_keep_alives_ends_with_the_error_event(mocks: Mocks) -> None:

@@ -13,7 +13,8 @@ Translated (every other step) -> the internal chat body:
   ``messages`` (Claude Code sends them mid-conversation) -> system messages in their place.
 * user blocks: ``text``, ``image`` (base64 -> a data URL, ``url``), ``document`` (base64 PDF -> a ``file``
   part, plain text and content sources -> text), ``tool_result`` -> ``tool`` messages (before the rest of
-  that turn, as chat wants them right after the assistant's tool calls; their images follow in a user message).
+  that turn, as chat wants them right after the assistant's tool calls; their images follow in a user message;
+  ``is_error`` -> the content starts with ``Error: ``).
 * assistant blocks: ``text`` -> content, ``tool_use`` -> ``tool_calls``; thinking blocks are dropped (their
   signatures mean nothing to another model).
 * ``tools`` (custom tools) -> function tools; Anthropic's own tools (``web_search_*``, ``bash_*``, ...) cannot
@@ -33,11 +34,14 @@ matched (vLLM's ``stop_reason``). Usage: ``input_tokens`` (the prompt without ca
 ``output_tokens``. Streams: ``message_start``, per block ``content_block_start`` (the first followed by ``ping``) /
 ``content_block_delta`` (``text_delta``, ``thinking_delta``, ``input_json_delta``) / ``content_block_stop``,
 then ``message_delta`` (stop_reason, usage: the counts are known only at the end, so ``message_start``
-carries zeros) and ``message_stop``. The common text chunk takes a fast path (:data:`_FAST_TEXT`).
+carries zeros) and ``message_stop``. The common text chunk takes a fast path (:data:`_FAST_TEXT`). Tool calls
+whose fragments interleave: the first streams live, the others are sent whole at the end (:class:`MessagesRenderer`).
+An empty answer has ``content: []``, as Anthropic's own.
 
 Errors: ``{"type": "error", "error": {"type", "message"}}`` with Anthropic's types per status, and 529
 ``overloaded_error`` when every attempt of the route was overloaded (upstream 529 or 503); a broken stream ends
-with ``event: error`` and that body, never with ``message_stop``.
+with ``event: error`` and that body, never with ``message_stop``, its type the upstream's own when it names one
+Anthropic has (:data:`UPSTREAM_TYPES`: overloaded_error, rate_limit_error, OpenAI's rate_limit_exceeded, ...).
 
 ``count_tokens``: forwarded to the route's ``anthropic`` steps (the first that answers), else a conservative
 estimate (:func:`estimate_tokens`) marked ``x-gateway-token-count: estimated``. Claude Code calls it (with
@@ -71,6 +75,12 @@ PASSED_HEADERS = frozenset((b"anthropic-beta", b"anthropic-version"))  # to anth
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
 _OVERLOADED = frozenset((503, 529))
+# A broken stream's event names the upstream's own error (routing's ``upstream_code``: Anthropic's error type, or
+# OpenAI's code) as Anthropic's type: Claude Code waits and retries on overloaded_error and rate_limit_error.
+UPSTREAM_TYPES = {"overloaded_error": "overloaded_error", "rate_limit_error": "rate_limit_error",
+                  "rate_limit_exceeded": "rate_limit_error", "insufficient_quota": "rate_limit_error",
+                  "invalid_request_error": "invalid_request_error", "authentication_error": "authentication_error",
+                  "permission_error": "permission_error", "not_found_error": "not_found_error"}
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                 "content_filter": "refusal"}
@@ -154,10 +164,15 @@ def anthropic_error(status: int, message: str, attempts: Any = None) -> tuple[in
 
 
 def _error_event(error: dict[str, Any]) -> bytes:
+    """The ``error`` event ending a broken stream. Its status is the 502 (504) a whole answer would have had, so
+    the type comes from the upstream's own code when that is one Anthropic's types stand for. When every step
+    failed (``attempts``: keep-alives had sent the head) it is the route's verdict, as the whole answer gives it."""
     err = _dict(error.get("error"))
-    status = err.get("status")
+    status, attempts, code = err.get("status"), err.get("attempts"), err.get("upstream_code")
     _, body = anthropic_error(status if type(status) is int else 502, str(err.get("message") or "upstream error"),
-                              err.get("attempts"))
+                              attempts)
+    if isinstance(code, str) and code in UPSTREAM_TYPES and not isinstance(attempts, list):
+        body["error"]["type"] = UPSTREAM_TYPES[code]
     return event(b"error", body)
 
 
@@ -256,7 +271,10 @@ def _tool_result(block: dict[str, Any], where: str, notes: list[str]) -> tuple[d
                 images += [p for p in parts if p["type"] != "text"]
             else:
                 notes.append(f"{b['type']} blocks in tool results")
-    return {"role": "tool", "tool_call_id": tid, "content": "\n".join(texts)}, images
+    text = "\n".join(texts)
+    if block.get("is_error") is True:  # chat's tool messages have no such flag: the model reads it instead
+        text = f"Error: {text}" if text else "Error"
+    return {"role": "tool", "tool_call_id": tid, "content": text}, images
 
 
 def _user(content: Any, where: str, out: list[dict[str, Any]], notes: list[str]) -> None:
@@ -360,10 +378,22 @@ def _tools(body: dict[str, Any], chat: dict[str, Any], notes: list[str]) -> None
         chat["parallel_tool_calls"] = False
 
 
+def _object(body: dict[str, Any], name: str) -> dict[str, Any]:
+    """An optional object field ({} when absent): the Messages API refuses any other type."""
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"{name}: must be an object (got {_shown(value)})")
+    return value
+
+
 def _effort(body: dict[str, Any]) -> str | None:
-    oc = body.get("output_config")
-    if isinstance(oc, dict) and oc.get("effort") in _EFFORTS:
-        return _EFFORTS[oc["effort"]]
+    effort = _object(body, "output_config").get("effort")
+    if effort is not None and not isinstance(effort, str):
+        raise _bad(f"output_config.effort: must be low, medium, high, xhigh or max (got {_shown(effort)})")
+    if effort in _EFFORTS:
+        return _EFFORTS[effort]
     th = body.get("thinking")
     if isinstance(th, dict) and th.get("type") == "enabled":
         budget = _int(th.get("budget_tokens"))
@@ -400,23 +430,29 @@ def to_chat(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
                 messages.append({"role": "system", "content": text})
         else:
             raise _bad(f"{where}.role: must be 'user' or 'assistant' (got {_shown(role)})")
-    chat: dict[str, Any] = {"model": body["model"], "messages": messages, "max_tokens": max(body["max_tokens"], 1)}
+    chat: dict[str, Any] = {"model": body["model"], "messages": messages, "max_tokens": body["max_tokens"]}
     _tools(body, chat, notes)
     stops = body.get("stop_sequences")
-    if isinstance(stops, list) and stops and all(isinstance(s, str) for s in stops):
-        chat["stop"] = stops
+    if stops is not None:
+        if not isinstance(stops, list):
+            raise _bad(f"stop_sequences: must be a list of strings (got {_shown(stops)})")
+        for i, stop in enumerate(stops):
+            if not isinstance(stop, str):
+                raise _bad(f"stop_sequences.{i}: must be a string (got {_shown(stop)})")
+        if stops:
+            chat["stop"] = stops
     for name in ("temperature", "top_p"):
         if _num(body.get(name)):
             chat[name] = body[name]
     if type(body.get("top_k")) is int:
         chat["top_k"] = body["top_k"]
-    meta = body.get("metadata")
-    if isinstance(meta, dict) and isinstance(meta.get("user_id"), str) and meta["user_id"]:
+    meta = _object(body, "metadata")
+    if isinstance(meta.get("user_id"), str) and meta["user_id"]:
         chat["user"] = meta["user_id"]
+    _object(body, "thinking")
     if (effort := _effort(body)) is not None:
         chat["reasoning_effort"] = effort
-    oc = body.get("output_config")
-    fmt = oc.get("format") if isinstance(oc, dict) else None
+    fmt = _object(body, "output_config").get("format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
         chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     if body.get("mcp_servers"):
@@ -507,8 +543,7 @@ def render_message(obj: dict[str, Any], stops: Any, model: str, usage: Any = Non
         if isinstance(fn, dict):
             content.append({"type": "tool_use", "id": str(tc.get("id") or f"toolu_{i}"), "name": str(fn.get("name")),
                             "input": _tool_input(fn.get("arguments"))})
-    if not content:
-        content.append({"type": "text", "text": ""})
+    # Nothing said is no block at all, as Anthropic answers it (an empty text block sent back would be refused).
     stop_reason, stop_sequence = _stop_reason(choice.get("finish_reason"), choice.get("stop_reason"), stops)
     return {"id": _message_id(), "type": "message", "role": "assistant", "model": str(obj.get("model") or model),
             "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
@@ -522,15 +557,25 @@ class _Passthrough(StreamRenderer):
         return _error_event(error)
 
 
+def _tool_start(index: int, tid: Any, name: str) -> bytes:
+    return event(b"content_block_start", {"type": "content_block_start", "index": index, "content_block": {
+        "type": "tool_use", "id": str(tid or _tool_id()), "name": name, "input": {}}})
+
+
 class MessagesRenderer(StreamRenderer):
     """OpenAI chunks -> Messages events, one chunk at a time.
 
     Per chunk it does as little as it can: the common text chunk takes :data:`_FAST_TEXT` (``fast``; None decodes
     every chunk, which the tests compare it with), the events it makes are byte templates where the values need
-    no escaping, and usage is read from the stream's ``state`` (the adapter decoded it already) at the end."""
+    no escaping, and usage is read from the stream's ``state`` (the adapter decoded it already) at the end.
 
-    __slots__ = ("stops", "model", "state", "started", "pinged", "kind", "block", "next", "tools", "tool_ids",
-                 "finish", "matched", "usage", "text_prefix", "fast")
+    Tool calls: chat streams several calls' fragments by index, and some upstreams start every call before any
+    arguments, or alternate them; a Messages block takes deltas only between its start and stop. So the first
+    call streams live and its block stays open; everything after it (other calls, text) is held and sent whole at
+    the end, each block its start, one delta and its stop, indexes in order of appearance."""
+
+    __slots__ = ("stops", "model", "state", "started", "pinged", "kind", "block", "next", "tool", "tool_id",
+                 "held", "held_tools", "finish", "matched", "usage", "text_prefix", "fast")
 
     def __init__(self, stops: Any, model: str, state: StreamState | None = None) -> None:
         self.stops = stops
@@ -541,8 +586,10 @@ class MessagesRenderer(StreamRenderer):
         self.kind = _NONE  # the open block's kind
         self.block = -1  # the open block's index
         self.next = 0  # the next block's index
-        self.tools: dict[int, int] = {}  # chat tool call index -> block index
-        self.tool_ids: dict[int, Any] = {}
+        self.tool: int | None = None  # the chat index of the call streaming live (the open block, once set)
+        self.tool_id: Any = None
+        self.held: list[list[Any]] = []  # blocks for the end, in order: [kind, parts, tool id, tool name]
+        self.held_tools: dict[int, list[Any]] = {}  # chat tool call index -> its held block (the latest call)
         self.finish: Any = None
         self.matched: Any = None
         self.usage: Any = None  # from a usage chunk, when an adapter yields one
@@ -593,12 +640,18 @@ class MessagesRenderer(StreamRenderer):
         if isinstance(delta, dict):
             r = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(r, str) and r:
-                self._open(_THINKING, out)
-                out.append(_THINKING_DELTA % (self.block, dumps(r)))
+                if self.kind == _TOOL:  # the call's block stays open: held for the end
+                    self._hold(_THINKING, r)
+                else:
+                    self._open(_THINKING, out)
+                    out.append(_THINKING_DELTA % (self.block, dumps(r)))
             c = delta.get("content") or delta.get("refusal")
             if isinstance(c, str) and c:
-                self._open(_TEXT, out)
-                out.append(self.text_prefix + dumps(c) + b"}}\n\n")
+                if self.kind == _TOOL:
+                    self._hold(_TEXT, c)
+                else:
+                    self._open(_TEXT, out)
+                    out.append(self.text_prefix + dumps(c) + b"}}\n\n")
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for tc in calls:
@@ -641,23 +694,40 @@ class MessagesRenderer(StreamRenderer):
             out.append(_THINKING_START % index)
         self._ping(out)
 
+    def _hold(self, kind: int, piece: str) -> None:
+        last = self.held[-1] if self.held else None
+        if last is not None and last[0] == kind != _TOOL:
+            last[1].append(piece)
+        else:
+            self.held.append([kind, [piece], None, None])
+
     def _tool(self, tc: dict[str, Any], out: list[bytes]) -> None:
         index = tc.get("index", 0)
         index = index if type(index) is int else 0
         fn = _dict(tc.get("function"))
         tid = tc.get("id")
-        block = self.tools.get(index)
-        if block is None or (tid and tid != self.tool_ids.get(index)):  # a new call (some reuse an index)
-            block = self.tools[index] = self._new_block(_TOOL, out)
-            self.tool_ids[index] = tid
-            out.append(event(b"content_block_start", {"type": "content_block_start", "index": block,
-                                                      "content_block": {
-                                                          "type": "tool_use", "id": str(tid or _tool_id()),
-                                                          "name": str(fn.get("name") or ""), "input": {}}}))
-            self._ping(out)
         args = fn.get("arguments")
-        if isinstance(args, str) and args:
-            # An earlier call's late fragment goes to its own block: clients accumulate by index.
+        args = args if isinstance(args, str) else ""
+        held = self.held_tools.get(index)  # newer than the live call: the latest call at its index
+        if held is not None and not (tid and tid != held[2]):
+            if args:
+                held[1].append(args)
+            return
+        if index == self.tool and held is None and not (tid and tid != self.tool_id):
+            if args:
+                out.append(_JSON_DELTA % (self.block, dumps(args)))
+            return
+        # A new call (some upstreams reuse an index for the next one).
+        name = str(fn.get("name") or "")
+        if self.kind == _TOOL:  # the open call may still get fragments: this one waits for the end
+            self.held_tools[index] = entry = [_TOOL, [args] if args else [], tid, name]
+            self.held.append(entry)
+            return
+        block = self._new_block(_TOOL, out)
+        self.tool, self.tool_id = index, tid
+        out.append(_tool_start(block, tid, name))
+        self._ping(out)
+        if args:
             out.append(_JSON_DELTA % (block, dumps(args)))
 
     def close(self) -> bytes:
@@ -665,7 +735,19 @@ class MessagesRenderer(StreamRenderer):
         self._start(out)
         self._ping(out)  # an answer without content: after message_start
         self._stop_block(out)
-        finish = self.finish or ("tool_calls" if self.tools else "stop")
+        for kind, parts, tid, name in self.held:  # whole, each in its own block, in the order they came
+            index, self.next = self.next, self.next + 1
+            piece = "".join(parts)
+            if kind == _TOOL:
+                out.append(_tool_start(index, tid, name))
+                if piece:
+                    out.append(_JSON_DELTA % (index, dumps(piece)))
+            elif kind == _TEXT:
+                out += (_TEXT_START % index, _TEXT_DELTA % index, dumps(piece), b"}}\n\n")
+            else:
+                out += (_THINKING_START % index, _THINKING_DELTA % (index, dumps(piece)))
+            out.append(_BLOCK_STOP % index)
+        finish = self.finish or ("tool_calls" if self.tool is not None or self.held_tools else "stop")
         stop_reason, stop_sequence = _stop_reason(finish, self.matched, self.stops)
         state = self.state
         u = anthropic_usage(state.usage if state is not None and state.usage is not None else self.usage)
@@ -766,8 +848,10 @@ class AnthropicDoor(Door):
     def parse(self, request: Request, decode: Any) -> Call:
         body = self._body(request, decode)
         mt = body.get("max_tokens")
-        if type(mt) is not int or mt < 0:
+        if mt is None:
             raise _bad("max_tokens: Field required (a whole number of tokens, at least 1)")
+        if type(mt) is not int or mt < 1:
+            raise _bad(f"max_tokens: must be a whole number of tokens, at least 1 (got {_shown(mt)})")
         stream = body.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise _bad("stream: must be true or false")

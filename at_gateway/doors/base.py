@@ -34,11 +34,16 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once: json.dumps with
 # options builds an encoder per call, which is most of a small event's cost
+_ENCODE_ASCII = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact JSON, UTF-8 (the encoding every door answers in)."""
-    return _ENCODE(obj).encode()
+    """Compact JSON, UTF-8 (the encoding every door answers in). A lone surrogate (an upstream's JSON may escape
+    one, and decoding keeps it) has no UTF-8 form: then the text goes out escaped, as the upstream had it."""
+    try:
+        return _ENCODE(obj).encode()
+    except UnicodeEncodeError:
+        return _ENCODE_ASCII(obj).encode()
 
 
 def sse(name: str | None, obj: Any) -> bytes:

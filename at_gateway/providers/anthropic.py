@@ -570,8 +570,10 @@ def error_from_anthropic(status: int | None, data: bytes | dict[str, Any], prefi
     if status is None:
         status = ERROR_STATUS.get(etype)
     label = f"HTTP {status} {etype}" if not prefix else f"{prefix}{etype}"
+    # The type is the code too: routing passes an upstream's code on (``upstream_code`` in a broken stream's
+    # error event), and a door tells overloaded_error and rate_limit_error from a generic failure by it.
     return StepFailed(f"{label}: {err['message']}", status=status,
-                      error={"message": err["message"], "type": etype, "code": None})
+                      error={"message": err["message"], "type": etype, "code": etype})
 
 
 def _check_message(raw: bytes, json_tool: str | None, model: str) -> dict[str, Any]:
@@ -895,6 +897,8 @@ class AnthropicProvider(Provider):
                             if parsed is None:
                                 continue
                             kind, obj = parsed
+                            if name is None:  # a data-only event: its data's type names it (as parse_event reads)
+                                name = kind.encode("utf-8", "replace")
                             if kind == "error":
                                 if opened and out:  # what came with the error reaches the client first
                                     yield b"".join(out)
