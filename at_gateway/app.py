@@ -53,6 +53,10 @@ _CHAT, _MODELS, _MODEL, _HEALTH_EP, _KEY, _DOOR, _METRICS = range(7)
 _MODEL_PREFIXES = (b"/v1/models/", b"/models/")
 _GET_HEAD = frozenset((b"GET", b"HEAD"))  # HEAD is GET without the body (RFC 9110 §9.3.2); the server drops it
 _ADMIN_PREFIX = b"/admin/api/"
+# The admin door's security headers on its "off" answer too (the door itself adds them to everything else).
+_ADMIN_OFF_HEADERS = ((b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+                      (b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
+                      (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store"))
 _PAGE_PREFIX = b"/admin/"  # the dashboard (its files, login and logout); /admin redirects there
 _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 # Gemini's native methods, the part after the model in /v1beta/models/{model}:{method} (also under /v1/models/).
@@ -376,7 +380,7 @@ class Gateway:
             if self._admin is None:
                 ctx.unlogged = True
                 raise AdminDisabled("the admin API is off: set admin_token (or admin_tokens, or admin.forward_auth) "
-                                    "in the config to enable it")
+                                    "in the config to enable it", headers=list(_ADMIN_OFF_HEADERS))
             if path.startswith(_ADMIN_PREFIX):
                 await self._admin.handle(ctx, request, responder)
             else:

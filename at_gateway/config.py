@@ -340,13 +340,28 @@ class Config:
                     out += [password, unquote(password)]
             if p.base_url:
                 out += _url_secrets(p.base_url)
+            token_url = p.options.get("token_url")
+            if isinstance(token_url, str):
+                out += _url_secrets(token_url)
+        if self.admin.forward_auth is not None:
+            out += _url_secrets(self.admin.forward_auth.address)
         return [s for s in out if s and len(s) >= 4]
+
+
+def url_without_credentials(url: str) -> str:
+    """``url`` with what :func:`_url_secrets` finds replaced by ``(set)``: for the audit log, which must say
+    where a provider sends without saying with what."""
+    out = url
+    for secret in sorted(set(_url_secrets(url)), key=len, reverse=True):
+        if len(secret) >= 4:
+            out = out.replace(secret, "(set)")
+    return out
 
 
 def _url_secrets(url: str) -> list[str]:
     """Credentials a URL carries: its userinfo's password, and query values named like credentials
     (``?api-key=...``, ``key=``, ``token=``, ``sig=``), raw and percent-decoded."""
-    from urllib.parse import parse_qsl, unquote
+    from urllib.parse import unquote
 
     out: list[str] = []
     try:
@@ -356,9 +371,10 @@ def _url_secrets(url: str) -> list[str]:
         return out
     if password:
         out += [password, unquote(password)]
-    for name, value in parse_qsl(parts.query, keep_blank_values=False):
-        if _CREDENTIAL_HEADER.search(name) or name.lower() in ("sig", "code"):
-            out.append(value)
+    for raw in parts.query.split("&"):
+        name, eq, value = raw.partition("=")
+        if eq and value and (_CREDENTIAL_HEADER.search(unquote(name)) or unquote(name).lower() in ("sig", "code")):
+            out += [value, unquote(value.replace("+", " "))]
     return out
 
 

@@ -125,6 +125,7 @@ def test_wrong_tokens_and_other_keys_are_401(with_token: tuple[RunningGateway, s
     }
     # ...but never the admin API.
     for name, headers in refused.items():
+        g.gateway.services.admin_state = None  # fresh failure counts: this test is about 401s, not the 429 limit
         for method, path in (("GET", NOWHERE), ("POST", NOWHERE), ("GET", V1 + "audit")):
             r = httpx.request(method, g.url + path, headers=headers)
             error_of(r, 401, "invalid_admin_token")

@@ -287,6 +287,60 @@ def test_a_proxy_password_is_masked(admin: Admin) -> None:
     assert admin.gw.live.gateway.config.providers["behind"].proxy == proxy  # type: ignore[attr-defined]
 
 
+URL_PASSWORD = "url-user-pass-44443333"
+QUERY_SECRET = "query-api-key-99998888"
+MASK_BASE_URL_CASES = [  # (base_url, as admin reads show it)
+    ("https://h.example/v1", "https://h.example/v1"),
+    (f"http://bob:{URL_PASSWORD}@h:8080/v1", f"http://bob:{mask(URL_PASSWORD)}@h:8080/v1"),
+    (f"http://{URL_PASSWORD}@h/v1", f"http://{mask(URL_PASSWORD)}@h/v1"),  # a token as the user name
+    (f"https://h/v1?api-version=2024-06-01&api-key={QUERY_SECRET}",
+     f"https://h/v1?api-version=2024-06-01&api-key={mask(QUERY_SECRET)}"),
+    ("https://h/x?sv=2022-11-02&sig=c2lnbmF0dXJl&se=2030", "https://h/x?sv=2022-11-02&sig=…&se=2030"),
+    (f"https://h/x?key={QUERY_SECRET}#frag", f"https://h/x?key={mask(QUERY_SECRET)}#frag"),
+    (f"https://h/x?access_token={QUERY_SECRET}&X-Amz-Signature=abc&subscription-key=def&Token=ghi",
+     f"https://h/x?access_token={mask(QUERY_SECRET)}&X-Amz-Signature=…&subscription-key=…&Token=…"),
+    ("https://h/x?key=&model=gpt&keys_in_name=no", "https://h/x?key=&model=gpt&keys_in_name=no"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown"), MASK_BASE_URL_CASES, ids=[str(i) for i in range(len(MASK_BASE_URL_CASES))])
+def test_mask_base_url_masks_the_user_info_and_credential_like_query_values(url: str, shown: str) -> None:
+    from at_gateway.admin.catalog import mask_base_url
+
+    assert mask_base_url(url) == shown
+
+
+def test_credentials_in_a_base_url_are_masked_in_reads_and_kept_when_sent_back(admin: Admin,
+                                                                               other: MockUpstream) -> None:
+    url = other.url.replace("http://", f"http://bob:{URL_PASSWORD}@") + f"/v1?api-version=1&api-key={QUERY_SECRET}"
+    shown = (other.url.replace("http://", f"http://bob:{mask(URL_PASSWORD)}@")
+             + f"/v1?api-version=1&api-key={mask(QUERY_SECRET)}")
+    assert admin.ok("POST", "providers", db_provider(url), want=201)["base_url"] == shown
+    for path in ("providers", "providers/db1", "config", "audit"):
+        text = admin.call("GET", path).text
+        assert URL_PASSWORD not in text and QUERY_SECRET not in text, path
+    assert admin.ok("GET", "providers/db1")["base_url"] == shown
+
+    def built() -> Any:
+        return admin.gw.live.gateway.config.providers["db1"]  # type: ignore[attr-defined]
+
+    # A read sent back as it came keeps the stored URL, and the api_key with it: the destination did not change.
+    read = admin.ok("GET", "providers/db1")
+    assert admin.ok("PUT", "providers/db1", read)["base_url"] == shown
+    admin.ok("PATCH", "providers/db1", {"base_url": shown, "retries": 1})
+    assert built().base_url == url and built().api_key == DB_KEY
+    # A mask that is not the stored URL's is refused (it would be sent as the URL); nothing changes.
+    err = admin.error("PATCH", "providers/db1", {"base_url": shown.replace("api-version=1", "api-version=2")},
+                      want=400, code="invalid_fields")
+    problems_match(err["problems"], ["provider.base_url: holds '…' as a masked value does, but is not the mask"])
+    # A new URL in clear is a new destination: the kept api_key must come with it.
+    err = admin.error("PATCH", "providers/db1", {"base_url": other.url}, want=400, code="invalid_fields")
+    problems_match(err["problems"], ["provider.api_key: the destination changed ("])
+    assert built().base_url == url
+    answers = "\n".join(admin.seen)  # every answer (the log and the audit table: see Config.secrets, public_change)
+    assert URL_PASSWORD not in answers and QUERY_SECRET not in answers
+
+
 # -- validation: as the YAML is checked, every problem with its path --------------------------------------
 
 U = "http://127.0.0.1:9"

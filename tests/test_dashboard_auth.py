@@ -5,13 +5,17 @@ Asserted: cookie attributes (HttpOnly, SameSite=Strict, Path, Max-Age, Secure wi
 proxy); the session refused once expired, forged, signed by a token no longer configured, or logged out (in
 another gateway on the same database too: what another worker sees); writes with the cookie need
 ``X-CSRF-Token`` (missing, wrong, right), tokens need none; the 11th failed login in a minute is a 429 even for
-the right token, and the window passes on the injected clock; the security headers on every answer of the
-page's door; no path traversal (raw request targets, encoded variants); ``base_path``; files read through
-importlib.resources from a zip as from a directory.
+the right token, and the window passes on the injected clock; wrong admin credentials counted together at every
+door that takes one (the login, the admin API's Bearer, /metrics' Bearer and Basic; a Bearer forward auth admits
+is not a guess), each door then a 429; no sessions at all with ``workers > 1`` and an in-memory store (409
+``sessions_need_a_store``); the security headers on every answer of the page's door and of the admin API
+(errors, the CSV and a handler's bug included); no path traversal (raw request targets, encoded variants);
+``base_path``; files read through importlib.resources from a zip as from a directory.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import re
 import ssl
@@ -31,7 +35,7 @@ from at_gateway.admin import dashboard
 from at_gateway.admin.auth import csrf_of, session_key, sign_session
 from at_gateway.admin.dashboard import CSP, load_files
 from tests.conftest import GATEWAY_KEY, RunningGateway, base_config, run_live
-from tests.mock_upstream import MockUpstream
+from tests.mock_upstream import MockUpstream, Reply
 
 ADMIN = "adm-" + "e5" * 16
 ADMIN2 = "adm-" + "f6" * 16
@@ -206,6 +210,114 @@ def test_the_eleventh_failed_login_in_a_minute_is_429_even_with_the_right_token(
     assert error_code(login(gw), 429) == "too_many_logins"  # ten failures in the window again
     now[0] += 3600
     assert login(gw).status_code == 204
+
+
+METRICS_PASSWORD = "metrics-pass-0123456789"
+WRONG = "adm-wrong-" + "x" * 30
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def door_call(g: RunningGateway, door: str, right: bool) -> httpx.Response:
+    """One credential at one door: the right one, or a wrong guess."""
+    token = ADMIN if right else WRONG
+    if door == "login":
+        return login(g, token)
+    if door == "admin API bearer":
+        return httpx.get(g.url + V1 + "session", headers={"authorization": f"Bearer {token}"}, timeout=10)
+    if door == "metrics bearer":
+        return httpx.get(g.url + "/metrics", headers={"authorization": f"Bearer {token}"}, timeout=10)
+    assert door == "metrics basic"
+    return httpx.get(g.url + "/metrics", headers=basic("prom", METRICS_PASSWORD if right else WRONG), timeout=10)
+
+
+DOORS = ["login", "admin API bearer", "metrics bearer", "metrics basic"]
+TOO_MANY = {"login": "too_many_logins"}  # the login's code is older than the others' (too_many_failures)
+
+
+@pytest.fixture
+def doors(tmp_path: Path, upstream: MockUpstream) -> Iterator[tuple[RunningGateway, list[float]]]:
+    """A gateway whose admin token opens the login, the admin API and /metrics (which takes a Basic password too),
+    on an injected clock (the limiter's: ``services.clock``)."""
+    cfg = config(tmp_path, upstream, metrics={"enabled": True, "username": "prom", "password": METRICS_PASSWORD})
+    with run_live(cfg) as g:
+        now = [1000.0]
+        g.gateway.services.clock = lambda: now[0]
+        yield g, now
+
+
+@pytest.mark.parametrize("guessed_at", DOORS)
+def test_wrong_admin_credentials_count_at_every_door_and_lock_every_door(
+        doors: tuple[RunningGateway, list[float]], guessed_at: str) -> None:
+    g, now = doors
+    b = Browser(g)  # a session opened before the guesses: not a credential guess, it keeps working
+    for _ in range(10):
+        r = door_call(g, guessed_at, right=False)
+        assert r.status_code == 401, (guessed_at, r.text)
+        now[0] += 1.0
+    for door in DOORS:  # the right credential at every door: 429 until the first guess leaves the window
+        r = door_call(g, door, right=True)
+        assert error_code(r, 429) == TOO_MANY.get(door, "too_many_failures"), door
+        assert 1 <= int(r.headers["retry-after"]) <= 51 and "set-cookie" not in r.headers
+        assert r.json()["error"]["type"] == "rate_limit_error" and ADMIN not in r.text
+    assert b.call("GET", "session").status_code == 200
+    now[0] = 1000.0 + 60.0
+    for door in DOORS:
+        assert door_call(g, door, right=True).status_code in (200, 204), door
+
+
+def test_guesses_spread_over_the_doors_count_together_and_no_credential_is_no_guess(
+        doors: tuple[RunningGateway, list[float]]) -> None:
+    g, now = doors
+    for _ in range(20):  # nothing presented: a 401, never counted
+        assert error_code(httpx.get(g.url + V1 + "session", timeout=10), 401) == "invalid_admin_token"
+        assert error_code(httpx.get(g.url + "/metrics", timeout=10), 401) == "metrics_unauthorized"
+    assert door_call(g, "admin API bearer", right=True).status_code == 200
+    for i in range(10):  # the guesses of one attacker, spread over the four doors
+        assert door_call(g, DOORS[i % 4], right=False).status_code == 401
+    for door in DOORS:
+        assert door_call(g, door, right=True).status_code == 429, door
+    now[0] += 61.0
+    assert door_call(g, "metrics basic", right=True).status_code == 200
+
+
+def test_a_bearer_that_forward_auth_admits_is_no_guess_one_it_refuses_is(tmp_path: Path, upstream: MockUpstream,
+                                                                         other: MockUpstream) -> None:
+    """With forward auth a Bearer that is not an admin token may be the SSO's own: counted only when the auth
+    service refuses it too."""
+    other.replies["/verify"] = lambda rec: Reply(
+        status=200 if rec.headers.get("authorization") == "Bearer sso-token-of-alice" else 401)
+    cfg = config(tmp_path, upstream, admin={"forward_auth": {"address": other.url + "/verify"}})
+    with run_live(cfg) as g:
+        g.gateway.services.clock = lambda: 1000.0
+
+        def session(token: str) -> httpx.Response:
+            return httpx.get(g.url + V1 + "session", headers={"authorization": f"Bearer {token}"}, timeout=10)
+
+        for _ in range(15):
+            assert session("sso-token-of-alice").json()["actor"] == "forward-auth"
+        for _ in range(10):
+            assert error_code(session(WRONG), 401) == "forward_auth_denied"
+        assert error_code(session(ADMIN), 429) == "too_many_failures"
+        assert error_code(session("sso-token-of-alice"), 429) == "too_many_failures"
+
+
+def test_with_workers_and_a_memory_store_there_are_no_dashboard_sessions(upstream: MockUpstream) -> None:
+    """A logout is remembered in the one process that saw it; with several workers the others would keep
+    accepting the cookie. So: no login, no session cookie; the Bearer token works."""
+    with run_live(base_config(upstream.url, admin_token=ADMIN, workers=2)) as g:
+        r = login(g)
+        assert error_code(r, 409) == "sessions_need_a_store" and "set-cookie" not in r.headers
+        message = r.json()["error"]["message"]
+        assert "store.path" in message and "Bearer" in message
+        assert security_headers_of(r) == SECURITY
+        valid = sign_session(session_key(ADMIN), "B" * 22, int(time.time()) + 3600)  # as a login would have made
+        r = httpx.get(g.url + V1 + "session", headers={"cookie": f"atg_session={valid}"}, timeout=10)
+        assert error_code(r, 409) == "sessions_need_a_store"
+        r = httpx.get(g.url + V1 + "session", headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
+        assert r.status_code == 200 and r.json()["actor"] == "token0"
 
 
 # -- CSRF -----------------------------------------------------------------------------------------------------
@@ -388,6 +500,62 @@ def test_every_answer_of_the_page_carries_the_security_headers(gw: RunningGatewa
             assert b'"error"' in body
     if target == "/admin":
         assert headers["location"] == "/admin/"
+
+
+API_SECURITY = {"x-frame-options": "DENY", "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
+BEARER = {"authorization": f"Bearer {ADMIN}"}
+API_ANSWERS = [  # (method, path below /admin/api/, headers, body, status)
+    ("GET", "v1/session", BEARER, None, 200),
+    ("GET", "v1/usage?format=csv", BEARER, None, 200),
+    ("GET", "v1/session", {}, None, 401),
+    ("GET", "v1/session", {"authorization": f"Bearer {WRONG}"}, None, 401),
+    ("GET", "v1/session", {"cookie": "atg_session=forged"}, None, 401),
+    ("POST", "v1/clients", {"cookie": "__SESSION__"}, b'{"name": "x"}', 403),  # no X-CSRF-Token
+    ("POST", "v1/clients", {**BEARER, "content-type": "text/plain"}, b'{"name": "x"}', 415),
+    ("GET", "v1/clients?limit=zero", BEARER, None, 400),
+    ("GET", "v1/nothing-here", BEARER, None, 404),
+    ("GET", "v2/session", BEARER, None, 404),
+    ("DELETE", "v1/session", BEARER, None, 405),
+    ("POST", "v1/clients", {**BEARER, "content-type": "application/json"}, b"{" * 2_000_000, 413),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "body", "status"), API_ANSWERS,
+                         ids=[f"{a[0]} {a[1]} {a[4]}" for a in API_ANSWERS])
+def test_every_answer_of_the_admin_api_carries_the_security_headers(gw: RunningGateway, method: str, path: str,
+                                                                    headers: dict[str, str], body: bytes | None,
+                                                                    status: int) -> None:
+    if headers.get("cookie") == "__SESSION__":
+        headers = {"cookie": Browser(gw).cookie(), "content-type": "application/json"}
+    r = httpx.request(method, f"{gw.url}/admin/api/{path}", headers=headers, content=body, timeout=10)
+    assert r.status_code == status, r.text[:300]
+    assert {k: r.headers.get(k) for k in API_SECURITY} == API_SECURITY
+    csp = r.headers.get("content-security-policy", "")
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert r.headers["cache-control"] == "no-store"
+    if status >= 400:
+        assert r.json()["error"]["code"]
+    elif "csv" in path:
+        assert r.headers["content-type"].startswith("text/csv")
+
+
+def test_a_handlers_bug_is_a_500_with_the_security_headers_and_a_logged_traceback(gw: RunningGateway) -> None:
+    async def broken(req: Any) -> Any:
+        raise RuntimeError("a bug in a handler")
+
+    gw.live.gateway._admin.routes.append(("GET", ("broken",), broken))  # type: ignore[attr-defined]
+    r = httpx.get(gw.url + V1 + "broken", headers=BEARER, timeout=10)
+    assert error_code(r, 500) == "internal_error" and "a bug" not in r.text
+    assert {k: r.headers.get(k) for k in API_SECURITY} == API_SECURITY
+    assert "RuntimeError: a bug in a handler" in gw.logs.getvalue()
+
+
+def test_a_too_many_guesses_answer_carries_the_security_headers(doors: tuple[RunningGateway, list[float]]) -> None:
+    g, _ = doors
+    for _ in range(10):
+        door_call(g, "admin API bearer", right=False)
+    r = door_call(g, "admin API bearer", right=True)
+    assert r.status_code == 429 and {k: r.headers.get(k) for k in API_SECURITY} == API_SECURITY
 
 
 def test_the_page_and_its_files_are_served_as_they_are_in_the_package(gw: RunningGateway) -> None:

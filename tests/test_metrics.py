@@ -1,11 +1,12 @@
 """``{base_path}/metrics``: the exposition (parsed back with prometheus_client's parser), how each family moves
 for the requests that move it (a 200, a fallback, a stream, a key's rpm limit, tokens and cost, an open
-circuit), the label caps (top keys, ``per_key: false``), the seed's names, auth, 404 when off, and the
-Grafana dashboard naming only metrics the gateway exports.
+circuit), the label caps (top keys, ``per_key: false``, records per table, distinct routes and models, and
+``allow_direct``'s client-named routes counted as ``direct:<provider>`` with their models capped), the seed's
+names, auth, 404 when off, and the Grafana dashboard naming only metrics the gateway exports.
 
-Everything goes through a real gateway on a real socket with a mock upstream, except the label-escaping test,
-which feeds one process's :class:`~at_gateway.metrics.Metrics` contexts no config would accept (a newline in a
-route name) and renders them with a real Gateway.
+Everything goes through a real gateway on a real socket with a mock upstream, except the label-escaping and
+label-cap tests, which feed one process's :class:`~at_gateway.metrics.Metrics` contexts made by hand (a newline
+in a route name, thousands of names) and render them with a real Gateway.
 """
 
 from __future__ import annotations
@@ -385,25 +386,90 @@ def test_the_top_keys_come_from_the_stores_usage_then_first_come(upstream: MockU
         "key1": 1, "key2": 1, "other": 1}
 
 
+def _observe(metrics: Metrics, route: str, model: str, provider: str = "up1", i: int = 0) -> None:
+    ctx = RequestContext(f"r{i}", path="/v1/chat/completions", client="key0", route=route, provider=provider,
+                         model=model, status=200)
+    ctx.attempts.append(Attempt(0, provider, model, status=200, ok=True))
+    metrics.observe(ctx)
+
+
+def _local(raw: dict[str, Any]) -> tuple[Metrics, Gateway]:
+    """One process's metrics and a real gateway to render them with (contexts fed by hand)."""
+    config = build_config(raw, "test")
+    services = Services()
+    metrics = services.metrics = Metrics(config, services)
+    return metrics, Gateway(config, services=services)
+
+
 def test_a_table_full_of_series_sends_new_routes_and_models_to_other(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``allow_direct`` lets a client name any model: past the cap, new ones count as route and model other."""
+    """Past :data:`MAX_SERIES` records a table takes no new route or model: they count as other."""
     from at_gateway.metrics import registry
 
     monkeypatch.setattr(registry, "MAX_SERIES", 3)
-    config = build_config(base_config("http://127.0.0.1:9", metrics={"enabled": True}), "test")
-    services = Services()
-    metrics = services.metrics = Metrics(config, services)
-    gateway = Gateway(config, services=services)
+    metrics, gateway = _local(base_config("http://127.0.0.1:9", metrics={"enabled": True}))
     for i in range(10):
-        ctx = RequestContext(f"r{i}", path="/v1/chat/completions", client="key0", route=f"up1/model-{i}",
-                             provider="up1", model=f"model-{i}", status=200)
-        ctx.attempts.append(Attempt(0, "up1", f"model-{i}", status=200, ok=True))
-        metrics.observe(ctx)
+        _observe(metrics, f"route-{i}", f"model-{i}", i=i)
     _, s = parse(metrics.render(gateway).decode())
-    assert label_values(s, "atg_requests_total", "route") == {"up1/model-0", "up1/model-1", "up1/model-2", "other"}
+    assert label_values(s, "atg_requests_total", "route") == {"route-0", "route-1", "route-2", "other"}
     assert total(s, "atg_requests_total", route="other") == 7
     assert label_values(s, "atg_attempts_total", "model") == {"model-0", "model-1", "model-2", "other"}
     assert total(s, "atg_attempts_total", model="other", outcome="ok") == 7
+
+
+def test_distinct_routes_and_models_are_capped_not_only_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records multiply by door, status and key: the values of route and model are capped on their own."""
+    from at_gateway.metrics import registry
+
+    monkeypatch.setattr(registry, "MAX_ROUTES", 4)
+    monkeypatch.setattr(registry, "MAX_MODELS", 2)
+    metrics, gateway = _local(base_config("http://127.0.0.1:9", metrics={"enabled": True}))
+    for i in range(10):
+        _observe(metrics, f"route-{i}", f"model-{i}", i=i)
+    _, s = parse(metrics.render(gateway).decode())
+    assert label_values(s, "atg_requests_total", "route") == {"route-0", "route-1", "route-2", "route-3", "other"}
+    assert label_values(s, "atg_attempts_total", "model") == {"model-0", "model-1", "other"}
+    assert label_values(s, "gen_ai_server_request_duration_count", "gen_ai_response_model") == {
+        "model-0", "model-1", "other"}
+    assert total(s, "atg_requests_total") == 10 and total(s, "atg_requests_total", route="other") == 6
+
+
+def test_direct_routes_are_one_route_per_provider_and_their_models_are_capped() -> None:
+    """``allow_direct``: a client names ``provider/anything``. Each such request counts under the route
+    ``direct:<provider>``, its model among at most :data:`MAX_DIRECT_MODELS` names (then other), so that no
+    client can add series at will; a configured route whose name holds a ``/`` keeps its name."""
+    from at_gateway.metrics.registry import MAX_DIRECT_MODELS
+
+    pinned = {"name": "up1/pinned", "steps": [{"provider": "up1", "model": "pinned-model"}]}
+    metrics, gateway = _local(base_config("http://127.0.0.1:9", [pinned], metrics={"enabled": True},
+                                          allow_direct=True))
+    for i in range(300):
+        _observe(metrics, f'up1/m-{i:05d}-"\\\n<img>', f'm-{i:05d}-"\\\n<img>', i=i)
+    for i in range(5):
+        _observe(metrics, f"up2/x-{i}", f"x-{i}", provider="up2", i=i)
+    _observe(metrics, "up1/pinned", "pinned-model")
+    text = metrics.render(gateway).decode()
+    _, s = parse(text)
+    assert label_values(s, "atg_requests_total", "route") == {"direct:up1", "direct:up2", "up1/pinned"}
+    assert total(s, "atg_requests_total", route="direct:up1") == 300
+    assert total(s, "atg_requests_total", route="direct:up2") == 5
+    assert label_values(s, "gen_ai_server_request_duration_count", "gen_ai_request_model") == {
+        "direct:up1", "direct:up2", "up1/pinned"}
+    models = label_values(s, "atg_attempts_total", "model")
+    assert len(models) == MAX_DIRECT_MODELS + 2 and {"other", "pinned-model"} <= models
+    assert total(s, "atg_attempts_total", route="direct:up1", model="other") == 300 - MAX_DIRECT_MODELS
+    assert total(s, "atg_attempts_total", route="direct:up2", model="other") == 5  # the cap is full already
+    assert label_values(s, "gen_ai_server_request_duration_count", "gen_ai_response_model") == models
+    assert len(text) < 2_000_000, len(text)  # ~100 models' series, not 300 (nor 5000)
+
+
+def test_a_direct_request_through_a_real_gateway_counts_under_its_provider(upstream: MockUpstream) -> None:
+    with serving(base_config(upstream.url, metrics={"enabled": True}, allow_direct=True)) as gw:
+        for model in ("up1/alpha", "up1/beta", "up2/gamma", "demo"):
+            assert chat(gw, model).status_code == 200, model
+        s = scrape_until(gw.url, lambda s: total(s, "atg_requests_total") == 4)
+    assert label_values(s, "atg_requests_total", "route") == {"direct:up1", "direct:up2", "demo"}
+    assert total(s, "atg_requests_total", route="direct:up1", status="2xx") == 2
+    assert label_values(s, "atg_attempts_total", "model") == {"alpha", "beta", "gamma", "echo-1"}
 
 
 OUTCOME_CASES = [

@@ -55,6 +55,14 @@ log = logging.getLogger("at_gateway.admin")
 PREFIX = b"/admin/api/v1/"
 _JSON_CT = (b"content-type", b"application/json")
 _NO_STORE = (b"cache-control", b"no-store")  # admin answers may describe secrets' existence: never cached
+#: On every answer of the admin API, errors included (a JSON or CSV answer opened in a browser tab, or framed by
+#: another site, must be neither sniffed into HTML nor shown in a frame, nor its URL leaked as a Referer).
+SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
@@ -329,8 +337,26 @@ class AdminAPI:
                        code="unknown_url")
 
     async def handle(self, ctx: RequestContext, request: Request, responder: Responder) -> None:
-        """Answer one admin request (the path is below the base path, starting ``/admin/api/v1/``)."""
+        """Answer one admin request (the path is below the base path, starting ``/admin/api/``); every answer,
+        errors and the 500 of a bug included, with :data:`SECURITY_HEADERS` and ``Cache-Control: no-store``."""
         ctx.unlogged = True  # the audit log keeps what admins did; the request log is for clients
+        try:
+            await self._handle(ctx, request, responder)
+        except GatewayError as exc:  # the gateway's error path sends exc.headers
+            exc.headers = [*exc.headers, *SECURITY_HEADERS, _NO_STORE]
+            raise
+        except Exception as exc:
+            from ..http.server import ClientGone
+
+            if isinstance(exc, ClientGone) or responder.started:
+                raise
+            # A bug: logged here with its traceback, answered as the server would (500 internal_error), with the
+            # headers the server's own answer would lack.
+            log.exception("admin API %s %s failed", request.method.decode("latin-1"),
+                          quote(self.gateway.redact, request.path.decode("latin-1"), 200))
+            raise GatewayError("internal error", headers=[*SECURITY_HEADERS, _NO_STORE]) from None
+
+    async def _handle(self, ctx: RequestContext, request: Request, responder: Responder) -> None:
         admin = self.gateway.config.admin
         if len(request.body) > admin.max_body_size:
             raise PayloadTooLarge(f"admin request bodies are limited to {admin.max_body_size} bytes "
@@ -356,10 +382,10 @@ class AdminAPI:
         ctx.status = answer.status
         rid = (b"x-request-id", ctx.request_id.encode())
         if answer.raw is not None:
-            await responder.send(answer.status, [_NO_STORE, rid, *answer.headers], answer.raw)
+            await responder.send(answer.status, [_NO_STORE, *SECURITY_HEADERS, rid, *answer.headers], answer.raw)
             return
         body = json.dumps(answer.body, separators=(",", ":"), ensure_ascii=False).encode()
-        await responder.send(answer.status, [_JSON_CT, _NO_STORE, rid, *answer.headers], body)
+        await responder.send(answer.status, [_JSON_CT, _NO_STORE, *SECURITY_HEADERS, rid, *answer.headers], body)
 
     async def page(self, ctx: RequestContext, request: Request, responder: Responder) -> None:
         """The dashboard at ``{base_path}/admin/`` (its files, login, logout): see :mod:`.dashboard`."""
@@ -367,5 +393,5 @@ class AdminAPI:
         await self.dashboard.serve(ctx, request, responder)
 
 
-__all__ = ["PREFIX", "AdminAPI", "AdminDisabled", "AdminRequest", "Answer", "Conflict", "invalid", "is_busy",
-           "listing", "mask", "parse_time", "same_origin", "store_busy"]
+__all__ = ["PREFIX", "SECURITY_HEADERS", "AdminAPI", "AdminDisabled", "AdminRequest", "Answer", "Conflict", "invalid",
+           "is_busy", "listing", "mask", "parse_time", "same_origin", "store_busy"]

@@ -22,10 +22,25 @@ removing or rotating that token ends its sessions. It is refused once expired, a
 outlive ``admin.session_ttl`` from now (a lowered ttl shortens the sessions already given). Logout revokes
 it: its id goes into ``admin_sessions_revoked`` (kept until it would have expired), which every worker
 reads on each cookie-authenticated call (one primary-key lookup); with an in-memory store, into this
-process's memory. ``atg_csrf`` (readable by the page) is ``HMAC(key, "c." + id)``: a write made with the
-session cookie must send it back as ``X-CSRF-Token`` (a double-submit bound to the session: a cookie
-planted by a sibling site cannot be paired with a valid token), else 403 ``csrf_failed``. The actor of a
-session is ``session:token<i>``.
+process's memory -- which another worker cannot read, so with ``workers > 1`` and ``store.path: ":memory:"``
+there are no dashboard sessions at all: login and the session cookie are refused with 409
+``sessions_need_a_store`` (set ``store.path``, or use the admin token as Bearer), rather than a logout that
+ends the session in one worker out of N. (With one process and a memory store, revocations last until the
+restart: the cookie, still signed and unexpired, opens the dashboard again afterwards.)
+
+``atg_csrf`` (readable by the page) is ``HMAC(key, "c." + id)``: a write made with the session cookie must
+send it back as ``X-CSRF-Token`` (a double-submit bound to the session: a cookie planted by a sibling site
+cannot be paired with a valid token), else 403 ``csrf_failed``. The actor of a session is
+``session:token<i>``.
+
+Wrong credentials are limited per client address, whichever door they came through: a wrong admin token at
+``POST login``, as ``Authorization: Bearer`` on the admin API, and a wrong Bearer or Basic credential on
+``/metrics`` all count in one :class:`AdminState` per process; past ``LOGIN_FAILURES`` in ``LOGIN_WINDOW``
+seconds every one of those doors answers 429 with Retry-After, even to the right credential (a limit that let
+the right guess through would tell the attacker which guess was right). A request that presents no credential
+is not a guess and is not counted; nor is a bad session cookie (it is signed: it cannot be guessed), nor a
+Bearer that forward auth admits (the SSO's own token). The address is the TCP peer's (see
+:class:`AdminState` for what that means behind a reverse proxy).
 """
 
 from __future__ import annotations
@@ -44,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..config import AdminConfig, ForwardAuthConfig
-from ..errors import Forbidden, GatewayError, Unauthorized, UpstreamFailed, UpstreamTimedOut
+from ..errors import Conflict, Forbidden, GatewayError, Unauthorized, UpstreamFailed, UpstreamTimedOut
 from ..http.errors import UpstreamError
 
 if TYPE_CHECKING:
@@ -122,10 +137,18 @@ class Identity:
 
 class AdminState:
     """What the admin door keeps per process across config reloads (a reload builds a new gateway, and with it a
-    new :class:`AdminAuth`): revoked sessions without a database, failed logins per client address.
+    new :class:`AdminAuth`): revoked sessions without a database, wrong admin credentials per client address
+    (from the login, the admin API's Bearer and ``/metrics``: one count, see the module doc).
 
-    Per process: with ``workers: N`` each worker counts the failed logins it saw (an address gets at most N
-    times the allowance); revocations are shared through the database."""
+    Per process: with ``workers: N`` each worker counts the failures it saw (an address gets at most N times
+    the allowance, as the kernel spreads its connections); revocations are shared through the database.
+
+    Per *peer address*: the TCP peer, never ``X-Forwarded-For`` (any client can write that header, and a limit
+    keyed on it would give every guess a fresh address). Behind a reverse proxy every client therefore shares
+    the proxy's address: the limit then holds for all of them together, and ``LOGIN_FAILURES`` wrong guesses
+    from anyone lock every user behind that proxy out of the login, the admin API's Bearer and ``/metrics``
+    for up to ``LOGIN_WINDOW`` seconds (a dashboard session already open keeps working). Put the admin paths
+    on a proxy that limits per client itself, or reach the gateway directly, where that matters."""
 
     def __init__(self) -> None:
         self.revoked: dict[str, float] = {}  # session id -> expiry (an in-memory store only)
@@ -139,7 +162,14 @@ class AdminState:
         wait = seen[0] + LOGIN_WINDOW - now
         return wait if wait > 0 else None
 
+    def check(self, address: str, now: float, code: str = "too_many_failures") -> None:
+        """Raise 429 (``code``, with Retry-After) while ``address`` is over the limit of wrong credentials."""
+        wait = self.login_wait(address, now)
+        if wait is not None:
+            raise too_many_failures(address, wait, code)
+
     def login_failed(self, address: str, now: float) -> None:
+        """A wrong admin credential (or metrics password) from ``address``, at any door."""
         seen = self.failures.get(address)
         if seen is None:
             if len(self.failures) >= _MAX_ADDRESSES:
@@ -158,6 +188,26 @@ class AdminState:
     def revoke(self, session_id: str, expires_at: float, now: float) -> None:
         self.revoked = {k: v for k, v in self.revoked.items() if v > now}
         self.revoked[session_id] = expires_at
+
+
+def too_many_failures(address: str, wait: float, code: str = "too_many_failures") -> GatewayError:
+    """The 429 every door that takes an admin credential answers while ``address`` is over the limit."""
+    seconds = int(wait) + 1
+    return GatewayError(f"too many wrong admin credentials from {address} (the dashboard's login, the admin API "
+                        f"and /metrics count together): try again in {seconds}s", status=429,
+                        type="rate_limit_error", code=code, headers=[(b"retry-after", str(seconds).encode())])
+
+
+def client_address(request: Request) -> str:
+    """The address failures are counted under: the TCP peer's IP (never a header a client can write)."""
+    return _client_ip(request.client) or request.client or "unknown"
+
+
+def sessions_need_a_store() -> Conflict:
+    """409: with several workers and an in-memory store a logout could not reach the other workers."""
+    return Conflict("dashboard sessions need a database file with workers > 1 (a logout must reach every worker, "
+                    "and an in-memory store is one worker's): set store.path (or state_dir) and restart, or use "
+                    "the admin API with the admin token (Authorization: Bearer ...)", code="sessions_need_a_store")
 
 
 def process_state(services: Any) -> AdminState:
@@ -219,24 +269,44 @@ class AdminAuth:
             request.headers = [(k, v) for k, v in request.headers if k not in taken]
         auth = request.header(b"authorization")
         presented = auth[7:].strip() if auth is not None and auth[:7].lower() == b"bearer " else None
+        services = self.gateway.services
+        address, now = "", 0.0
         if presented:
+            # A guess at the admin token: counted with the login's (429 once over the limit, even when right).
+            address, now = client_address(request), services.clock()
+            process_state(services).check(address, now)
             actor = self.token_actor(presented)
             if actor is not None:
                 return Identity(actor)
-        refused: Unauthorized | None = None
+        refused: GatewayError | None = None
         if not presented:
             jar = cookies(request)
             if SESSION_COOKIE in jar:
-                session, refused = await self.session_of(jar[SESSION_COOKIE])
-                if session is not None:
-                    if request.method in _UNSAFE:
-                        _check_csrf(request, jar, session)
-                    return Identity(session.actor, session)
+                if not self.sessions_possible():
+                    refused = sessions_need_a_store()
+                else:
+                    session, refused = await self.session_of(jar[SESSION_COOKIE])
+                    if session is not None:
+                        if request.method in _UNSAFE:
+                            _check_csrf(request, jar, session)
+                        return Identity(session.actor, session)
         if self.config.forward_auth is not None:
-            return Identity(await self.forward(request, self.config.forward_auth))
+            try:
+                return Identity(await self.forward(request, self.config.forward_auth))
+            except GatewayError as exc:
+                if presented and exc.status < 500:  # refused by the auth service too: a wrong guess
+                    process_state(services).login_failed(address, now)
+                raise
         if refused is not None:
             raise refused
+        if presented:
+            process_state(services).login_failed(address, now)
         raise Unauthorized(_BAD_TOKEN if presented else _NO_TOKEN, code="invalid_admin_token", headers=[_WWW_AUTH])
+
+    def sessions_possible(self) -> bool:
+        """Whether dashboard sessions can be ended everywhere they are accepted: a database file, or one
+        process (see the module doc: ``sessions_need_a_store``)."""
+        return self.gateway.config.workers <= 1 or getattr(self.gateway.services, "catalog", None) is not None
 
     # -- dashboard sessions ----------------------------------------------------
     def new_session(self, index: int, now: float | None = None) -> Session:

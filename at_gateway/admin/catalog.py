@@ -10,7 +10,9 @@ This worker then rebuilds at once (:meth:`~at_gateway.live.Live.refresh`); the o
 
 Reads show each entry as it was given (the database's spec, or the file's entry with ``${VAR}`` substituted),
 with its ``source`` and whether it ``overrides_config``. Secrets (what the store encrypts: ``api_key``, each
-of ``api_keys``, every header value, a proxy's user info) are shown masked (``sk-…abcd``).
+of ``api_keys``, every header value, a proxy's user info) are shown masked (``sk-…abcd``), and so are the
+credentials a ``base_url`` may carry: its user info's password and the values of credential-like query
+parameters (``api-key``, ``key``, ``token``, ``sig``, ...: :func:`mask_base_url`).
 A client that read a provider and sends it back unchanged sends those masks: a secret given as the mask of the
 stored one keeps the stored one, so an edit never needs the secrets again (and PATCH keeps what it omits) --
 unless the edit changes where the provider sends them (type, base_url, proxy, token_url, preset, location):
@@ -26,9 +28,11 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
 import anyio
 
@@ -153,6 +157,49 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{shown}@{host}"
 
 
+# Query parameters of a base_url whose values are credentials (names compared lowercased, without - _ . and
+# spaces): Azure's api-key and SAS sig, Google's key, OAuth's access_token, AWS's X-Amz-Signature/-Credential...
+_QUERY_SECRET_NAMES = frozenset(("key", "sig", "sas", "code", "auth", "pass", "pwd", "jwt", "session", "sessionid"))
+_QUERY_SECRET_ENDS = ("key", "token", "secret", "password", "passwd", "signature", "sig", "credential", "credentials")
+_QUERY_NAME_NOISE = re.compile(r"[-_.\s]")
+
+
+def _secret_query_name(name: str) -> bool:
+    n = _QUERY_NAME_NOISE.sub("", unquote_plus(name)).lower()
+    return n in _QUERY_SECRET_NAMES or n.endswith(_QUERY_SECRET_ENDS)
+
+
+def mask_base_url(url: str) -> str:
+    """A provider's ``base_url`` as admin reads show it: its user info masked as :func:`mask_url` masks a proxy's
+    (``http://user:…@host``), and the value of every credential-like query parameter masked as a key is
+    (``?api-version=2024-06-01&api-key=…abcd``); the rest, and the order of everything, as it is. A write that
+    sends the masked URL back keeps the stored one (:func:`keep_base_url`)."""
+    head, hashmark, fragment = url.partition("#")
+    head, question, query = head.partition("?")
+    head = mask_url(head)
+    if question:
+        parts = []
+        for part in query.split("&"):
+            name, eq, value = part.partition("=")
+            parts.append(f"{name}={mask(value)}" if eq and value and _secret_query_name(name) else part)
+        head += "?" + "&".join(parts)
+    return head + hashmark + fragment
+
+
+def keep_base_url(spec: dict[str, Any], base: Mapping[str, Any] | None, problems: list[str]) -> dict[str, Any]:
+    """``spec`` with a ``base_url`` given as the mask of the stored one (what a read showed) replaced by the stored
+    one; a ``base_url`` holding the mask's ``…`` that masks something else is refused (it would be dialled). Then
+    too the stored one is put back, so that the other checks do not add problems that are this one's echo."""
+    url = spec.get("base_url")
+    if not isinstance(url, str) or MASK_MARK not in url:
+        return spec
+    stored = base.get("base_url") if base is not None else None
+    if not (isinstance(stored, str) and mask_base_url(stored) == url):
+        problems.append(f"provider.base_url: holds '{MASK_MARK}' as a masked value does, but is not the mask of the "
+                        "stored base_url: send the whole URL, or the value exactly as read to keep the stored one")
+    return {**spec, "base_url": stored} if isinstance(stored, str) else spec
+
+
 def _masker(path: SecretPath) -> Callable[[str], str | None]:
     return mask_url if path[0] == "proxy" else mask
 
@@ -180,10 +227,12 @@ def _field(kind: str, path: SecretPath) -> str:
 
 def masked(spec: Mapping[str, Any]) -> dict[str, Any]:
     """A provider spec fit to show: every secret the store encrypts (``secret_fields``: api_key, api_keys, every
-    header value, a proxy's user info) masked."""
+    header value, a proxy's user info) masked, and the credentials in its base_url (:func:`mask_base_url`)."""
     out: Any = dict(spec)
     for path, value in secret_fields(spec):
         out = _put(out, path, _masker(path)(value))
+    if isinstance(out.get("base_url"), str):
+        out["base_url"] = mask_base_url(out["base_url"])
     return dict(out)
 
 
@@ -505,6 +554,7 @@ async def _write(req: AdminRequest, kind: _Kind, mode: str) -> Answer:
                 file_entry(live.file_config, kind.table, name) if in_file else None)
             spec = _spec(mode, body, base, name)
             if kind is PROVIDERS:
+                spec = keep_base_url(spec, base, problems)
                 spec = keep_secrets(spec, base, problems)
                 kept_for_new_destination(spec, base, body, problems)
                 problems.extend(validate_provider(spec, source="database")[1])
@@ -702,5 +752,6 @@ ROUTES: list[Route] = [
     ("DELETE", ("routes", "{name}"), delete_route),
 ]
 
-__all__ = ["DESTINATION", "READ_ONLY", "ROUTES", "entry_spec", "file_entry", "keep_secrets",
-           "kept_for_new_destination", "mask_url", "masked", "merge_patch", "render_provider", "render_route"]
+__all__ = ["DESTINATION", "READ_ONLY", "ROUTES", "entry_spec", "file_entry", "keep_base_url", "keep_secrets",
+           "kept_for_new_destination", "mask_base_url", "mask_url", "masked", "merge_patch", "render_provider",
+           "render_route"]

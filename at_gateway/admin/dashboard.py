@@ -12,7 +12,11 @@ HTML is ``no-store``, the other files ``no-cache`` with an ETag (revalidated, 30
 
 ``POST login`` exchanges an admin token for the session cookies (see :mod:`.auth` for what they hold and why);
 failed logins are limited per client address (``auth.LOGIN_FAILURES`` a minute, then 429 with Retry-After,
-also for the right token: the limit must hold whatever the attacker guesses). ``POST logout`` revokes the
+also for the right token: the limit must hold whatever the attacker guesses), counted together with wrong
+admin tokens sent as Bearer to the admin API and wrong credentials on ``/metrics``. The address is the TCP
+peer's: behind a reverse proxy every user shares the proxy's, so one user's wrong guesses lock all of them out
+for the window (see :class:`.auth.AdminState`). With ``workers > 1`` and an in-memory store there is no login
+(409 ``sessions_need_a_store``): a logout could not reach the other workers. ``POST logout`` revokes the
 session in every worker and clears both cookies. Both are answered 204 and refused cross-site (the admin
 API's :func:`~.api.same_origin`); SameSite=Strict keeps the browser from sending the cookie from another
 site anyway.
@@ -30,7 +34,15 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge, Unauthorized
 from ..logs import quote
 from .api import AdminRequest, Answer, Route, invalid, same_origin
-from .auth import CSRF_COOKIE, SESSION_COOKIE, Session, _client_ip, cookies, process_state
+from .auth import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    Session,
+    client_address,
+    cookies,
+    process_state,
+    sessions_need_a_store,
+)
 
 if TYPE_CHECKING:
     from importlib.abc import Traversable
@@ -239,15 +251,13 @@ class Dashboard:
             raise Forbidden("the dashboard's login takes an admin token, and this gateway has none (admin_token); "
                             "with forward auth, open the admin API through your sign-in proxy",
                             code="login_unavailable")
+        if not auth.sessions_possible():
+            raise sessions_need_a_store()
         services = self.gateway.services
         state = process_state(services)
-        address = _client_ip(request.client) or request.client or "unknown"
+        address = client_address(request)
         now = services.clock()
-        wait = state.login_wait(address, now)
-        if wait is not None:
-            raise GatewayError(f"too many failed logins from {address}: try again in {int(wait) + 1}s",
-                               status=429, type="rate_limit_error", code="too_many_logins",
-                               headers=[(b"retry-after", str(int(wait) + 1).encode())])
+        state.check(address, now, "too_many_logins")
         body = AdminRequest(self.gateway, request, ctx, "", {}, {}).json(allowed=("token",), required=("token",))
         token = body["token"]
         if not isinstance(token, str) or not token:

@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
+import anyio
+
 from ..errors import BadRequest, NotFound
 from ..logs import quote
 from ..store.usage import day_function
@@ -211,15 +213,29 @@ async def usage_csv(req: AdminRequest) -> Answer:
     rows = await req.db(read)
     if len(rows) > MAX_CSV_ROWS:
         raise _bad(f"more than {MAX_CSV_ROWS} groups: narrow the export with since/until or fewer group_by fields")
+    # Seconds of work at the cap: in a thread (not the catalog's: its lock is not held while formatting), so the
+    # event loop keeps answering this worker's requests meanwhile.
+    raw = await anyio.to_thread.run_sync(_csv_bytes, groups, rows)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
+    return Answer(None, raw=raw, headers=[
+        (b"content-type", b"text/csv; charset=utf-8"),
+        (b"content-disposition", f'attachment; filename="at-gateway-usage-{stamp}.csv"'.encode())])
+
+
+_CSV_NUMBERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
+                "tokens", "cost_usd", "unpriced")
+
+
+def _csv_bytes(groups: list[str], rows: list[tuple[Any, ...]]) -> bytes:
+    """The export's UTF-8 bytes: a header line, then one line per group (RFC 4180 line ends); text cells that a
+    spreadsheet would run as a formula are quoted (:func:`_cell`). Runs in a worker thread."""
     named = "key" in groups
     head = [*groups]
     if named:
         head.insert(groups.index("key") + 1, "key_name")
-    numbers = ["requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
-               "tokens", "cost_usd", "unpriced"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")  # RFC 4180
-    writer.writerow([*head, *numbers])
+    writer.writerow([*head, *_CSV_NUMBERS])
     for row in rows:
         cells: list[Any] = [_cell(v) for v in row[:len(groups)]]
         rest = row[len(groups):]
@@ -227,11 +243,8 @@ async def usage_csv(req: AdminRequest) -> Answer:
             cells.insert(groups.index("key") + 1, _cell(rest[0]) if rest[0] is not None else "")
             rest = rest[1:]
         n = _numbers(rest)
-        writer.writerow([*cells, *(n[k] for k in numbers)])
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
-    return Answer(None, raw=out.getvalue().encode("utf-8"), headers=[
-        (b"content-type", b"text/csv; charset=utf-8"),
-        (b"content-disposition", f'attachment; filename="at-gateway-usage-{stamp}.csv"'.encode())])
+        writer.writerow([*cells, *(n[k] for k in _CSV_NUMBERS)])
+    return out.getvalue().encode("utf-8")
 
 
 def usage_sql(groups: list[str], since: str | None, until: str | None, filters: dict[str, str],
@@ -416,8 +429,18 @@ async def audit(req: AdminRequest) -> Answer:
 
     rows = await req.db(read)
     more = len(rows) > limit
-    data = [{**r, "id": str(r["id"]), "time": _iso(r["time"])} for r in rows[:limit]]
+    data = [{**r, "id": str(r["id"]), "time": _iso(r["time"]), "change": _public(r["change"])} for r in rows[:limit]]
     return Answer(listing(data, [int(rows[limit - 1]["id"])] if more else None))
+
+
+def _public(change: Any) -> Any:
+    """An audit row's change as reads show it: a provider's base_url with its credentials masked, as the
+    providers reads show it (the row holds the spec with the store's secrets replaced, not the URL's)."""
+    if isinstance(change, dict) and isinstance(change.get("base_url"), str):
+        from .catalog import mask_base_url
+
+        return {**change, "base_url": mask_base_url(change["base_url"])}
+    return change
 
 
 def explain(conn: sqlite3.Connection, sql: str, args: Iterable[Any] = ()) -> str:

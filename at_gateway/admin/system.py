@@ -24,7 +24,7 @@ from ..logs import quote
 from ..store.crypto import CryptoError, passphrase_problem
 from ..store.db import StoreError, schema_version
 from .api import AdminRequest, Answer, Route, invalid, is_busy, store_busy
-from .catalog import control, current, mask_url, only, render_provider, render_route
+from .catalog import control, current, mask_base_url, only, render_provider, render_route
 
 log = logging.getLogger("at_gateway.admin")
 
@@ -58,7 +58,7 @@ def render_config(config: Config, file_config: Config, overlay: Overlay | None) 
     forward = config.admin.forward_auth
     out["admin"] = {
         "tokens": [SET] * len(config.admin.tokens),
-        "forward_auth": None if forward is None else {**_plain(forward), "address": mask_url(forward.address)},
+        "forward_auth": None if forward is None else {**_plain(forward), "address": mask_base_url(forward.address)},
         "max_body_size": config.admin.max_body_size,
     }
     out["store"] = {"path": config.store.path, "encryption_key": SET if config.store.encryption_key else None}

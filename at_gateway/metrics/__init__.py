@@ -21,6 +21,7 @@ import logging
 import marshal
 import os
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
@@ -84,6 +85,10 @@ class Metrics(Counts):
     def key_label(self, client: str) -> str:
         return self.share.key_label(client)
 
+    def configured_routes(self) -> Mapping[str, Any]:
+        """The current gateway's routes (a reload may add or remove one): see :meth:`Counts.configured_routes`."""
+        return self._config_now().routes
+
     # -- publishing (workers) ----------------------------------------------------------------------------------
     def arm(self) -> None:
         """Publish within :data:`~.share.PUBLISH_INTERVAL` of the last publish: one timer on the event loop,
@@ -141,13 +146,25 @@ class Metrics(Counts):
 
     def authorize(self, request: Request) -> None:
         """Basic auth with ``metrics.username``/``password``, or an admin token as Bearer, whichever is
-        configured (each compared in constant time); neither configured: open. Raises 401 otherwise."""
+        configured (each compared in constant time); neither configured: open. Raises 401 otherwise.
+
+        A wrong credential counts as a wrong admin credential of the client's address, with the dashboard's
+        failed logins and the admin API's wrong Bearer tokens (:class:`~at_gateway.admin.auth.AdminState`):
+        /metrics takes the admin token, so it must not be the door where guessing it is unlimited. Over the
+        limit, 429 with Retry-After, whatever is sent."""
         config = self._config_now()
         m = config.metrics
         tokens = config.admin.tokens
         if not m.username and not tokens:
             return
         auth = request.header(b"authorization") or b""
+        state = address = None
+        now = 0.0
+        if auth.strip():  # a credential presented: a guess, limited; none at all is not counted
+            from ..admin.auth import client_address, process_state
+
+            state, address, now = process_state(self.services), client_address(request), self.services.clock()
+            state.check(address, now)
         scheme, _, value = auth.partition(b" ")
         scheme = scheme.lower()
         value = value.strip()
@@ -165,6 +182,8 @@ class Metrics(Counts):
                 if hmac.compare_digest(value, token.encode()):
                     ok = True
         if not ok:
+            if state is not None and address is not None:
+                state.login_failed(address, now)
             what = "metrics.username and metrics.password (Basic auth)" if m.username else ""
             if tokens:
                 what += (" or " if what else "") + "an admin token (Authorization: Bearer ...)"

@@ -9,10 +9,17 @@ numbers: counters, then the buckets of its histograms), every attempt into one c
 these few tables, computed at scrape time, when the cost does not matter. The same flat tables are what a
 worker publishes for the others to sum (:mod:`.share`).
 
-Label sets stay bounded: routes, providers, models and doors come from the config (a direct ``provider/model``
-route is the one way a client names a new value, so each table is capped at :data:`MAX_SERIES` and the rest
-go to route and model ``other``), statuses are HTTP's, and key ids are capped to the top N with an ``other``
-bucket (:meth:`.share.Share.key_label`), or dropped altogether with ``metrics.per_key: false``.
+Label sets stay bounded: routes, providers, models and doors come from the config, statuses are HTTP's, and key
+ids are capped to the top N with an ``other`` bucket (:meth:`.share.Share.key_label`), or dropped altogether
+with ``metrics.per_key: false``. The one way a client names a value is ``allow_direct``'s ``provider/model``:
+such a request counts under the route ``direct:<provider>`` (one value per configured provider, whatever the
+client wrote; a configured route whose name holds a ``/`` keeps its name), its model among the first
+:data:`MAX_DIRECT_MODELS` direct models this process saw, the rest as ``other``. Besides, the distinct values of
+route and model are capped (:data:`MAX_ROUTES`, :data:`MAX_MODELS`: a route or model the config no longer has
+still counts under its name, and a ``models`` list may mix direct steps into a configured route), and each
+table at :data:`MAX_SERIES` records (records multiply by door, status and key), past which new ones count as
+route and model ``other``. The caps are per process: with ``workers: N`` a scrape sums at most N such sets
+(a worker takes the first direct models it sees).
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ K_COUNT, K_PROMPT, K_COMPLETION, K_COST = range(4)
 KEY_RECORD = 4
 
 MAX_SERIES = 4096  # records per table; past it new routes and models count as "other"
+MAX_ROUTES = 1000  # distinct route label values per process (past it: "other")
+MAX_MODELS = 1000  # distinct model label values of configured routes per process (past it: "other")
+MAX_DIRECT_MODELS = 100  # distinct models named by clients on direct routes per process (past it: "other")
+DIRECT = "direct:"  # the route label of allow_direct's provider/model requests: "direct:<provider>"
 _KEY_CACHE = 4096  # key ids remembered per process (their label), past it the cache starts over
 
 _CHAT_PATH = "/chat/completions"
@@ -119,6 +130,10 @@ class Counts:
         self.keyed: dict[tuple[Any, ...], list[int]] = {}
         self.attempts: dict[tuple[Any, ...], int] = {}
         self._labels: dict[str, str] = {}  # key id -> its label (itself, or "other")
+        self._route_labels: dict[str, str] = {}  # route name -> its label (itself, or "other" past MAX_ROUTES)
+        self._model_labels: dict[str, str] = {}  # a configured route's model -> its label
+        self._direct_routes: dict[str, str] = {}  # provider -> "direct:<provider>"
+        self._direct_models: dict[str, str] = {}  # the direct models with a label of their own (MAX_DIRECT_MODELS)
         self.shared = False  # set by a subclass that publishes: changes then arm a publish
         self.armed = False
 
@@ -154,7 +169,20 @@ class Counts:
         else:
             kl = ""
         skl = kl if self.seed_names else ""
-        rk = (route, ctx.provider, ctx.model, dname, status, skl)
+        model = ctx.model
+        direct = False
+        if route is not None:
+            if "/" in route and route not in self.configured_routes():  # allow_direct's provider/model
+                direct = True
+                route = self._direct_route(route)
+                model = self._direct_model(model)
+            else:
+                label = self._route_labels.get(route)
+                route = label if label is not None else self._route_label(route)
+                if model is not None:
+                    label = self._model_labels.get(model)
+                    model = label if label is not None else self._model_label(model)
+        rk = (route, ctx.provider, model, dname, status, skl)
         rec = self.requests.get(rk)
         if rec is None:
             rec = self._new_record(rk)
@@ -172,8 +200,15 @@ class Counts:
             attempts = ctx.attempts
             if attempts:
                 table = self.attempts
+                models = self._model_labels
                 for a in attempts:
-                    ak = (route, a.provider, a.model, "ok" if a.ok and a.error is None else attempt_outcome(a), skl)
+                    if direct:
+                        am: str | None = self._direct_model(a.model)
+                    else:
+                        am = models.get(a.model)
+                        if am is None:
+                            am = self._model_label(a.model)
+                    ak = (route, a.provider, am, "ok" if a.ok and a.error is None else attempt_outcome(a), skl)
                     n = table.get(ak)
                     if n is None:
                         self._new_attempt(ak)
@@ -223,6 +258,45 @@ class Counts:
     def key_label(self, client: str) -> str:
         """The label of a key id seen for the first time in this process (the subclass asks the share)."""
         return client
+
+    def configured_routes(self) -> Mapping[str, Any]:
+        """The routes of the configuration served now (the subclass reads the current gateway's): a name with a
+        ``/`` that is not among them is a direct ``provider/model``. Asked only for names with a ``/``."""
+        return {}
+
+    def _route_label(self, route: str) -> str:
+        label = route if len(self._route_labels) < MAX_ROUTES else OTHER
+        if label is not OTHER:
+            self._route_labels[route] = label
+        return label
+
+    def _model_label(self, model: str) -> str:
+        label = model if len(self._model_labels) < MAX_MODELS else OTHER
+        if label is not OTHER:
+            self._model_labels[model] = label
+        return label
+
+    def _direct_route(self, route: str) -> str:
+        """``direct:<provider>`` of a direct ``provider/model`` name (the provider is a configured one: the
+        gateway refuses others before routing)."""
+        provider = route.partition("/")[0]
+        label = self._direct_routes.get(provider)
+        if label is None:
+            if len(self._direct_routes) >= MAX_ROUTES:
+                return OTHER
+            label = self._direct_routes[provider] = DIRECT + provider
+        return label
+
+    def _direct_model(self, model: str | None) -> str | None:
+        """A client-named model's label: itself while fewer than :data:`MAX_DIRECT_MODELS` have one, else other."""
+        if model is None:
+            return None
+        label = self._direct_models.get(model)
+        if label is None:
+            if len(self._direct_models) >= MAX_DIRECT_MODELS:
+                return OTHER
+            label = self._direct_models[model] = model
+        return label
 
     def _new_record(self, rk: tuple[Any, ...]) -> list[Any]:
         if len(self.requests) >= MAX_SERIES:

@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import Config, Overlay
+from ..config import Config, Overlay, url_without_credentials
 from ..errors import ConfigError
 from .crypto import (
     Cipher,
@@ -113,6 +113,8 @@ def public_change(spec: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(spec)
     for path, _ in secret_fields(spec):
         _set(out, path, "(set)")
+    if isinstance(out.get("base_url"), str):  # a password or a key in the URL itself
+        out["base_url"] = url_without_credentials(out["base_url"])
     return out
 
 
