@@ -9,9 +9,13 @@ method, and validates what it answers by reading it the way that SDK does (its o
 from __future__ import annotations
 
 import base64
+import gc
+import http.client
 import json
 import re
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +27,10 @@ from google.genai import models as gmodels
 from google.genai import types as gtypes
 from openai.types import CreateEmbeddingResponse
 
+from at_gateway.providers import openai as openai_provider
 from tests.conftest import GATEWAY_KEY, base_config, run_gateway
 from tests.mock_google import TokenServer, error_reply, make_service_account
-from tests.mock_upstream import MockUpstream, Received, Reply
+from tests.mock_upstream import MockUpstream, Received, Reply, wait_until
 from tests.test_keys import keyed_gateway, store_at
 
 GEMINI_KEY = "gemini-embed-secret-key-123"
@@ -575,3 +580,162 @@ def test_vertex_with_a_service_account(upstream: MockUpstream, other: MockUpstre
     assert rec.headers["authorization"].startswith("Bearer ya29.mock-access-token-")
     assert body == {"instances": [{"content": "hello 0"}]}
     assert answer.data[0].embedding == vec(0) and answer.usage.prompt_tokens == 2
+
+
+# ---------------------------------------------------------------------------
+# Large answers do not stall the event loop
+# ---------------------------------------------------------------------------
+
+BIG_N, BIG_D = 2048, 1536  # OpenAI's most inputs, text-embedding-3-small's width: a ~40 MB float answer
+BIG_VECTOR = [((i * 37) % 2001 - 1000) / 1024 for i in range(BIG_D)]  # float32-exact
+LOOP_BOUND = 0.3  # seconds: slower /health answers mean the loop was busy with one request (it was 0.4-1.6 s)
+
+
+def big_openai_answer(encoding: str, usage: bool = True) -> bytes:
+    """OpenAI's answer to BIG_N inputs, built by joining (json.dumps of it would take the test a second)."""
+    vector = json.dumps(b64(BIG_VECTOR) if encoding == "base64" else BIG_VECTOR)
+    items = ",".join(f'{{"object":"embedding","index":{i},"embedding":{vector}}}' for i in range(BIG_N))
+    tail = f',"usage":{{"prompt_tokens":{BIG_N},"total_tokens":{BIG_N}}}' if usage else ""
+    return f'{{"object":"list","data":[{items}],"model":"{EMBED_MODEL}"{tail}}}'.encode()
+
+
+def big_gemini_answer(rec: Received) -> Reply:
+    """batchEmbedContents for as many requests as were sent (the mock is plain: its own work would hold the GIL
+    the gateway's loop shares in this process)."""
+    one = json.dumps({"values": BIG_VECTOR})
+    n = rec.body.count(b'"content"')
+    return Reply(body=f'{{"embeddings":[{",".join([one] * n)}]}}'.encode(),
+                 headers={"content-type": "application/json"})
+
+
+class LoopProbe:
+    """``GET /health`` in a loop, on its own connection, while a request runs: the slowest answer is the longest
+    the gateway's event loop spent on something else (/health itself takes well under a millisecond)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            while not self._stop.is_set():
+                start = time.perf_counter()
+                conn.request("GET", "/health")
+                conn.getresponse().read()
+                self.latencies.append(time.perf_counter() - start)
+        finally:
+            conn.close()
+
+    def __enter__(self) -> LoopProbe:
+        self._thread.start()
+        assert wait_until(lambda: len(self.latencies) >= 3)  # probing before the request starts
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def big_request(gw: Any, route: str, encoding: str) -> tuple[int, bytes, list[float]]:
+    """One request for BIG_N embeddings, over http.client (it reads the answer without decoding it), while a
+    LoopProbe runs; the answer and the probe's latencies."""
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=60)
+    body = json.dumps({"model": route, "input": ["x"] * BIG_N, "encoding_format": encoding})
+    # As `serve` runs the gateway (service.tune_gc): what was built before serving is frozen out of the
+    # collector's sight. Unfrozen, a full collection over this process's heap (the SDKs the tests import) would
+    # be a stall of the test's own making.
+    gc.collect()
+    gc.freeze()
+    try:
+        with LoopProbe(gw.port) as probe:
+            conn.request("POST", PATH, body, {"content-type": "application/json", "x-api-key": GATEWAY_KEY})
+            resp = conn.getresponse()
+            data = resp.read()
+            seen = len(probe.latencies)
+        assert seen > 3  # the probe ran during the request
+        return resp.status, data, probe.latencies
+    finally:
+        gc.unfreeze()
+        conn.close()
+
+
+BIG_CASES = {
+    # case: (route, the client's encoding_format, the upstream's answer)
+    "openai-float-passed-through": ("emb", "float", "float"),
+    "openai-float-to-base64": ("emb", "base64", "float"),
+    "openai-base64-to-float": ("emb", "float", "base64"),
+    "openai-usage-estimated": ("emb", "float", "float-no-usage"),
+    "gemini-packed-as-float": ("gemb", "float", "gemini"),
+}
+
+
+@pytest.mark.parametrize("case", list(BIG_CASES))
+def test_a_large_answer_does_not_stall_the_event_loop(upstream: MockUpstream, other: MockUpstream,
+                                                      case: str) -> None:
+    route, encoding, upstream_gives = BIG_CASES[case]
+    if upstream_gives == "gemini":
+        other.replies["/v1beta/models/gemini-embedding-001:batchEmbedContents"] = big_gemini_answer
+    else:
+        upstream.replies[EMBED_MODEL] = Reply(
+            body=big_openai_answer(upstream_gives.removesuffix("-no-usage"), usage="no-usage" not in upstream_gives),
+            headers={"content-type": "application/json"})
+    cfg = oa_config(upstream, [{"name": "emb", "steps": [{"provider": "up1", "model": EMBED_MODEL}]},
+                               {"name": "gemb", "steps": [{"provider": "goo", "model": "gemini-embedding-001"}]}])
+    cfg["providers"].append({"name": "goo", "type": "gemini", "base_url": other.url, "api_key": GEMINI_KEY})
+    with run_gateway(cfg) as gw:
+        status, data, latencies = big_request(gw, route, encoding)
+    assert status == 200, data[:300]
+    assert max(latencies) < LOOP_BOUND, f"the loop stalled {max(latencies) * 1000:.0f} ms"
+    answer = json.loads(data)
+    assert [d["index"] for d in answer["data"]] == list(range(BIG_N))
+    first, last = answer["data"][0]["embedding"], answer["data"][-1]["embedding"]
+    if encoding == "base64":
+        assert unb64(first) == unb64(last) == BIG_VECTOR
+    else:
+        assert first == last == BIG_VECTOR
+    assert answer["usage"] == {"prompt_tokens": BIG_N, "total_tokens": BIG_N}  # counted, or estimated as 1 each
+
+
+@pytest.mark.parametrize("raw", [
+    b"{}", b' { "a" : [ ] } ', b'{"data": [1, {"b": [2]}], "c": "d\\u00e9", "n": null}', b"[1, 2]", b'"x"',
+    '{"é": ["ü"]}'.encode(), b'{"a": [1, 2,]}', b'{"a": 1,}', b'{"a" 1}', b'{"a": 1} x', b'{"a": [1 2]}', b"{",
+    b'{"a": [1', b"\xff{}",
+], ids=repr)
+def test_decoding_in_pieces_is_json_loads(raw: bytes) -> None:
+    """What a large answer is decoded with (a top-level object's arrays one element per call): json.loads's
+    result, or a ValueError where json.loads raises one; and encoding it back is json.dumps's compact UTF-8."""
+    try:
+        want: Any = json.loads(raw)
+    except ValueError:
+        with pytest.raises(ValueError):
+            openai_provider.loads_in_pieces(raw)
+        return
+    assert openai_provider.loads_in_pieces(raw) == want
+    if isinstance(want, dict):
+        assert openai_provider.dumps_in_pieces(want) == json.dumps(want, separators=(",", ":"),
+                                                                   ensure_ascii=False).encode()
+
+
+def test_a_large_answer_not_shaped_as_openais_is_decoded_to_be_sure(upstream: MockUpstream) -> None:
+    """A large answer is judged from its head and tail (``data`` first, ``usage`` last, as OpenAI writes them);
+    one that is shaped otherwise is decoded whole (off the loop) before it is passed on, and one that is not
+    JSON fails the step (502), as a small one does."""
+    vectors = [vec(i) for i in range(40_000)]
+    late = {"model": "m" * 5000, "usage": {"prompt_tokens": 3, "total_tokens": 3},
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]}
+    as_json = {"content-type": "application/json"}
+    upstream.replies["late-data"] = Reply(body=json.dumps(late).encode(), headers=as_json)
+    upstream.replies["garbage"] = Reply(body=b'{"data": [' + b"1," * 200_000, headers=as_json)  # cut short
+    routes = [{"name": "late", "steps": [{"provider": "up1", "model": "late-data"}]},
+              {"name": "bad", "steps": [{"provider": "up1", "model": "garbage"}]}]
+    with run_gateway(oa_config(upstream, routes)) as gw:
+        r = httpx.post(gw.url + PATH, headers={"x-api-key": GATEWAY_KEY}, timeout=20,
+                       json={"model": "late", "input": ["x"] * 3, "encoding_format": "float"})
+        bad = httpx.post(gw.url + PATH, headers={"x-api-key": GATEWAY_KEY}, timeout=20,
+                         json={"model": "bad", "input": "x", "encoding_format": "float"})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
+    assert [d["embedding"] for d in r.json()["data"]] == vectors
+    assert bad.status_code == 502 and "not JSON" in bad.json()["error"]["message"], bad.text

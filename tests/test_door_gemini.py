@@ -722,3 +722,158 @@ def test_a_chat_completion_as_a_gemini_answer(msg: dict[str, Any], finish: str, 
     assert cand["finishReason"] == want_finish and out["modelVersion"] == GPT
     if want_usage is not None:
         assert out["usageMetadata"] == want_usage
+
+
+# ---------------------------------------------------------------------------
+# A key's rules on either spelling; refusals; native-only routes; tool-call fragments
+# ---------------------------------------------------------------------------
+
+C_HI = [{"role": "user", "parts": [{"text": "hi"}]}]
+KEY_SYSTEM = {"parts": [{"text": "Key rules."}]}
+SPELLINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # case: (what the client sent besides contents, what the native upstream must get besides contents)
+    "camel": ({"generationConfig": {"maxOutputTokens": 500}},
+              {"generationConfig": {"maxOutputTokens": 8}, "systemInstruction": KEY_SYSTEM}),
+    "snake": ({"generation_config": {"max_output_tokens": 500, "temperature": 0.5},
+               "system_instruction": {"parts": [{"text": "Mine."}]}},
+              {"generationConfig": {"maxOutputTokens": 8, "temperature": 0.5},
+               "systemInstruction": {"parts": [{"text": "Key rules."}, {"text": "Mine."}]}}),
+    "both-spellings": ({"generationConfig": {"maxOutputTokens": 500}, "generation_config": {"max_output_tokens": 500}},
+                       {"generationConfig": {"maxOutputTokens": 8}, "systemInstruction": KEY_SYSTEM}),
+    "camel-null-and-snake": ({"generationConfig": None, "generation_config": {"max_output_tokens": 500}},
+                             {"generationConfig": {"maxOutputTokens": 8}, "systemInstruction": KEY_SYSTEM}),
+    "inner-null-and-snake": ({"generationConfig": {"maxOutputTokens": None, "max_output_tokens": 500}},
+                             {"generationConfig": {"maxOutputTokens": 8}, "systemInstruction": KEY_SYSTEM}),
+    "system-null-and-snake": ({"systemInstruction": None, "system_instruction": {"parts": [{"text": "Mine."}]}},
+                              {"generationConfig": {"maxOutputTokens": 8},
+                               "systemInstruction": {"parts": [{"text": "Key rules."}, {"text": "Mine."}]}}),
+    "below-the-cap": ({"generation_config": {"max_output_tokens": 5}},
+                      {"generationConfig": {"maxOutputTokens": 5}, "systemInstruction": KEY_SYSTEM}),
+}
+
+
+@pytest.mark.parametrize("case", list(SPELLINGS))
+def test_a_keys_prompt_and_cap_reach_a_native_step_whatever_the_spelling(
+        upstream: MockUpstream, other: MockUpstream, gem: GeminiMock, vx: GeminiMock, claude: AnthropicMock,
+        tmp_path: Path, case: str) -> None:
+    """The REST API reads both spellings of a field: a key's cap and system prompt must hold for either, so the
+    native body has the snake_case ones folded into camelCase before the key's rules apply (no spelling left
+    for the upstream to read uncapped)."""
+    sent_fields, want = SPELLINGS[case]
+    answer_hello(upstream, gem, vx, claude)
+    key = _key(tmp_path, system_prompt="Key rules.", max_tokens=8)
+    with keyed_gateway(config(upstream, other.url, store={"path": str(tmp_path / "gw.db")})) as gw:
+        r = post(gw, "/v1beta/models/g:generateContent", {"contents": C_HI, **sent_fields},
+                 headers={"x-goog-api-key": key})
+    assert r.status_code == 200, r.text
+    assert gem.calls[-1].body == {"contents": C_HI, **want}
+
+
+@pytest.mark.parametrize("finish, want_finish", [("stop", "STOP"), ("content_filter", "SAFETY")])
+def test_a_refusal_is_a_text_part_whole_and_streamed(gw: RunningGateway, upstream: MockUpstream, finish: str,
+                                                     want_finish: str) -> None:
+    """A chat ``refusal`` (OpenAI's structured refusals) is the answer's text; the finishReason is what the chat
+    answer's finish_reason says."""
+    refusal = chunk(role=True, model=GPT)
+    refusal["choices"][0]["delta"]["refusal"] = "I can't"
+    more = chunk(model=GPT)
+    more["choices"][0]["delta"]["refusal"] = " help."
+    upstream.replies[GPT] = lambda rec: Reply(sse=[refusal, more, chunk(finish=finish, model=GPT),
+                                                   chunk(choices=False, usage=OPENAI_USAGE, model=GPT)]) \
+        if rec.json.get("stream") else Reply(body=completion({"content": None, "refusal": "I can't help."}, finish))
+    c = client(gw)
+    whole = c.models.generate_content(model="o", contents="hi")
+    streamed = list(c.models.generate_content_stream(model="o", contents="hi"))
+    assert whole.text == "I can't help."
+    assert whole.candidates and whole.candidates[0].finish_reason == want_finish
+    assert "".join(ch.text or "" for ch in streamed) == "I can't help."
+    assert streamed[-1].candidates and streamed[-1].candidates[0].finish_reason == want_finish
+
+
+NATIVE_ONLY = {
+    # case: (a body Gemini takes, which the translation drops or cannot carry)
+    "built-ins-and-settings": {"contents": C_HI, "tools": [{"googleSearch": {}}], "generationConfig": {"topK": 3},
+                               "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]},
+    "image-in-system-instruction": {"contents": C_HI, "systemInstruction": {
+        "parts": [{"inlineData": {"mimeType": "image/png", "data": PNG}}]}},
+    "numbers-as-strings": {"contents": C_HI, "generationConfig": {"temperature": "0.5", "maxOutputTokens": "64"}},
+    "code-execution-only": {"contents": [{"role": "user", "parts": [
+        {"executableCode": {"language": "PYTHON", "code": "print(1)"}}]}]},
+}
+
+
+@pytest.mark.parametrize("case", list(NATIVE_ONLY))
+def test_a_route_of_native_steps_only_passes_the_body_on_without_warnings(upstream: MockUpstream,
+                                                                           other: MockUpstream, case: str) -> None:
+    """Warnings are about translated steps and the translation's refusals about what it cannot carry: on a route
+    whose every step is native, neither applies; the upstream gets the body as sent and is the judge of it."""
+    body = NATIVE_ONLY[case]
+    path = f"/v1beta/models/{MODEL}:generateContent"
+    upstream.replies[path] = Reply(body=response(text("hi"), meta=usage(3, 1), model=MODEL))
+    with run_gateway(config(upstream, other.url)) as gw:
+        r = post(gw, "/v1beta/models/g:generateContent", body)
+    assert r.status_code == 200, r.text
+    assert "x-gateway-warning" not in r.headers
+    assert upstream.received[-1].path == path and upstream.received[-1].json == body
+
+
+def test_a_route_with_a_translated_step_still_warns_and_reads_numbers_as_strings(
+        gw: RunningGateway, upstream: MockUpstream, gem: GeminiMock) -> None:
+    gem.on(MODEL, lambda c: Reply(body=response(text("hi"), meta=usage(3, 1), model=MODEL)))
+    upstream.replies["gpt-broken"] = Reply(status=500, body={"error": {"message": "boom"}})
+    upstream.replies[GPT] = Reply(body=completion({"content": "hi"}))
+    r = post(gw, "/v1beta/models/fb:generateContent", NATIVE_ONLY["built-ins-and-settings"])
+    assert r.status_code == 200, r.text
+    assert "googleSearch" in r.headers["x-gateway-warning"] and "topK" in r.headers["x-gateway-warning"]
+    # proto3 JSON takes numbers as strings: so does the translation
+    r = post(gw, "/v1beta/models/o:generateContent", NATIVE_ONLY["numbers-as-strings"])
+    assert r.status_code == 200, r.text
+    sent = upstream.received[-1].json
+    assert sent["temperature"] == 0.5 and sent["max_tokens"] == 64
+    # a translated route still refuses what only the translation cannot carry, with Gemini's 400
+    err = gemini_error(post(gw, "/v1beta/models/o:generateContent", NATIVE_ONLY["code-execution-only"]),
+                       400, "INVALID_ARGUMENT")
+    assert "contents" in err["message"]
+
+
+def tool_fragment(index: Any, call_id: str | None = None, name: str | None = None,
+                  arguments: str | None = None) -> dict[str, Any]:
+    fragment: dict[str, Any] = {"index": index, "type": "function", "function": {}}
+    if call_id is not None:
+        fragment["id"] = call_id
+    if name is not None:
+        fragment["function"]["name"] = name
+    if arguments is not None:
+        fragment["function"]["arguments"] = arguments
+    ev = chunk(model=GPT)
+    ev["choices"][0]["delta"] = {"tool_calls": [fragment]}
+    return ev
+
+
+FRAGMENTS: dict[str, tuple[list[Any], list[tuple[str, str, dict[str, Any]]]]] = {
+    # case: (the fragments, the calls that must come out: (id, name, args))
+    "index-null": ([tool_fragment(None, "call_1", "f", "{}")], [("call_1", "f", {})]),
+    "index-null-twice": ([tool_fragment(None, "call_1", "f", '{"a":1}'), tool_fragment(None, "call_2", "g", '{"b":2}')],
+                         [("call_1", "f", {"a": 1}), ("call_2", "g", {"b": 2})]),
+    "index-null-continued": ([tool_fragment(None, "call_1", "f", '{"a":'), tool_fragment(None, arguments="1}")],
+                             [("call_1", "f", {"a": 1})]),
+    "new-id-same-index": ([tool_fragment(0, "call_1", "f", '{"a":1}'), tool_fragment(0, "call_2", "g", '{"b":2}')],
+                          [("call_1", "f", {"a": 1}), ("call_2", "g", {"b": 2})]),
+    "new-id-then-rest": ([tool_fragment(0, "call_1", "f", '{"a":1}'), tool_fragment(0, "call_2", "g", '{"b":'),
+                          tool_fragment(0, arguments="2}")],
+                         [("call_1", "f", {"a": 1}), ("call_2", "g", {"b": 2})]),
+    "name-repeated": ([tool_fragment(0, "call_1", "f", '{"a":'), tool_fragment(0, name="f", arguments="1}")],
+                      [("call_1", "f", {"a": 1})]),
+}
+
+
+@pytest.mark.parametrize("case", list(FRAGMENTS))
+def test_nonconformant_tool_call_fragments_stream_as_whole_calls(gw: RunningGateway, upstream: MockUpstream,
+                                                                  case: str) -> None:
+    """``index: null`` is the next free index (a fragment without id or name goes on with the last call); a
+    fragment with another ``id`` on an index whose call has one is a new call; names are never joined."""
+    fragments, want = FRAGMENTS[case]
+    upstream.replies[GPT] = Reply(sse=[chunk("", role=True, model=GPT), *fragments, chunk(finish="tool_calls",
+                                                                                          model=GPT)])
+    chunks = list(client(gw).models.generate_content_stream(model="o", contents="hi"))
+    assert [(fc.id, fc.name, fc.args) for ch in chunks for fc in ch.function_calls or []] == want

@@ -868,3 +868,173 @@ def test_a_client_keys_rules_reach_a_native_step_without_showing_in_the_answer(
     assert sent["input"][0] == {"type": "message", "role": "system", "content": "Never swear."}
     assert sent["instructions"] == "Mine." and sent["max_output_tokens"] == 64
     assert resp.instructions == "Mine."
+
+
+# -- reasoning items the gateway made, and native steps -----------------------------------------------------------
+
+REASONED = {**chat_completion("first", usage=USAGE), "choices": [{
+    "index": 0, "message": {"role": "assistant", "content": "first", "reasoning_content": "thinking..."},
+    "finish_reason": "stop"}]}
+
+
+def mixed_config(upstream: MockUpstream, tmp_path: Path) -> dict[str, Any]:
+    """A native route and a translated one, sharing the store."""
+    cfg = native_config(upstream, tmp_path)
+    cfg["routes"].append({"name": "gpt", "steps": [{"provider": "up1", "model": "gpt-4o-mini"}]})
+    cfg["routes"].append({"name": "streamer", "steps": [{"provider": "up1", "model": "stream-model"}]})
+    return cfg
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_reasoning_the_gateway_made_is_marked_and_never_replayed_to_a_native_step(
+        upstream: MockUpstream, responses_api: mr.ResponsesMock, tmp_path: Path, stream: bool) -> None:
+    """A translated step's reasoning (Anthropic thinking, Gemini thoughts, reasoning_content) comes back as a
+    ``reasoning`` item whose id the gateway minted (``rs_atg_...``); a Responses upstream does not know that id
+    and refuses it (400 item_not_found), so native steps get the context without it: expanded from
+    previous_response_id, or resent by the client itself. The upstream's own reasoning items go on as sent."""
+    steps: list[Any] = [chunk("", role=True)]
+    for part in ("think", "ing..."):
+        c = chunk()
+        c["choices"][0]["delta"] = {"reasoning_content": part}
+        steps.append(c)
+    steps += [chunk("first"), chunk(finish="stop"), chunk(choices=False, usage=USAGE)]
+    upstream.replies["stream-model"] = Reply(sse=steps)
+    upstream.replies["gpt-4o-mini"] = Reply(body=REASONED)
+    theirs = mr.reasoning("Upstream thought", encrypted_content="enc-9", item_id="rs_upstream1")
+    turns = iter([mr.response(theirs, mr.message("second")), mr.response(mr.message("third"))])
+    responses_api.on("gpt-5-mini", lambda body: next(turns))
+    with gateway(mixed_config(upstream, tmp_path)) as gw:
+        client = sdk(gw)
+        if stream:
+            events = events_of(raw_stream(gw, {"model": "streamer", "input": "hi"}).content)
+            mr.check_events(events)
+            added = [e["item"]["id"] for e in events if e["type"] == "response.output_item.added"
+                     and e["item"]["type"] == "reasoning"]
+            one = events[-1]["response"]
+            assert added and all(i.startswith("rs_atg_") for i in added)
+        else:
+            one = client.responses.create(model="gpt", input="hi").model_dump(exclude_none=True)
+        mine = one["output"][0]
+        assert mine["type"] == "reasoning" and mine["id"].startswith("rs_atg_")
+        two = client.responses.create(model="native", input="more", previous_response_id=one["id"],
+                                      include=["reasoning.encrypted_content"])
+        expanded = upstream.received[-1].json["input"]
+        # the client resends the whole history itself (Codex with store: false): both turns' output
+        history = [{"role": "user", "content": "hi"}, *one["output"], {"role": "user", "content": "more"},
+                   *(o.model_dump(exclude_none=True) for o in two.output), {"role": "user", "content": "again"}]
+        three = client.responses.create(model="native", input=history, store=False)  # type: ignore[arg-type]
+        resent = upstream.received[-1].json["input"]
+    assert two.output_text == "second" and three.output_text == "third"
+    assert [(i.get("type"), i.get("role")) for i in expanded] == [("message", "user"), ("message", "assistant"),
+                                                                  ("message", "user")]
+    assert "rs_atg_" not in json.dumps(expanded) and "thinking..." not in json.dumps(expanded)
+    assert "rs_atg_" not in json.dumps(resent)
+    assert [i.get("id") for i in resent if i.get("type") == "reasoning"] == ["rs_upstream1"]  # the upstream's own
+    assert [(i.get("type", "message"), i.get("role")) for i in resent] == [
+        ("message", "user"), ("message", "assistant"), ("message", "user"), ("reasoning", None),
+        ("message", "assistant"), ("message", "user")]
+
+
+@pytest.mark.parametrize("cap, asked, sent", [
+    (8, 500, 16), (8, None, 16), (64, 500, 64), (64, 20, 20), (64, None, 64), (8, 10, 16),
+], ids=["cap-below-16", "cap-below-16-none-asked", "cap", "below-cap", "cap-none-asked", "both-below-16"])
+def test_a_keys_cap_on_a_native_step_is_never_below_the_apis_minimum(
+        upstream: MockUpstream, responses_api: mr.ResponsesMock, tmp_path: Path, cap: int, asked: int | None,
+        sent: int) -> None:
+    """The Responses API refuses ``max_output_tokens`` below 16 (integer_below_min_value): a key's smaller cap
+    reaches a native step as 16, as translated steps onto a Responses upstream get it (MIN_OUTPUT_TOKENS)."""
+    conn = db.connect(str(tmp_path / "gw.db"))
+    key = KeyStore(conn).create("capped", max_tokens=cap)[1]
+    conn.close()
+    responses_api.on("gpt-5-mini", lambda body: mr.response(mr.message("Fine.")))
+    body: dict[str, Any] = {"model": "native", "input": "hi"}
+    if asked is not None:
+        body["max_output_tokens"] = asked
+    with gateway(native_config(upstream, tmp_path)) as gw:
+        r = httpx.post(gw.url + "/v1/responses", json=body, headers={"authorization": f"Bearer {key}"}, timeout=20)
+    assert r.status_code == 200, r.text
+    assert upstream.received[-1].json["max_output_tokens"] == sent
+
+
+def refusal_chunk(text: str, role: bool = False) -> dict[str, Any]:
+    c = chunk(role=role)
+    c["choices"][0]["delta"]["refusal"] = text
+    return c
+
+
+@pytest.mark.parametrize("before", [None, "Let me see. "], ids=["refusal", "text-then-refusal"])
+def test_a_refusal_streams_as_a_refusal_part(upstream: MockUpstream, before: str | None) -> None:
+    """A chat ``refusal`` delta is a refusal content part of the assistant message (``content_part.added``
+    of type refusal, ``response.refusal.delta``/``.done``), as OpenAI streams one; after text, the same
+    message's next part."""
+    events: list[Any] = [chunk("", role=True)]
+    if before:
+        events.append(chunk(before))
+    events += [refusal_chunk("I can't"), refusal_chunk(" help with that."), chunk(finish="stop"),
+               chunk(choices=False, usage=USAGE)]
+    upstream.replies["stream-model"] = Reply(sse=events)
+    with gateway(config(upstream)) as gw:
+        got = events_of(raw_stream(gw, {"model": "streamer", "input": "hi"}).content)
+        with sdk(gw).responses.stream(model="streamer", input="hi") as s:
+            for _ in s:
+                pass
+            final = s.get_final_response()
+    mr.check_events(got)  # the SDK's types and accumulator
+    refusal = ["content_part.added", "refusal.delta", "refusal.delta", "refusal.done", "content_part.done"]
+    text = ["content_part.added", "output_text.delta", "output_text.done", "content_part.done"] if before else []
+    assert types_of(got) == ["created", "in_progress", "output_item.added", *text, *refusal, "output_item.done",
+                             "completed"]
+    index = 1 if before else 0
+    added = next(e for e in got if e["type"] == "response.content_part.added" and e["part"]["type"] == "refusal")
+    assert added["content_index"] == index and added["part"] == {"type": "refusal", "refusal": ""}
+    done = next(e for e in got if e["type"] == "response.refusal.done")
+    assert done["refusal"] == "I can't help with that." and done["content_index"] == index
+    [message] = got[-1]["response"]["output"]
+    assert message["content"][index] == {"type": "refusal", "refusal": "I can't help with that."}
+    assert [p["type"] for p in message["content"]] == (["output_text", "refusal"] if before else ["refusal"])
+    assert final.output[0].content[index].type == "refusal"  # type: ignore[union-attr]
+
+
+def call_chunk(index: Any, call_id: str | None = None, name: str | None = None, arguments: str | None = None
+               ) -> dict[str, Any]:
+    """A chunk with one tool-call fragment (``index`` as given, None too: some upstreams send null)."""
+    fragment: dict[str, Any] = {"index": index, "type": "function", "function": {}}
+    if call_id is not None:
+        fragment["id"] = call_id
+    if name is not None:
+        fragment["function"]["name"] = name
+    if arguments is not None:
+        fragment["function"]["arguments"] = arguments
+    c = chunk()
+    c["choices"][0]["delta"] = {"tool_calls": [fragment]}
+    return c
+
+
+NONCONFORMANT_CALLS: dict[str, tuple[list[Any], list[tuple[str, str, str]]]] = {
+    # case: (the fragments, the calls that must come out: (call_id, name, arguments))
+    "index-null": ([call_chunk(None, "call_1", "f", "{}")], [("call_1", "f", "{}")]),
+    "index-null-twice": ([call_chunk(None, "call_1", "f", '{"a":1}'), call_chunk(None, "call_2", "g", '{"b":2}')],
+                         [("call_1", "f", '{"a":1}'), ("call_2", "g", '{"b":2}')]),
+    "index-null-continued": ([call_chunk(None, "call_1", "f", '{"a":'), call_chunk(None, arguments="1}")],
+                             [("call_1", "f", '{"a":1}')]),
+    "new-id-same-index": ([call_chunk(0, "call_1", "f", '{"a":1}'), call_chunk(0, "call_2", "g", '{"b":2}')],
+                          [("call_1", "f", '{"a":1}'), ("call_2", "g", '{"b":2}')]),
+    "new-id-then-rest": ([call_chunk(0, "call_1", "f", '{"a":1}'), call_chunk(0, "call_2", "g", '{"b":'),
+                          call_chunk(0, arguments="2}")],
+                         [("call_1", "f", '{"a":1}'), ("call_2", "g", '{"b":2}')]),
+    "name-repeated": ([call_chunk(0, "call_1", "f", '{"a":'), call_chunk(0, name="f", arguments="1}")],
+                      [("call_1", "f", '{"a":1}')]),
+}
+
+
+@pytest.mark.parametrize("case", list(NONCONFORMANT_CALLS))
+def test_nonconformant_tool_call_fragments(upstream: MockUpstream, case: str) -> None:
+    """``index: null`` is the next free index (a fragment without id or name goes on with the last call); a
+    fragment with another ``id`` on an index whose call has one starts a new call; names never concatenate."""
+    fragments, want = NONCONFORMANT_CALLS[case]
+    upstream.replies["tool-model"] = Reply(sse=[chunk("", role=True), *fragments, chunk(finish="tool_calls")])
+    with gateway(config(upstream)) as gw:
+        events = events_of(raw_stream(gw, {"model": "tools", "input": "hi", "tools": [WEATHER]}).content)
+    mr.check_events(events)
+    output = events[-1]["response"]["output"]
+    assert [(o["call_id"], o["name"], o["arguments"]) for o in output] == want

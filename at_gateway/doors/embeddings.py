@@ -26,10 +26,20 @@ import json
 import re
 from typing import Any
 
+import anyio.to_thread
+
 from ..config import Step
 from ..errors import BadRequest, StepFailed
 from ..providers.base import Completion, Provider, QuotedFailure
-from ..providers.openai import embedding_base64, embedding_floats, estimate_input_tokens
+from ..providers.openai import (
+    LARGE_ANSWER,
+    dumps_in_pieces,
+    embedding_base64,
+    embedding_floats,
+    estimate_input_tokens,
+    loads_in_pieces,
+    search_in_pieces,
+)
 from .base import Call, Door, json_object
 
 MAX_INPUTS = 2048  # OpenAI's limit on an input array
@@ -71,20 +81,27 @@ class EmbeddingsCall(Call):
         self.encoding = encoding
 
     async def complete(self, adapter: Provider, prepared: dict[str, Any], step: Step) -> Completion:
-        return self.finish(await adapter.embed(prepared, step))
+        done = await adapter.embed(prepared, step)
+        if len(done.body) >= LARGE_ANSWER:  # searched, converted and encoded off the loop, in pieces
+            return await anyio.to_thread.run_sync(self.finish, done)
+        return self.finish(done)
 
     def finish(self, done: Completion) -> Completion:
-        """The answer in the format asked for and with usage; untouched (not decoded) when it has both."""
+        """The answer in the format asked for and with usage; untouched (not decoded) when it has both. A
+        large answer (``LARGE_ANSWER``) is worked on in pieces (see :func:`..providers.openai.loads_in_pieces`):
+        :meth:`complete` runs this in a worker thread then, and pieces let the event loop have the GIL."""
         body = done.body
         usage = done.usage
+        large = len(body) >= LARGE_ANSWER
         counted = isinstance(usage, dict) and type(usage.get("prompt_tokens")) is int
-        wrong = (_FLOAT_VECTOR if self.encoding == "base64" else _B64_VECTOR).search(body) is not None
+        pattern = _FLOAT_VECTOR if self.encoding == "base64" else _B64_VECTOR
+        wrong = search_in_pieces(pattern, body) if large else pattern.search(body) is not None
         if counted and not wrong:
             return done
         try:
-            obj = json.loads(body)
+            obj = loads_in_pieces(body) if large else json.loads(body)
         except ValueError:
-            raise QuotedFailure("upstream answered 2xx with a body that is not JSON", body) from None
+            raise QuotedFailure("upstream answered 2xx with a body that is not JSON", body[:4096]) from None
         data = obj.get("data") if isinstance(obj, dict) else None
         if not isinstance(data, list):
             raise StepFailed("upstream answered 2xx with a body that is not an embeddings list (no data)")
@@ -99,6 +116,8 @@ class EmbeddingsCall(Call):
             tokens = estimate_input_tokens(self.chat.get("input"))
             usage = {**(usage if isinstance(usage, dict) else {}), "prompt_tokens": tokens, "total_tokens": tokens}
             obj["usage"] = usage
+        if large:
+            return Completion(dumps_in_pieces(obj), usage)
         return Completion(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(), usage)
 
 

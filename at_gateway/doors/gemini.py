@@ -8,17 +8,25 @@ the key comes as ``x-goog-api-key`` or ``?key=`` besides the gateway's usual two
 
 Native (``gemini`` and ``vertex`` steps, Vertex's OpenAI-compatible models excepted): the body goes as the client
 sent it (thought signatures, safety settings, cached content, code execution: all kept) to the step's model; the
-answer and the stream events come back unchanged, safety ratings included.
+answer and the stream events come back unchanged, safety ratings included. A client key's system prompt and
+``max_tokens`` cap apply to that body too, whichever spelling the client used (snake_case is folded into
+camelCase first).
 
 Translated (any other step): the request becomes an OpenAI chat body. Both spellings are read: camelCase and the
 proto field names the REST API accepts too (``system_instruction``, ``function_declarations``,
 ``parameters_json_schema``, ``generation_config``, ``inline_data``, ``mime_type``, ...). What the chat form cannot
 carry is dropped and named in the answer's ``x-gateway-warning`` header (``topK``, ``safetySettings``,
 ``cachedContent``, tools other than functions, thought parts of earlier turns); what the Gemini API itself would
-refuse (no ``contents``, a part with no data or two, a role other than user/model, a number that is not one) is a
-400 ``INVALID_ARGUMENT`` naming the field. Function calls keep an id across turns: the upstream's, sent to the
-client as ``functionCall.id``; a history without ids gets ``call_{turn}_{part}`` (the same on every turn, so
-prompt caches still match) and each ``functionResponse`` pairs with the previous model turn's call of that name.
+refuse (no ``contents``, a part with no data or two, a role other than user/model, a number that is not one; a
+number written as a string is one, as proto3 JSON has it) is a 400 ``INVALID_ARGUMENT`` naming the field. On a
+route whose every step is native neither applies: nothing is dropped there, so nothing is warned about, and a
+body the translation cannot carry goes to the upstream as sent (it is the judge; the limits then estimate from
+the body's texts). A chat ``refusal`` comes back as the answer's text (Gemini has no refusal part), its
+``finishReason`` the chat answer's (``content_filter``: SAFETY). Function calls keep an id across turns: the
+upstream's, sent to the client as ``functionCall.id``; a history without ids gets ``call_{turn}_{part}`` (the same
+on every turn, so prompt caches still match) and each ``functionResponse`` pairs with the previous model turn's
+call of that name. Streamed calls come whole; fragments from upstreams that are not conformant (``index: null``,
+a second call with its own id on one index) still make one call each, and names are never joined.
 
 Streams: ``alt=sse`` gives ``data: {GenerateContentResponse}`` events, nothing else: Google's SDKs read only
 ``data:`` lines (the JavaScript ones hang on anything else), so the SSE comments routing sends while a step is slow
@@ -102,8 +110,33 @@ def _number(d: dict[str, Any], camel: str, snake: str, where: str) -> float | in
     v = _get(d, camel, snake)
     if v is None:
         return None
+    if isinstance(v, str):  # proto3 JSON takes a number as a string too ("0.5", "64"), and the API does
+        v = _from_string(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise invalid(f"{where}.{camel} must be a number")
+    return v
+
+
+def _from_string(v: str) -> float | int | None:
+    """A number written as a JSON string, as proto3 JSON allows; None when it is not a finite one."""
+    try:
+        return int(v)
+    except ValueError:
+        pass
+    try:
+        n = float(v)
+    except ValueError:
+        return None
+    return n if math.isfinite(n) else None
+
+
+def _fold(d: dict[str, Any], camel: str, snake: str) -> Any:
+    """A field's value under either spelling (:func:`_get`), ``d`` left with the camelCase one only."""
+    v = _get(d, camel, snake)
+    d.pop(snake, None)
+    d.pop(camel, None)
+    if v is not None:
+        d[camel] = v
     return v
 
 
@@ -588,6 +621,14 @@ class _NativeRenderer(StreamRenderer):
         return self.frames.error(error)
 
 
+def _another_call(kept: list[Any], call_id: str, name: str) -> bool:
+    """Whether a fragment (its id and name, "" when absent) is another call than ``kept`` ([id, name, args]):
+    another id (ids decide when both have one), else another name."""
+    if call_id and kept[0]:
+        return bool(call_id != kept[0])
+    return bool(name and kept[1] and name != kept[1])
+
+
 class _ChatRenderer(StreamRenderer):
     """OpenAI chat chunks in, Gemini stream objects out, one per chunk that carries text.
 
@@ -602,7 +643,10 @@ class _ChatRenderer(StreamRenderer):
         self.model = step.model if step is not None else call.model
         self.rid = ""
         self.tail = b""
-        self.calls: dict[int, dict[int, list[Any]]] = {}  # choice -> tool call index -> [id, name, arguments]
+        # choice -> its tool calls as they came, each [id, name, arguments]; and each chat index's current call
+        self.calls: dict[int, list[list[Any]]] = {}
+        self.slots: dict[int, dict[int, list[Any]]] = {}
+        self.last_slot: dict[int, int] = {}  # choice -> the chat index of its last fragment
         self.finish: dict[int, str] = {}
         self.seen: set[int] = set()
         self.usage: Any = None
@@ -634,15 +678,12 @@ class _ChatRenderer(StreamRenderer):
                     parts.append({"text": reasoning, "thought": True})
                 if delta.get("content"):
                     parts.append({"text": delta["content"]})
-                for tc in delta.get("tool_calls") or ():
-                    kept = self.calls.setdefault(index, {}).setdefault(tc.get("index") or 0, [None, "", ""])
-                    fn = tc.get("function") or {}
-                    if tc.get("id"):
-                        kept[0] = tc["id"]
-                    if fn.get("name"):
-                        kept[1] += fn["name"]
-                    if fn.get("arguments"):
-                        kept[2] += fn["arguments"]
+                refusal = delta.get("refusal")
+                if refusal and isinstance(refusal, str):  # Gemini has no refusal part: the text
+                    parts.append({"text": refusal})
+                tool_calls = delta.get("tool_calls")
+                if tool_calls:
+                    self._tool_calls(index, tool_calls)
                 if choice.get("finish_reason"):
                     self.finish[index] = choice["finish_reason"]
                 if len(parts) == 1 and len(parts[0]) == 1:  # the common chunk, one text: only its string encoded
@@ -653,13 +694,42 @@ class _ChatRenderer(StreamRenderer):
                 out.append(self.frames.item(b'{"candidates":[' + b",".join(cands) + b"]" + self.tail))
         return b"".join(out)
 
+    def _tool_calls(self, choice: int, fragments: Any) -> None:
+        """Keep one chunk's tool-call fragments. Upstreams that are not conformant send ``index: null`` (the
+        last call's index when the fragment may be its rest, else the next free one) or a second call on an
+        index, with its own id (or name): a new call. A name is never joined to another."""
+        slots = self.slots.setdefault(choice, {})
+        for tc in fragments if isinstance(fragments, list) else ():
+            if not isinstance(tc, dict):
+                continue
+            fn: dict[str, Any] = tc["function"] if isinstance(tc.get("function"), dict) else {}
+            call_id = tc["id"] if isinstance(tc.get("id"), str) else ""
+            name = fn["name"] if isinstance(fn.get("name"), str) else ""
+            at = tc.get("index", 0)
+            if at is None:
+                last = self.last_slot.get(choice)
+                at = last if last in slots and not _another_call(slots[last], call_id, name) \
+                    else max(slots, default=-1) + 1
+            elif not isinstance(at, int) or isinstance(at, bool):
+                continue
+            self.last_slot[choice] = at
+            kept = slots.get(at)
+            if kept is None or _another_call(kept, call_id, name):
+                kept = slots[at] = [None, "", ""]
+                self.calls.setdefault(choice, []).append(kept)
+            if call_id and not kept[0]:
+                kept[0] = call_id
+            if name and not kept[1]:
+                kept[1] = name
+            if isinstance(fn.get("arguments"), str):
+                kept[2] += fn["arguments"]
+
     def close(self) -> bytes:
         if not self.tail:
             self._begin({})
         cands = []
         for index in sorted(self.seen | set(self.finish) | set(self.calls) or {0}):
-            calls = self.calls.get(index, {})
-            parts = [_function_call(*calls[k]) for k in sorted(calls)]
+            parts = [_function_call(*c) for c in self.calls.get(index, ())]
             cands.append(_candidate(index, parts, self.finish.get(index, "stop")))
         obj: dict[str, Any] = {"candidates": cands}
         meta = usage_metadata(self.usage)
@@ -705,6 +775,38 @@ class _CountCall(GeminiCall):
 
     async def complete(self, adapter: Provider, prepared: dict[str, Any], step: Step) -> Completion:
         return await adapter.send_native(COUNT, self.native_body(step), step, self.headers)
+
+
+def _stand_in(body: dict[str, Any], model: str, stream: bool, token_field: str) -> dict[str, Any]:
+    """The chat body of a request the translation cannot carry, on a route of native steps only: what limits
+    estimate from (the texts) and a key's cap reads (``maxOutputTokens``). No step is sent it."""
+    texts: list[str] = []
+
+    def walk(content: Any) -> None:
+        parts = content.get("parts") if isinstance(content, dict) else None
+        for part in parts if isinstance(parts, list) else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+
+    system = _get(body, "systemInstruction", "system_instruction")
+    if isinstance(system, str):
+        texts.append(system)
+    else:
+        walk(system)
+    contents = body.get("contents")
+    for content in contents if isinstance(contents, list) else ():
+        walk(content)
+    chat: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "\n".join(texts)}]}
+    gen = _get(body, "generationConfig", "generation_config")
+    if isinstance(gen, dict):
+        n = _get(gen, "maxOutputTokens", "max_output_tokens")
+        n = _from_string(n) if isinstance(n, str) else n
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            chat[token_field] = n
+    if stream:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+    return chat
 
 
 def route_from_path(path: bytes) -> str:
@@ -757,22 +859,41 @@ class GeminiDoor(Door):
     google_keys = True
 
     def build_call(self, model: str, body: dict[str, Any], *, stream: bool, array: bool = False,
-                   token_field: str = "max_tokens") -> GeminiCall:
-        """The Call for a Gemini body: its chat translation (400 for what Gemini would refuse) and the body."""
+                   token_field: str = "max_tokens", native_only: bool = False) -> GeminiCall:
+        """The Call for a Gemini body: its chat translation (400 for what Gemini would refuse) and the body.
+
+        ``native_only``: every step of the route takes the body as sent, so what the translation cannot carry
+        is no reason to refuse it (the upstream judges the body) and nothing it drops is worth a warning; a
+        body it cannot translate gets a stand-in chat body, which only limits and a key's rules read."""
         tr = _Translation()
-        chat = tr.chat(body, model, stream, token_field)
+        try:
+            chat = tr.chat(body, model, stream, token_field)
+        except BadRequest:
+            if not native_only:
+                raise
+            chat = _stand_in(body, model, stream, token_field)
         call = GeminiCall(self, model, chat, body, stream=stream, array=array, include_thoughts=tr.include_thoughts)
-        call.notes = tr.notes
+        call.notes = [] if native_only else tr.notes
         return call
 
-    def parse(self, request: Request, decode: Any, token_field: str = "max_tokens") -> Call:
+    def parse(self, request: Request, decode: Any, token_field: str = "max_tokens",
+              native_only: bool = False) -> Call:
         body = decode(request.body)
         if not isinstance(body, dict):
             raise invalid("the request body must be a JSON object (a GenerateContentRequest)")
         path = request.path
         stream = path.endswith(b":streamGenerateContent")
         array = stream and b"alt=sse" not in request.query.split(b"&")
-        return self.build_call(route_from_path(path), body, stream=stream, array=array, token_field=token_field)
+        return self.build_call(route_from_path(path), body, stream=stream, array=array, token_field=token_field,
+                               native_only=native_only)
+
+    @staticmethod
+    def native_only(gateway: Any, model: str) -> bool:
+        """Whether every step of the route ``model`` names takes Gemini's body as sent (gemini, vertex)."""
+        route = gateway.config.routes.get(model)
+        providers = gateway.providers
+        return route is not None and all(s.provider in providers and providers[s.provider].native(GENERATE, s)
+                                         for s in route.steps)
 
     def render(self, call: Call, done: Completion, step: Step) -> bytes:
         obj = json.loads(done.body)
@@ -786,6 +907,8 @@ class GeminiDoor(Door):
                 parts.append({"text": reasoning, "thought": True})
             if isinstance(msg.get("content"), str) and msg["content"]:
                 parts.append({"text": msg["content"]})
+            if isinstance(msg.get("refusal"), str) and msg["refusal"]:  # Gemini has no refusal part: the text
+                parts.append({"text": msg["refusal"]})
             for tc in msg.get("tool_calls") or ():
                 fn = tc.get("function") or {}
                 parts.append(_function_call(tc.get("id"), fn.get("name"), fn.get("arguments")))
@@ -809,30 +932,30 @@ class GeminiDoor(Door):
         return exc.status, dumps(google_error(exc.status, exc.message, exc.code))
 
     def constrain(self, call: Call, system_prompt: str | None, max_tokens: int | None) -> None:
-        """The key's system prompt as the first part of ``systemInstruction``; its cap on ``maxOutputTokens``
-        (either spelling, the one the client used)."""
+        """The key's system prompt as the first part of ``systemInstruction``; its cap on ``maxOutputTokens``.
+        The REST API reads both spellings of a field, so the snake_case ones are folded into camelCase first
+        (the camelCase value when it is set, as the translation reads them): no spelling is left for the
+        upstream to read unconstrained."""
         body = dict(call.native or {})
         if system_prompt:
-            key = "system_instruction" if "system_instruction" in body and "systemInstruction" not in body \
-                else "systemInstruction"
-            mine = body.get(key)
+            mine = _fold(body, "systemInstruction", "system_instruction")
             first = [{"text": system_prompt}]
             if isinstance(mine, dict):
-                body[key] = {**mine, "parts": first + list(mine.get("parts") or [])}
+                parts = mine.get("parts")
+                body["systemInstruction"] = {**mine, "parts": first + (parts if isinstance(parts, list) else [])}
             elif isinstance(mine, str) and mine:
-                body[key] = {"parts": first + [{"text": mine}]}
+                body["systemInstruction"] = {"parts": first + [{"text": mine}]}
             else:
-                body[key] = {"parts": first}
+                body["systemInstruction"] = {"parts": first}
         if max_tokens is not None:
-            gkey = "generation_config" if "generation_config" in body and "generationConfig" not in body \
-                else "generationConfig"
-            gen = dict(body.get(gkey) or {})
-            tkey = "max_output_tokens" if "max_output_tokens" in gen and "maxOutputTokens" not in gen \
-                else "maxOutputTokens"
-            sent = gen.get(tkey)
-            if not isinstance(sent, int) or isinstance(sent, bool) or sent > max_tokens:
-                gen[tkey] = max_tokens
-            body[gkey] = gen
+            gen = _fold(body, "generationConfig", "generation_config")
+            if gen is None or isinstance(gen, dict):  # anything else: the API refuses the request, cap or not
+                gen = dict(gen or {})
+                sent = _fold(gen, "maxOutputTokens", "max_output_tokens")
+                n = _from_string(sent) if isinstance(sent, str) else sent
+                below = isinstance(n, (int, float)) and not isinstance(n, bool) and n <= max_tokens
+                gen["maxOutputTokens"] = sent if below else max_tokens
+                body["generationConfig"] = gen
         call.native = body
 
     async def serve(self, gateway: Any, ctx: RequestContext, request: Request, responder: Responder,
@@ -842,8 +965,8 @@ class GeminiDoor(Door):
             return
         # max_tokens, or max_completion_tokens where the route's OpenAI steps run reasoning models (they refuse
         # the other): the field the gateway fills for a key's cap on that route.
-        token_field = gateway.token_field(route_from_path(request.path))
-        call = self.parse(request, gateway.decode_body, token_field)
+        model = route_from_path(request.path)
+        call = self.parse(request, gateway.decode_body, gateway.token_field(model), self.native_only(gateway, model))
         assert isinstance(call, GeminiCall)
         await gateway.run_call(ctx, call, responder)
 

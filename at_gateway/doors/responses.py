@@ -29,7 +29,8 @@ per tool call; ``status`` ``completed``, or ``incomplete`` with ``incomplete_det
 ``max_output_tokens``/``content_filter``; ``usage`` with ``input_tokens_details.cached_tokens`` and
 ``output_tokens_details.reasoning_tokens``). Streams: ``response.created``, ``response.in_progress``, then
 per item ``response.output_item.added``, ``response.content_part.added``, ``response.output_text.delta`` ...
-``.done``, ``response.content_part.done``, ``response.output_item.done`` (function calls:
+``.done``, ``response.content_part.done``, ``response.output_item.done`` (a chat ``refusal``: the message's
+``refusal`` part, ``response.refusal.delta``/``.done``; function calls:
 ``response.function_call_arguments.delta``/``.done``; custom tools ``response.custom_tool_call_input.*``),
 and ``response.completed`` (or ``response.incomplete``) with ``id`` and ``usage``; each event has a
 ``sequence_number``. A stream that breaks, or every step failing after keep-alives sent the head, ends with
@@ -39,6 +40,14 @@ and ``response.completed`` (or ``response.incomplete``) with ``id`` and ``usage`
 Native: a step whose provider speaks Responses (``openai`` with ``wire_api: responses``) gets the body as
 sent, ``model`` rewritten; its answer and events pass through unchanged (only ``response.completed`` is held
 until the response is kept, see below).
+
+Reasoning items the gateway made have ids starting ``rs_atg_`` (``GATEWAY_REASONING``): a translated step's
+thinking (Anthropic thinking, Gemini thoughts, ``reasoning_content``) as a ``reasoning`` item with
+``reasoning_text``, and a client's reasoning item kept without an id. No Responses upstream knows those ids
+and it refuses a request that carries one (400 ``item_not_found``), so native steps never get them: neither
+in the context expanded from ``previous_response_id`` nor when the client resends them in ``input`` (Codex
+sends the whole history back). Translated steps drop every reasoning item. A key's ``max_tokens`` cap
+reaches native steps as ``max_output_tokens``, never below 16 (the API's minimum, as for translation).
 
 Kept responses (``store``, ``previous_response_id``): with a store file, each answer whose request did not
 say ``store: false`` is kept for ``response.retention`` (store/responses.py) with the whole context it was
@@ -76,6 +85,7 @@ from ..errors import BadRequest, NotFound
 from ..http.pool import Headers
 from ..http.sse import EventSplitter, event_data
 from ..providers.base import Completion, Provider, StreamState
+from ..providers.openai_responses import MIN_OUTPUT_TOKENS
 from .base import Call, Door, DoorStream, StreamRenderer, dumps, sse
 
 if TYPE_CHECKING:
@@ -108,8 +118,11 @@ _SEQ = re.compile(rb'"sequence_number":\s*(\d+)')
 _CUSTOM_PARAMETERS = {"type": "object", "properties": {"input": {"type": "string", "description":
                       "The tool's whole input, as free text."}}, "required": ["input"], "additionalProperties": False}
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+# Reasoning items the gateway made (a translated step's thinking, or a client's reasoning item that came without an
+# id) have ids of their own prefix: no Responses upstream knows them (see _for_native).
+GATEWAY_REASONING = "rs_atg_"
 _ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "custom_tool_call": "ctc_",
-              "custom_tool_call_output": "ctco_", "reasoning": "rs_"}
+              "custom_tool_call_output": "ctco_", "reasoning": GATEWAY_REASONING}
 
 
 def _new_id(prefix: str) -> str:
@@ -421,12 +434,26 @@ def to_chat(body: dict[str, Any], items: list[dict[str, Any]], notes: list[str])
     return chat, custom
 
 
+def _ours(item: dict[str, Any]) -> bool:
+    """Whether a reasoning item's id is one the gateway minted (``rs_atg_...``)."""
+    rid = item.get("id")
+    return isinstance(rid, str) and rid.startswith(GATEWAY_REASONING)
+
+
 def _as_input(item: dict[str, Any]) -> dict[str, Any]:
     """A kept item as the next turn's input: without the id we gave it (an upstream would look an unknown id
-    up and refuse it); reasoning items keep theirs (they are the upstream's and need it)."""
+    up and refuse it); reasoning items keep theirs (the upstream's need it; ours mark them, see _for_native)."""
     if item.get("type") == "reasoning" or "id" not in item:
         return item
     return {k: v for k, v in item.items() if k != "id"}
+
+
+def _for_native(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as a native (Responses) step gets them: without the reasoning items the gateway made (a
+    translated step's thinking as text, or a client's reasoning item that had no id). No Responses upstream
+    knows their ids and it refuses the whole request for them (400 item_not_found); a translated step drops
+    every reasoning item anyway."""
+    return [i for i in items if i.get("type") != "reasoning" or not _ours(i)]
 
 
 def _with_id(item: dict[str, Any]) -> dict[str, Any]:
@@ -494,7 +521,7 @@ def output_items(message: dict[str, Any], status: str, custom: frozenset[str]) -
     out: list[dict[str, Any]] = []
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     if isinstance(reasoning, str) and reasoning:
-        out.append(_reasoning_item(_new_id("rs_"), reasoning))
+        out.append(_reasoning_item(_new_id(GATEWAY_REASONING), reasoning))
     parts = []
     if isinstance(message.get("content"), str) and message["content"]:
         parts.append(_text_part(message["content"]))
@@ -531,19 +558,29 @@ def failure_code(error: dict[str, Any], upstream: dict[str, Any] | None = None, 
 
 # -- streams --------------------------------------------------------------------------------------------------
 
+def _another_call(item: Any, call_id: str, name: str) -> bool:
+    """Whether a tool-call fragment (its ``id`` and ``function.name``, "" when absent) belongs to another call
+    than the one open at its index: another id (ids decide when both have one), else another name."""
+    if call_id and item.call_id:
+        return bool(call_id != item.call_id)
+    return bool(name and item.name and name != item.name)
+
+
 class _Item:
     """The output item a translated stream has open: a message's text, reasoning, or a tool call."""
 
-    __slots__ = ("kind", "id", "index", "parts", "call_id", "name", "announced")
+    __slots__ = ("kind", "id", "index", "parts", "call_id", "name", "announced", "part", "content")
 
     def __init__(self, kind: str, item_id: str, index: int) -> None:
         self.kind = kind  # "message", "reasoning", "function_call", "custom_tool_call"
         self.id = item_id
         self.index = index
-        self.parts: list[str] = []
+        self.parts: list[str] = []  # the open content part's text (a tool call's arguments), in pieces
         self.call_id = ""
         self.name = ""
         self.announced = False  # a tool call's output_item.added is sent once its name is known
+        self.part = ""  # a message's open content part: "output_text", "refusal" or "" (none)
+        self.content: list[dict[str, Any]] = []  # a message's finished content parts
 
 
 class _Renderer(StreamRenderer):
@@ -587,9 +624,13 @@ class _Translated(_Renderer):
         self.closed: list[tuple[int, dict[str, Any]]] = []  # (output_index, item) as each was finished
         self.open: _Item | None = None  # the text or reasoning item being streamed
         # Tool calls being streamed, by their chat index: several may be open at once (an upstream may
-        # interleave their fragments); they are finished when text starts again, or at the end.
-        self.calls: dict[Any, _Item] = {}
-        self.finished_calls: set[Any] = set()
+        # interleave their fragments); they are finished when text starts again, or at the end. A chat index
+        # may carry a second call (an upstream that sends each call whole at index 0, with its own id):
+        # ``calls`` is by the call's own number, ``slots`` the chat index's current call.
+        self.calls: dict[int, _Item] = {}
+        self.slots: dict[int, int] = {}
+        self.finished_slots: set[int] = set()
+        self.last_slot: int | None = None  # the chat index of the last fragment (where index null goes on)
         self.next_index = 0
         self.usage: Any = None
         self.finish: Any = None
@@ -628,16 +669,27 @@ class _Translated(_Renderer):
     def _delta(self, out: list[bytes], delta: dict[str, Any]) -> None:
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
-            item = self._item(out, "reasoning", "rs_")
+            item = self._item(out, "reasoning", GATEWAY_REASONING)
             item.parts.append(reasoning)
             self.event(out, "response.reasoning_text.delta", {"item_id": item.id, "output_index": item.index,
                                                               "content_index": 0, "delta": reasoning})
         content = delta.get("content")
         if isinstance(content, str) and content:
             item = self._item(out, "message", "msg_")
+            if item.part != "output_text":
+                self._part(out, item, "output_text")
             item.parts.append(content)
             self.event(out, "response.output_text.delta", {"item_id": item.id, "output_index": item.index,
-                                                           "content_index": 0, "delta": content, "logprobs": []})
+                                                           "content_index": len(item.content), "delta": content,
+                                                           "logprobs": []})
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:  # the message's refusal part, as OpenAI streams one
+            item = self._item(out, "message", "msg_")
+            if item.part != "refusal":
+                self._part(out, item, "refusal")
+            item.parts.append(refusal)
+            self.event(out, "response.refusal.delta", {"item_id": item.id, "output_index": item.index,
+                                                       "content_index": len(item.content), "delta": refusal})
         calls = delta.get("tool_calls")
         if isinstance(calls, list):
             for tc in calls:
@@ -656,11 +708,9 @@ class _Translated(_Renderer):
         self._close(out)
         item = self.open = _Item(kind, _new_id(prefix), self.next_index)
         self.next_index += 1
-        if kind == "message":
+        if kind == "message":  # its content parts are opened by what comes (_part)
             self.event(out, "response.output_item.added", {"output_index": item.index, "item": {
                 "id": item.id, "type": "message", "status": "in_progress", "content": [], "role": "assistant"}})
-            self.event(out, "response.content_part.added", {"item_id": item.id, "output_index": item.index,
-                                                            "content_index": 0, "part": _text_part("")})
         else:
             self.event(out, "response.output_item.added", {"output_index": item.index, "item": {
                 "id": item.id, "type": "reasoning", "summary": [], "content": []}})
@@ -669,20 +719,57 @@ class _Translated(_Renderer):
                                                             "part": {"type": "reasoning_text", "text": ""}})
         return item
 
+    def _part(self, out: list[bytes], item: _Item, kind: str) -> None:
+        """Open a content part of ``kind`` (output_text, refusal) in the message, finishing the open one."""
+        self._end_part(out, item)
+        item.part = kind
+        self.event(out, "response.content_part.added", {
+            "item_id": item.id, "output_index": item.index, "content_index": len(item.content),
+            "part": _text_part("") if kind == "output_text" else {"type": "refusal", "refusal": ""}})
+
+    def _end_part(self, out: list[bytes], item: _Item) -> None:
+        if not item.part:
+            return
+        text = "".join(item.parts)
+        where = {"item_id": item.id, "output_index": item.index, "content_index": len(item.content)}
+        if item.part == "output_text":
+            part = _text_part(text)
+            self.event(out, "response.output_text.done", {**where, "text": text, "logprobs": []})
+        else:
+            part = {"type": "refusal", "refusal": text}
+            self.event(out, "response.refusal.done", {**where, "refusal": text})
+        self.event(out, "response.content_part.done", {**where, "part": part})
+        item.content.append(part)
+        item.part, item.parts = "", []
+
     def _tool_delta(self, out: list[bytes], tc: dict[str, Any]) -> None:
-        index = tc.get("index", 0)
-        if not isinstance(index, int) or index in self.finished_calls:
-            return  # a fragment of a call finished before text came again: nothing can carry it now
         fn: dict[str, Any] = tc["function"] if isinstance(tc.get("function"), dict) else {}
-        item = self.calls.get(index)
+        call_id = tc["id"] if isinstance(tc.get("id"), str) else ""
+        name = fn["name"] if isinstance(fn.get("name"), str) else ""
+        index = tc.get("index", 0)
+        if index is None:  # not conformant: the last call's index if the fragment may be its rest, else the next free
+            last = self._slot_call(self.last_slot)
+            if last is None or _another_call(last, call_id, name):
+                index = max((*self.slots, *self.finished_slots), default=-1) + 1
+            else:
+                index = self.last_slot
+        elif not isinstance(index, int) or isinstance(index, bool):
+            return
+        self.last_slot = index
+        item = self._slot_call(index)
+        if item is not None and _another_call(item, call_id, name):
+            item = None  # another call on the same index: its own item (names and arguments are never joined)
         if item is None:
+            if not (call_id or name) and index in self.finished_slots:
+                return  # a fragment of a call finished before text came again: nothing can carry it now
             self._close_text(out)
-            item = self.calls[index] = _Item("function_call", "", self.next_index)
+            item = self.calls[self.next_index] = _Item("function_call", "", self.next_index)
+            self.slots[index] = self.next_index
             self.next_index += 1
-        if isinstance(tc.get("id"), str) and tc["id"] and not item.call_id:
-            item.call_id = tc["id"]
-        if isinstance(fn.get("name"), str) and fn["name"] and not item.name:
-            item.name = fn["name"]
+        if call_id and not item.call_id:
+            item.call_id = call_id
+        if name and not item.name:
+            item.name = name
         if isinstance(fn.get("arguments"), str) and fn["arguments"]:
             item.parts.append(fn["arguments"])
             if item.announced and item.kind == "function_call":
@@ -690,6 +777,11 @@ class _Translated(_Renderer):
                     "item_id": item.id, "output_index": item.index, "delta": fn["arguments"]})
         if not item.announced and item.name:
             self._announce(out, item)
+
+    def _slot_call(self, index: int | None) -> _Item | None:
+        """The open call of a chat index."""
+        key = self.slots.get(index) if index is not None else None
+        return self.calls.get(key) if key is not None else None
 
     def _announce(self, out: list[bytes], item: _Item) -> None:
         item.announced = True
@@ -710,9 +802,10 @@ class _Translated(_Renderer):
     def _close(self, out: list[bytes]) -> None:
         """Finish everything open: the text or reasoning item, then the tool calls (in their order)."""
         self._close_text(out)
-        for index, item in sorted(self.calls.items(), key=lambda pair: pair[1].index):
-            self.finished_calls.add(index)
+        for item in sorted(self.calls.values(), key=lambda item: item.index):
             self._finish(out, item)
+        self.finished_slots.update(self.slots)
+        self.slots.clear()
         self.calls.clear()
 
     def _close_text(self, out: list[bytes]) -> None:
@@ -724,12 +817,8 @@ class _Translated(_Renderer):
         text = "".join(item.parts)
         if item.kind == "message":
             status, _ = _ending(self.finish)
-            part = _text_part(text)
-            self.event(out, "response.output_text.done", {"item_id": item.id, "output_index": item.index,
-                                                          "content_index": 0, "text": text, "logprobs": []})
-            self.event(out, "response.content_part.done", {"item_id": item.id, "output_index": item.index,
-                                                           "content_index": 0, "part": part})
-            done: dict[str, Any] = {"id": item.id, "type": "message", "status": status, "content": [part],
+            self._end_part(out, item)
+            done: dict[str, Any] = {"id": item.id, "type": "message", "status": status, "content": item.content,
                                     "role": "assistant"}
         elif item.kind == "reasoning":
             self.event(out, "response.reasoning_text.done", {"item_id": item.id, "output_index": item.index,
@@ -928,8 +1017,10 @@ class ResponsesDoor(Door):
         chat, custom = to_chat(body, [*prior, *own], notes)
         native = dict(body)
         if kept:  # the upstream gets the whole context; it is never asked for a response it may not have
-            native["input"] = [*prior, *own]
+            native["input"] = _for_native([*prior, *own])
             native.pop("previous_response_id", None)
+        elif isinstance(body.get("input"), list) and len(mine := _for_native(own)) < len(own):
+            native["input"] = mine  # the client resent them itself
         keep = store is not None and body.get("store") is not False
         reasoning = body.get("reasoning") or {}
         text = body.get("text") or {}
@@ -988,7 +1079,9 @@ class ResponsesDoor(Door):
 
     def constrain(self, call: Call, system_prompt: str | None, max_tokens: int | None) -> None:
         """A key's rules on the native body: its system prompt as the first input item (``instructions`` would
-        be echoed back to the client in the response object), its cap on ``max_output_tokens``."""
+        be echoed back to the client in the response object), its cap on ``max_output_tokens``, never below
+        the API's minimum of 16 (it refuses less; translated steps onto a Responses upstream get the same
+        floor, ``MIN_OUTPUT_TOKENS``): a key capped at 8 gets answers of up to 16 tokens there."""
         body = call.native
         if body is None:
             return
@@ -998,8 +1091,8 @@ class ResponsesDoor(Door):
             body["input"] = [{"type": "message", "role": "system", "content": system_prompt}, *items]
         if max_tokens is not None:
             value = body.get("max_output_tokens")
-            if type(value) is not int or value > max_tokens:
-                body["max_output_tokens"] = max_tokens
+            capped = value if type(value) is int and value <= max_tokens else max_tokens
+            body["max_output_tokens"] = max(capped, MIN_OUTPUT_TOKENS)
 
     def render(self, call: Call, done: Completion, step: Step) -> bytes:
         assert isinstance(call, ResponsesCall)

@@ -20,6 +20,10 @@ have no such fields). Token-id inputs cannot be sent (Google's APIs take text on
 400 and the route falls through (an ``openai`` step takes them). The answer is OpenAI's ``list`` in the
 ``encoding_format`` asked for, with usage: the tokens Google counted when it says (Vertex's statistics,
 ``usageMetadata``), else an estimate (:func:`.openai.estimate_input_tokens`), never 0.
+
+Large answers (above :data:`.openai.LARGE_ANSWER`: Google's answer to a batch, or ours to many inputs) are
+decoded and encoded in a worker thread, in pieces, so the event loop goes on serving the worker's other
+requests (see :func:`.openai.loads_in_pieces`).
 """
 
 from __future__ import annotations
@@ -28,15 +32,18 @@ import json
 from typing import Any
 from urllib.parse import quote
 
+import anyio.to_thread
+
 from ..config import Step
 from ..errors import StepFailed
 from . import gemini
 from .base import Completion, QuotedFailure
-from .openai import embedding_base64, estimate_input_tokens
+from .openai import LARGE_ANSWER, dumps_in_pieces, embedding_base64, estimate_input_tokens, loads_in_pieces
 
 GEMINI_BATCH = 100  # batchEmbedContents: requests per call (Gemini API)
 VERTEX_BATCH = 100
 PREDICT_BATCH = 250  # Vertex text embeddings API: instances per call
+_FLOAT_BYTES = 11  # about what one float takes in JSON: how large an answer will be, before it is encoded
 
 
 def _bad_request(message: str) -> StepFailed:
@@ -69,10 +76,10 @@ async def _post(provider: Any, url: str, payload: dict[str, Any]) -> dict[str, A
                 provider.on_unauthorized(auth)
             raise await gemini.read_error(resp)
         raw = await resp.read()
-    try:
-        obj = json.loads(raw)
+    try:  # a large answer (100 vectors of 3072 floats: 3 MB) off the loop, in pieces (see .openai.LARGE_ANSWER)
+        obj = json.loads(raw) if len(raw) < LARGE_ANSWER else await anyio.to_thread.run_sync(loads_in_pieces, raw)
     except ValueError:
-        raise QuotedFailure("Google answered 2xx with a body that is not JSON", raw) from None
+        raise QuotedFailure("Google answered 2xx with a body that is not JSON", raw[:4096]) from None
     if not isinstance(obj, dict):
         raise StepFailed("Google answered 2xx with JSON that is not an object")
     return obj
@@ -205,9 +212,18 @@ async def embed(provider: Any, body: dict[str, Any], step: Step) -> Completion:
         vectors, tokens = await _gemini(provider, texts, dims, step)
     if tokens is None:
         tokens = estimate_input_tokens(texts)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     b64 = body.get("encoding_format") == "base64"
+    if sum(len(v) for v in vectors) * _FLOAT_BYTES < LARGE_ANSWER:
+        return Completion(_pack(vectors, b64, step.model, usage, large=False), usage)
+    # 2048 vectors of 1536 floats: a 40 MB answer, encoded off the loop and in pieces (see .openai.LARGE_ANSWER)
+    return Completion(await anyio.to_thread.run_sync(_pack, vectors, b64, step.model, usage), usage)
+
+
+
+def _pack(vectors: list[Any], b64: bool, model: str, usage: dict[str, int], large: bool = True) -> bytes:
+    """OpenAI's ``list`` answer (``large``: encoded in pieces, in a worker thread)."""
     data = [{"object": "embedding", "index": i, "embedding": embedding_base64(v) if b64 else v}
             for i, v in enumerate(vectors)]
-    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    answer = {"object": "list", "data": data, "model": step.model, "usage": usage}
-    return Completion(json.dumps(answer, separators=(",", ":")).encode(), usage)
+    answer = {"object": "list", "data": data, "model": model, "usage": usage}
+    return dumps_in_pieces(answer) if large else json.dumps(answer, separators=(",", ":")).encode()

@@ -8,7 +8,9 @@ error events, and the final usage chunk.
 The same API's ``/embeddings`` and legacy ``/completions`` (the embeddings and
 completions doors) pass through the same way: the body as sent with the
 step's model, the answer's bytes as received, a legacy stream relayed by the
-loop chat streams use (only its URL and what a chunk is called differ).
+loop chat streams use (only its URL and what a chunk is called differ). A
+large embeddings answer (``LARGE_ANSWER``) is not decoded on the event loop:
+its shape is checked from its head and tail (see ``peek_embeddings``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import re
 import struct
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
+
+import anyio.to_thread
 
 from ..config import ProviderConfig, Step
 from ..errors import StepFailed
@@ -60,6 +64,153 @@ def validate_chat_completion(raw: bytes, what: str = "chat completion") -> dict[
 def validate_embeddings(raw: bytes) -> dict[str, Any]:
     """Decode an upstream 2xx embeddings answer and check it is OpenAI's ``list`` (a ``data`` array)."""
     obj = _answer_object(raw)
+    if not isinstance(obj.get("data"), list):
+        raise StepFailed("upstream answered 2xx with a body that is not an embeddings list (no data)")
+    return obj
+
+
+# -- large embeddings answers ----------------------------------------------------------------------------------
+# 2048 inputs of 1536 floats are a 40 MB answer: one json.loads of it takes 0.3 s and one json.dumps 0.8 s, and
+# the event loop (every other request of the worker) waits that long. A worker thread alone does not help: a
+# single C call such as json.loads holds the GIL from start to end, so the loop waits for it all the same.
+# Above LARGE_ANSWER, an answer is therefore checked from its head and tail only when it is passed on, and
+# decoded, converted and encoded in a worker thread in pieces (one array element per C call, well under a
+# millisecond each), between which the loop gets the GIL back.
+
+LARGE_ANSWER = 256 * 2**10  # bytes of JSON
+_PEEK = 4096  # how much of a large answer's head and tail is read to check its shape
+_RAW_DECODE = json.JSONDecoder().raw_decode
+_ENCODE_PIECE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_WS = re.compile(r"[ \t\n\r]*")
+_DATA_ARRAY = re.compile(rb'"data"\s*:\s*\[')
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
+
+
+def _skip(text: str, pos: int) -> int:
+    """The index of the first character at or after ``pos`` that is not JSON whitespace."""
+    m = _WS.match(text, pos)
+    return m.end() if m is not None else pos
+
+
+def _array_in_pieces(text: str, pos: int) -> tuple[list[Any], int]:
+    """The JSON array starting at ``text[pos]`` (a ``[``), one element per decode; and the index after it."""
+    out: list[Any] = []
+    pos = _skip(text, pos + 1)
+    if text.startswith("]", pos):
+        return out, pos + 1
+    while True:
+        value, pos = _RAW_DECODE(text, pos)
+        out.append(value)
+        pos = _skip(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip(text, pos + 1)
+        elif text.startswith("]", pos):
+            return out, pos + 1
+        else:
+            raise ValueError(f"expected ',' or ']' at character {pos}")
+
+
+def loads_in_pieces(raw: bytes) -> Any:
+    """``json.loads`` for a large answer, run in a worker thread: a top-level object's arrays (``data``,
+    Google's ``embeddings``, ``predictions``) are decoded one element per call, so the thread never holds the
+    GIL for long. Same result and the same ValueError for what is not JSON."""
+    text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    pos = _skip(text, 0)
+    if not text.startswith("{", pos):
+        return json.loads(text)
+    obj: dict[str, Any] = {}
+    pos = _skip(text, pos + 1)
+    if text.startswith("}", pos):
+        pos += 1
+    else:
+        while True:
+            if not text.startswith('"', pos):
+                raise ValueError(f"expected a key at character {pos}")
+            key, pos = _RAW_DECODE(text, pos)
+            pos = _skip(text, pos)
+            if not text.startswith(":", pos):
+                raise ValueError(f"expected ':' at character {pos}")
+            pos = _skip(text, pos + 1)
+            obj[key], pos = _array_in_pieces(text, pos) if text.startswith("[", pos) else _RAW_DECODE(text, pos)
+            pos = _skip(text, pos)
+            if text.startswith(",", pos):
+                pos = _skip(text, pos + 1)
+            elif text.startswith("}", pos):
+                pos += 1
+                break
+            else:
+                raise ValueError(f"expected ',' or '}}' at character {pos}")
+    if _skip(text, pos) != len(text):
+        raise ValueError(f"extra data at character {pos}")
+    return obj
+
+
+def dumps_in_pieces(obj: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON of an answer object, its top-level arrays encoded one element per call (see
+    :func:`loads_in_pieces`), joined once."""
+    out: list[bytes] = []
+    for key, value in obj.items():
+        out += (b"," if out else b"{", _ENCODE_PIECE(key).encode(), b":")
+        if isinstance(value, list):
+            out.append(b"[")
+            for i, element in enumerate(value):
+                if i:
+                    out.append(b",")
+                out.append(_ENCODE_PIECE(element).encode())
+            out.append(b"]")
+        else:
+            out.append(_ENCODE_PIECE(value).encode())
+    out.append(b"}" if out else b"{}")
+    return b"".join(out)
+
+
+def search_in_pieces(pattern: re.Pattern[bytes], data: bytes, window: int = 2**20) -> bool:
+    """Whether ``pattern`` (a short one: at most 64 bytes a match) occurs in ``data``, searched a window at a
+    time (one search over 40 MB holds the GIL some 20 ms)."""
+    for start in range(0, len(data), window):
+        if pattern.search(data, start, start + window + 64) is not None:
+            return True
+    return False
+
+
+def _usage_at(raw: bytes, start: int, end: int) -> Any:
+    """The JSON value after the ``"usage":`` key found in ``raw[start:end]`` (the last one), or None."""
+    found = None
+    for match in _USAGE_KEY.finditer(raw, start, end):
+        found = match
+    if found is None:
+        return None
+    try:
+        return _RAW_DECODE(raw[found.end():found.end() + _PEEK].decode("utf-8"))[0]
+    except ValueError:
+        return None
+
+
+def peek_embeddings(raw: bytes) -> tuple[bool, Any]:
+    """Whether a large answer is shaped as OpenAI's embeddings ``list`` (an object with a ``data`` array, which
+    OpenAI writes first, ending in ``}``), and its ``usage`` (which OpenAI writes last; None when not found
+    there or before ``data``), read from its head and tail only."""
+    head = raw[:_PEEK]
+    data = _DATA_ARRAY.search(head)
+    if data is None or not head.lstrip().startswith(b"{") or not raw[-_PEEK:].rstrip().endswith(b"}"):
+        return False, None
+    usage = _usage_at(raw, max(data.end(), len(raw) - _PEEK), len(raw))
+    if usage is None:
+        usage = _usage_at(raw, 0, data.start())
+    return True, usage
+
+
+def _validate_large_embeddings(raw: bytes) -> dict[str, Any]:
+    try:
+        obj = loads_in_pieces(raw)
+    except ValueError:
+        raise QuotedFailure("upstream answered 2xx with a body that is not JSON", raw[:_PEEK]) from None
+    if not isinstance(obj, dict):
+        raise StepFailed("upstream answered 2xx with JSON that is not an object")
+    if obj.get("error"):
+        err = obj["error"]
+        msg = err.get("message") if isinstance(err, dict) else str(err)
+        raise StepFailed(f"upstream answered 2xx with an error: {msg}", error=err if isinstance(err, dict) else None)
     if not isinstance(obj.get("data"), list):
         raise StepFailed("upstream answered 2xx with a body that is not an embeddings list (no data)")
     return obj
@@ -144,7 +295,12 @@ class OpenAIProvider(Provider):
         """``POST /embeddings`` with the client's body (token-id inputs, ``encoding_format``, ``dimensions``,
         ``user`` and any extension such as ``input_type`` as sent); the answer's bytes as received."""
         raw = await self._post_json(self.endpoint(step, "embeddings"), body, step)
-        usage = validate_embeddings(raw).get("usage")
+        if len(raw) < LARGE_ANSWER:
+            usage = validate_embeddings(raw).get("usage")
+        else:  # not decoded on the loop (see LARGE_ANSWER): its shape from the head, its usage from the tail
+            shaped, usage = peek_embeddings(raw)
+            if not shaped:
+                usage = (await anyio.to_thread.run_sync(_validate_large_embeddings, raw)).get("usage")
         return Completion(raw, usage if isinstance(usage, dict) else None)
 
     async def complete_text(self, body: dict[str, Any], step: Step) -> Completion:
