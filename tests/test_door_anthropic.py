@@ -1131,3 +1131,17 @@ def test_a_whole_stream_in_one_read_renders_as_decoding_does() -> None:
                      b"content_block_stop", b"message_delta", b"message_stop"]
     delta = _decoded(out)[-2][1]
     assert delta["delta"]["stop_reason"] == "max_tokens" and delta["usage"]["output_tokens"] == 5
+
+
+@pytest.mark.parametrize("user_id", ["u-1", "x" * 64, "user_" + "a1b2" * 30 + "_account__session_" + "f" * 36])
+def test_metadata_user_id_reaches_chat_within_its_length_cap(mocks: Mocks, gw: RunningGateway, user_id: str) -> None:
+    # Claude Code's ids run to ~150 characters; OpenAI caps `user` at 64: longer ones go as a stable digest.
+    mocks.upstream.replies[GPT] = Reply(body=chat_completion("ok", model=GPT))
+    body = {"model": "oa", "max_tokens": 10, "metadata": {"user_id": user_id}, "messages": [USER]}
+    sent = []
+    for _ in range(2):
+        r = httpx.post(gw.url + "/v1/messages", json=body, headers={"x-api-key": GATEWAY_KEY}, timeout=20)
+        assert r.status_code == 200, r.text
+        sent.append(mocks.upstream.received[-1].json["user"])
+    assert sent[0] == sent[1] and len(sent[0]) <= 64  # the same user: the same value every time
+    assert (sent[0] == user_id) is (len(user_id) <= 64)

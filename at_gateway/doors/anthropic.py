@@ -50,6 +50,7 @@ estimate (:func:`estimate_tokens`) marked ``x-gateway-token-count: estimated``. 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -448,7 +449,7 @@ def to_chat(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         chat["top_k"] = body["top_k"]
     meta = _object(body, "metadata")
     if isinstance(meta.get("user_id"), str) and meta["user_id"]:
-        chat["user"] = meta["user_id"]
+        chat["user"] = _chat_user(meta["user_id"])
     _object(body, "thinking")
     if (effort := _effort(body)) is not None:
         chat["reasoning_effort"] = effort
@@ -762,6 +763,15 @@ class MessagesRenderer(StreamRenderer):
 
     def fail(self, error: dict[str, Any]) -> bytes:
         return _error_event(error)
+
+
+def _chat_user(user_id: str) -> str:
+    """``metadata.user_id`` as chat's ``user``: as it is when short, else a stable digest of it. Claude Code's
+    ids run to about 150 characters, and OpenAI-compatible APIs cap ``user`` (OpenAI at 64): a longer one would
+    be a 400 for every request of that client, where the digest still tells its users apart."""
+    if len(user_id) <= 64:
+        return user_id
+    return "u-" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:48]
 
 
 # ---------------------------------------------------------------------------
