@@ -68,6 +68,7 @@ a 4xx the client caused comes back with that status once every step refused it; 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -790,11 +791,11 @@ class AnthropicProvider(Provider):
         obj = _check_message(raw, json_tool, step.model)
         return Completion(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(), obj["usage"])
 
-    async def stream(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
-        data, json_tool = self._encode(body, step, True)
-        tr = StreamTranslator(json_tool=json_tool, include_usage=state.include_usage, created=int(time.time()),
-                              model=step.model)
-        async with self.client.stream(b"POST", self.url, self.stream_headers, data, self.cfg.proxy) as resp:
+    @contextlib.asynccontextmanager
+    async def _sse(self, headers: Headers, data: bytes, json_tool: str | None, step: Step) -> AsyncIterator[Any]:
+        """A streamed Messages call whose answer is a 2xx event stream; else a failed step (an error answer, or a
+        whole message where a stream was asked for: checked, so an error or garbage says what it was)."""
+        async with self.client.stream(b"POST", self.url, headers, data, self.cfg.proxy) as resp:
             if not 200 <= resp.status < 300:
                 raise with_retry_after(error_from_anthropic(resp.status, await read_bounded(resp)), resp)
             ctype = resp.header(b"content-type") or b""
@@ -802,6 +803,13 @@ class AnthropicProvider(Provider):
                 raw = await read_bounded(resp)
                 _check_message(raw, json_tool, step.model)  # raises for errors and garbage
                 raise StepFailed(f"anthropic did not stream (content-type {ctype.decode('latin-1')!r})")
+            yield resp
+
+    async def stream(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
+        data, json_tool = self._encode(body, step, True)
+        tr = StreamTranslator(json_tool=json_tool, include_usage=state.include_usage, created=int(time.time()),
+                              model=step.model)
+        async with self._sse(self.stream_headers, data, json_tool, step) as resp:
             splitter = EventSplitter()
             async for chunk in resp.aiter_raw():
                 if tr.finished:
@@ -874,15 +882,7 @@ class AnthropicProvider(Provider):
         stop_reason: Any = None
         held: list[bytes] = []  # message_start and ping, until the first content block
         opened = finished = False
-        async with self.client.stream(b"POST", self.url, self._with_client(self.stream_headers, headers), data,
-                                      self.cfg.proxy) as resp:
-            if not 200 <= resp.status < 300:
-                raise with_retry_after(error_from_anthropic(resp.status, await read_bounded(resp)), resp)
-            ctype = resp.header(b"content-type") or b""
-            if b"text/event-stream" not in ctype:
-                raw = await read_bounded(resp)
-                _check_message(raw, None, step.model)  # raises for errors and garbage
-                raise StepFailed(f"anthropic did not stream (content-type {ctype.decode('latin-1')!r})")
+        async with self._sse(self._with_client(self.stream_headers, headers), data, None, step) as resp:
             splitter = EventSplitter()
             try:
                 async for chunk in resp.aiter_raw():

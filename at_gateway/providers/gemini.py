@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import mimetypes
 import re
@@ -1071,16 +1072,8 @@ class GeminiProvider(Provider):
         if op != GENERATE_OP:
             raise StepFailed(f"provider type {self.type_name!r} does not stream {op}", status=400)
         data = self._native_data(op, body, step)
-        auth = await self.auth_headers()
-        url = await self.endpoint(step, True)
         watch = _NativeWatch(state)
-        async with self.client.stream(b"POST", url, [*self.headers, (b"accept", b"text/event-stream"), *auth], data,
-                                      self.cfg.proxy) as resp:
-            if not 200 <= resp.status < 300:
-                if resp.status == 401:
-                    self.on_unauthorized(auth)
-                raise await read_error(resp)
-            await _require_sse(resp)
+        async with self._sse(step, data) as resp:
             splitter = EventSplitter()
             async for raw in resp.aiter_raw():
                 events = splitter.feed(raw)
@@ -1120,6 +1113,21 @@ class GeminiProvider(Provider):
         except ValueError:
             raise QuotedFailure("Gemini answered 2xx with a body that is not JSON", raw) from None
 
+    @contextlib.asynccontextmanager
+    async def _sse(self, step: Step, data: bytes) -> AsyncIterator[Any]:
+        """A streamGenerateContent call whose answer is a 2xx event stream (else a failed step, after telling
+        the credentials of a 401)."""
+        auth = await self.auth_headers()
+        url = await self.endpoint(step, True)
+        async with self.client.stream(b"POST", url, [*self.headers, (b"accept", b"text/event-stream"), *auth], data,
+                                      self.cfg.proxy) as resp:
+            if not 200 <= resp.status < 300:
+                if resp.status == 401:
+                    self.on_unauthorized(auth)
+                raise await read_error(resp)
+            await _require_sse(resp)
+            yield resp
+
     async def complete(self, body: dict[str, Any], step: Step) -> Completion:
         _, obj = await self._post(lambda: self.endpoint(step, False), self.build(body, step))
         out = completion_from_gemini(obj, step.model, signatures=self.signatures)
@@ -1127,16 +1135,8 @@ class GeminiProvider(Provider):
 
     async def stream(self, body: dict[str, Any], step: Step, state: StreamState) -> AsyncIterator[bytes]:
         data = self.build(body, step)
-        auth = await self.auth_headers()
-        headers = [*self.headers, (b"accept", b"text/event-stream"), *auth]
         tr = StreamTranslator(step.model, signatures=self.signatures)
-        url = await self.endpoint(step, True)
-        async with self.client.stream(b"POST", url, headers, data, self.cfg.proxy) as resp:
-            if not 200 <= resp.status < 300:
-                if resp.status == 401:
-                    self.on_unauthorized(auth)
-                raise await read_error(resp)
-            await _require_sse(resp)
+        async with self._sse(step, data) as resp:
             splitter = EventSplitter()
             async for raw in resp.aiter_raw():
                 out, failure = _translate_events(tr, splitter.feed(raw))
