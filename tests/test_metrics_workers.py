@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import GATEWAY_KEY, base_config
 from tests.mock_upstream import MockUpstream, Reply, stream_of, wait_until
+from tests.test_resilience_workers import tcp_sockets
 from tests.test_service import gateway_process
 from tests.test_workers import children, listening_lines
 
@@ -29,17 +30,7 @@ CHAT = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "su
 
 def server_inodes(port: int, client_port: int) -> set[str]:
     """The inodes of the gateway's end of the connection from ``client_port``."""
-    out = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if int(f[1].rsplit(":", 1)[1], 16) == port and int(f[2].rsplit(":", 1)[1], 16) == client_port:
-                out.add(f[9])
-    return out
+    return {inode for local, remote, _, inode in tcp_sockets() if local == port and remote == client_port}
 
 
 def worker_of(conn: http.client.HTTPConnection, port: int, pids: set[int]) -> int | None:

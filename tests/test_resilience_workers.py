@@ -48,19 +48,23 @@ def _socket_inodes(pid: int) -> set[str]:
     return out
 
 
-def _established_to(port: int) -> set[str]:
-    """Inodes of the machine's established TCP connections to 127.0.0.1:``port``."""
-    out = set()
+def tcp_sockets() -> list[tuple[int, int, str, str]]:
+    """The machine's TCP sockets from /proc/net/tcp(6): (local port, remote port, state, inode)."""
+    out = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
-            fields = line.split()
-            if fields[2].rsplit(":", 1)[1] == f"{port:04X}" and fields[3] == "01":
-                out.add(fields[9])
+            f = line.split()
+            out.append((int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16), f[3], f[9]))
     return out
+
+
+def _established_to(port: int) -> set[str]:
+    """Inodes of the machine's established TCP connections to 127.0.0.1:``port``."""
+    return {inode for _, remote, state, inode in tcp_sockets() if remote == port and state == "01"}
 
 
 def workers_connected(supervisor: int, port: int) -> int:
